@@ -1,0 +1,82 @@
+"""The attention probe: one teacher forward pass -> logits, CLS->patch attention rows, block features.
+
+timm's fused attention never forms the attention matrix, so for each probe block we compute
+the single row we need (head h, CLS query against all keys) from that block's `norm1` output
+and its own `qkv` weights: O(B·N·d_head) extra work, no weight copies, no second pass.
+
+    out = probe_forward(teacher, images, probe_blocks=(3, 7), head=0, feature_blocks=(3, 7, 11))
+    out.logits      # (B, num_classes)
+    out.probes[3]   # (B, N - num_prefix_tokens): softmax(q_cls · Kᵀ / sqrt(d_head)) without prefix columns
+    out.features    # (L, B, N, C): token outputs of the feature blocks, before the final norm
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+PROBE_BLOCKS = (3, 7)
+FEATURE_BLOCKS = (3, 7, 11)
+
+
+@dataclass
+class ProbeOutput:
+    logits: torch.Tensor
+    probes: dict = field(default_factory=dict)   # block index -> (B, N - prefix) attention row
+    features: torch.Tensor = None                # (L, B, N, C) or None
+
+
+def cls_attention_row(block, x, head=0, num_prefix_tokens=1):
+    """Head `head`'s attention of the CLS token over the tokens of `x`, prefix columns dropped.
+
+    x: (B, N, C) input of `block` (the residual stream). Returns (B, N - num_prefix_tokens).
+    """
+    attn = block.attn
+    if not 0 <= head < attn.num_heads:
+        raise ValueError(f"probe head {head} out of range: the block has {attn.num_heads} heads")
+    hd, width = attn.head_dim, attn.num_heads * attn.head_dim
+    h = block.norm1(x)                                           # (B, N, C)
+    w, b = attn.qkv.weight, attn.qkv.bias                        # (3·width, C), (3·width,)
+    q_rows = slice(head * hd, (head + 1) * hd)                   # qkv output layout: [q | k | v], heads inside
+    k_rows = slice(width + head * hd, width + (head + 1) * hd)
+    q = F.linear(h[:, 0], w[q_rows], None if b is None else b[q_rows])   # (B, hd): the CLS query only
+    k = F.linear(h, w[k_rows], None if b is None else b[k_rows])         # (B, N, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)                        # Identity unless the model uses qk_norm
+    logits = torch.einsum("bd,bnd->bn", q, k) * attn.scale       # (B, N)
+    return logits.float().softmax(dim=-1)[:, num_prefix_tokens:]
+
+
+def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_blocks=()):
+    """One forward pass of a timm VisionTransformer that also returns probe rows and block features.
+
+    Walks timm's own modules in the order of `VisionTransformer.forward_features`; the blocks
+    themselves run unchanged (fused attention stays on).
+    """
+    depth = len(model.blocks)
+    for b in (*probe_blocks, *feature_blocks):
+        if not 0 <= b < depth:
+            raise ValueError(f"block {b} out of range: the model has {depth} blocks (0-based)")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("the attention probe needs a model with a class token")
+    prefix = model.num_prefix_tokens
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    probes, features = {}, []
+    for i, block in enumerate(model.blocks):
+        if i in probe_blocks:
+            probes[i] = cls_attention_row(block, x, head, prefix)
+        x = block(x)
+        if i in feature_blocks:
+            features.append(x)
+    logits = model.forward_head(model.norm(x))
+    return ProbeOutput(logits, probes, torch.stack(features) if features else None)
+
+
+def probe_uniformity(probe):
+    """Cosine similarity of each probe row with the uniform vector: (B, M) -> (B,).
+
+    Equals sum(a) / (||a|| · sqrt(M)); 1 for flat attention, low when attention is peaked.
+    """
+    m = probe.shape[-1]
+    return probe.sum(-1) / (probe.norm(dim=-1).clamp_min(1e-12) * m ** 0.5)

@@ -1,0 +1,162 @@
+"""ViT teachers and students of the paper, registered with timm, and checkpoint loading.
+
+    import models, timm
+    teacher = timm.create_model("deit_base_patch4_32_teacher", num_classes=100)
+    meta = models.load_checkpoint(teacher, "cifar100_teacher.pth")
+
+All models are timm's own `VisionTransformer` (class token, qkv bias, LayerNorm eps 1e-6,
+MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's own names.
+"""
+import os
+from functools import partial
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from utils import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# size name -> (embed_dim, num_heads); depth is 12 for all (SPEC §2)
+_SIZES = {"tiny": (128, 2), "small": (192, 2), "base": (384, 3)}
+# resolution -> in_chans: 32x32 RGB (CIFAR), 28x28 grey (MNIST-style)
+_INPUTS = {32: 3, 28: 1}
+
+
+def _build_vit(embed_dim, num_heads, img_size, in_chans, **kwargs):
+    # timm passes its pretrained-config arguments to every entry point; we have no weights to fetch
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
+        kwargs.pop(key, None)
+    kwargs.setdefault("in_chans", in_chans)
+    model = VisionTransformer(
+        img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=12, num_heads=num_heads,
+        mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    grey = kwargs["in_chans"] == 1
+    model.pretrained_cfg = dict(
+        input_size=(kwargs["in_chans"], img_size, img_size),
+        mean=(0.449,) if grey else IMAGENET_MEAN, std=(0.226,) if grey else IMAGENET_STD,
+        num_classes=model.num_classes)
+    return model
+
+
+def _register(size, img_size, suffix):
+    embed_dim, num_heads = _SIZES[size]
+    name = f"deit_{size}_patch4_{img_size}{suffix}"
+
+    def entry(pretrained=False, **kwargs):
+        if pretrained:
+            raise InputError(f"{name} has no downloadable weights: pass a checkpoint file instead")
+        return _build_vit(embed_dim, num_heads, img_size, _INPUTS[img_size], **kwargs)
+
+    entry.__name__ = name
+    entry.__doc__ = f"ViT {size}: dim {embed_dim}, {num_heads} heads, depth 12, {img_size}x{img_size}, patch 4."
+    register_model(entry)
+
+
+for _size in _SIZES:
+    for _img in _INPUTS:
+        for _suffix in ("_teacher", ""):  # the paper's teacher names and plain student names
+            _register(_size, _img, _suffix)
+
+
+def create(name, num_classes, **kwargs):
+    """timm.create_model with a clear error for an unknown name."""
+    if name not in timm.list_models(name):
+        raise InputError(f"unknown model '{name}'; registered here: "
+                         + ", ".join(timm.list_models("deit_*patch4*")) + ", and timm's own models")
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def read_checkpoint(path):
+    """Read a checkpoint file safely -> (state_dict, meta).
+
+    Accepts {'model': sd} (published teachers), {'state_dict': sd}, {'model_state_dict': sd},
+    a plain state dict and .safetensors files; strips 'module.' (DataParallel) and '_orig_mod.'
+    (torch.compile) prefixes. `meta` holds the non-tensor entries saved beside the weights
+    (e.g. 'acc1', 'mean', 'std', 'arch' written by train_teacher.py).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise InputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise InputError(f"{path} was refused: it holds pickled objects other than tensors, and "
+                                 "only weights_only loading is allowed (it could run code)")
+            raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    meta = {}
+    for key in ("model", "state_dict", "model_state_dict", "student"):
+        if isinstance(obj.get(key), dict):
+            meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, (dict, torch.Tensor))}
+            obj = obj[key]
+            break
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state_dict[key] = value
+    if not state_dict:
+        raise InputError(f"{path} holds no tensors (keys: {', '.join(list(obj)[:8])})")
+    return state_dict, meta
+
+
+def load_state_dict_strict(model, state_dict, source="checkpoint"):
+    """load_state_dict that names every missing, unexpected or mis-shaped key in one error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    problems = []
+    if "head.weight" in misshaped:
+        problems.append(f"the checkpoint has {state_dict['head.weight'].shape[0]} classes but the model was "
+                        f"built with {own['head.weight'].shape[0]} (check --nb_classes)")
+    if misshaped:
+        problems.append("mis-shaped keys: " + ", ".join(
+            f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in misshaped[:4])
+            + (" …" if len(misshaped) > 4 else ""))
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected[:5]) + (" …" if len(unexpected) > 5 else ""))
+    if problems:
+        raise InputError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(model, path):
+    """Load a checkpoint file into `model` strictly; returns the checkpoint's meta dict."""
+    state_dict, meta = read_checkpoint(path)
+    load_state_dict_strict(model, state_dict, source=os.fspath(path))
+    return meta
+
+
+def load_teacher(name, num_classes, path, device="cpu"):
+    """Build a frozen teacher in eval mode from a checkpoint -> (model, meta)."""
+    teacher = create(name, num_classes)
+    meta = load_checkpoint(teacher, path)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device), meta
+
+
+def input_spec(model):
+    """(in_chans, img_size) a timm ViT expects."""
+    embed = model.patch_embed
+    return embed.proj.in_channels, embed.img_size[0]
