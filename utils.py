@@ -55,15 +55,99 @@ def append_json_line(path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cli_main(main):
-    """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2."""
+    """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2;
+    SIGINT/SIGTERM end the run at a safe point (work saved so far is kept) with exit code 130."""
 
     @functools.wraps(main)
     def wrapper(*a, **kw):
+        import signal
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return main(*a, **kw)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: finished work is saved; run the same command again to continue",
+                  file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
+
+
+# ---- devices and torchrun ----------------------------------------------------------------
+
+def resolve_device(name=None):
+    """'cuda' when available unless told otherwise; with torchrun, this rank's GPU."""
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def init_distributed(device):
+    """Join the torchrun process group when WORLD_SIZE > 1 -> (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def rank_world():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process():
+    return rank_world()[0] == 0
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj):
+    """A list with every rank's `obj` (just [obj] without torchrun)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def file_sha256(path, limit=None):
+    """sha256 of a file's bytes (identifies a checkpoint in fingerprints)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,331 @@
+"""The training engine shared by probe distillation and teacher training.
+
+Batches are uint8 images (B, C, H, W); augmentation (per-image random crop + flip) and
+normalisation run on the training device, so the data path is a memory gather. Each epoch's
+shuffle and augmentation are seeded by (seed, epoch, rank): resuming from `last.pth` at an
+epoch boundary reproduces an uninterrupted run exactly on the CPU.
+"""
+import fcntl
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from attention_probe import probe_forward
+from losses import kdloss, patch_attention_probe_loss, robust_kdloss
+from utils import InputError, atomic_torch_save, rank_world
+
+# ---- batches ----------------------------------------------------------------------------
+
+
+class TensorBatches:
+    """Epochs over an in-memory uint8 image tensor (K, C, H, W) and optional labels (K,).
+
+    The images may live on the GPU (a 650 k × 32×32 selection is 2 GB). Under torchrun every
+    rank draws the same permutation and takes its strided part; `batch_size` is the global batch.
+    """
+
+    def __init__(self, images, labels=None, batch_size=256, shuffle=True, drop_last=True, seed=0):
+        self.images, self.labels = images, labels
+        rank, world = rank_world()
+        self.rank, self.world = rank, world
+        self.per_rank = max(1, batch_size // world)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        per_rank_items = len(images) // world if shuffle else math.ceil((len(images) - rank) / world)
+        self.per_rank = min(self.per_rank, max(1, per_rank_items))
+        self.items = per_rank_items
+
+    def __len__(self):
+        n = self.items
+        return n // self.per_rank if self.drop_last else math.ceil(n / self.per_rank)
+
+    def epoch(self, epoch):
+        n = len(self.images)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            order = torch.randperm(n, generator=g)[self.rank::self.world][:self.items]
+        else:
+            order = torch.arange(self.rank, n, self.world)
+        order = order.to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * self.per_rank:(b + 1) * self.per_rank]
+            yield self.images[idx], (None if self.labels is None else self.labels[idx])
+
+
+class LoaderBatches:
+    """Epochs over a Dataset of (uint8 (C,H,W), label) decoded by DataLoader workers (224-px data)."""
+
+    def __init__(self, dataset, batch_size=256, shuffle=True, drop_last=True, seed=0, workers=8, pin=False):
+        rank, world = rank_world()
+        self.sampler = None
+        if world > 1 or shuffle:
+            self.sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=max(1, batch_size // world), sampler=self.sampler, drop_last=drop_last,
+            num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def epoch(self, epoch):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        for batch in self.loader:
+            images, labels = batch[0], batch[1]
+            yield images, (labels if torch.is_tensor(labels) else None)
+
+
+def make_batches(dataset_or_images, labels=None, **kw):
+    """TensorBatches for in-memory data (tensors or an ArrayDataset), LoaderBatches for the rest."""
+    if torch.is_tensor(dataset_or_images):
+        kw.pop("workers", None), kw.pop("pin", None)
+        return TensorBatches(dataset_or_images, labels, **kw)
+    if isinstance(dataset_or_images, data.ArrayDataset):
+        kw.pop("workers", None), kw.pop("pin", None)
+        return TensorBatches(dataset_or_images.images, dataset_or_images.labels, **kw)
+    return LoaderBatches(dataset_or_images, **kw)
+
+
+# ---- models used in training ------------------------------------------------------------
+
+class StudentWithFeatures(torch.nn.Module):
+    """Student forward that also returns block features and the noise-adaptation loss.
+
+    One module, so DistributedDataParallel syncs the gradients of the student and the noise layer.
+    """
+
+    def __init__(self, student, noise=None, feature_blocks=()):
+        super().__init__()
+        self.student, self.noise, self.feature_blocks = student, noise, tuple(feature_blocks)
+
+    def forward(self, x, teacher_logits=None):
+        out = probe_forward(self.student, x, probe_blocks=(), feature_blocks=self.feature_blocks)
+        na = self.noise(out.logits, teacher_logits) if self.noise is not None else out.logits.new_zeros(())
+        return out.logits, out.features, na
+
+
+class TeacherWithFeatures(torch.nn.Module):
+    def __init__(self, teacher, feature_blocks=()):
+        super().__init__()
+        self.teacher, self.feature_blocks = teacher, tuple(feature_blocks)
+
+    @torch.no_grad()
+    def forward(self, x):
+        out = probe_forward(self.teacher, x, probe_blocks=(), feature_blocks=self.feature_blocks)
+        return out.logits, out.features
+
+
+class Augment:
+    """Per-image random crop (zero padding) + flip, then normalisation, on the batch's device."""
+
+    def __init__(self, mean, std, padding, train=True):
+        self.mean, self.std, self.padding, self.train = mean, std, padding, train
+        self.generator, self.device = None, None
+
+    def seed(self, seed, device):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, images):
+        if self.train:
+            images = data.random_crop_flip(images, self.padding, self.generator)
+        return data.normalize(images, self.mean, self.std)
+
+
+def distill_losses(teacher, student_module, images, class_weights=None, patchattn=0.0, temperature=4.0):
+    """KD (robust when class_weights is given) + noise adaptation + patchattn · probe distillation."""
+    t_logits, t_feats = teacher(images)
+    s_logits, s_feats, na = student_module(images, t_logits.float())
+    s_logits, t_logits = s_logits.float(), t_logits.float()
+    if class_weights is not None:
+        kd = robust_kdloss(s_logits, t_logits, class_weights[t_logits.argmax(1)], temperature)
+    else:
+        kd = kdloss(s_logits, t_logits, temperature)
+    losses = {"kd": kd, "na": na}
+    if patchattn > 0:
+        losses["pd"] = patch_attention_probe_loss(t_feats, s_feats)
+    losses["loss"] = kd + na + patchattn * losses.get("pd", 0.0)
+    return losses
+
+
+def supervised_losses(model, images, labels, label_smoothing=0.0):
+    logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return {"loss": loss, "ce": loss}
+
+
+# ---- one epoch --------------------------------------------------------------------------
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def lr_at(epoch, base_lr, epochs, schedule=(), cosine=False):
+    """Per-epoch learning rate: ×0.1 at each milestone in `schedule`, or cosine to 0."""
+    if cosine:
+        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+    return base_lr * 0.1 ** sum(epoch >= m for m in schedule)
+
+
+def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0, amp_dtype=None,
+                    log_every=50, desc="train", modules=()):
+    """Run one epoch; loss_fn(images_float, labels) -> dict with 'loss'. Returns mean metrics.
+
+    Metric sums stay on the device and are read every `log_every` steps, so steps do not wait on the host.
+    """
+    rank, world = rank_world()
+    for m in modules:
+        m.train()
+    augment.seed(seed * 1000003 + epoch * 1009 + rank, device)
+    sums, count, t0 = {}, 0, time.time()
+    bar = tqdm(total=len(batches), desc=f"{desc} {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(batches.epoch(epoch)):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None else None
+        x = augment(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = loss_fn(x, labels)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        for opt in optimizers:
+            opt.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        count += 1
+        bar.update(1)
+        if (step + 1) % log_every == 0:
+            if not torch.isfinite(losses["loss"].detach()).item():
+                raise FloatingPointError(f"loss became {losses['loss'].item()} at epoch {epoch} step {step}")
+            bar.set_postfix(loss=f"{(sums['loss'] / count).item():.4f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    metrics = {k: v.item() / max(1, count) for k, v in sums.items()}
+    if world > 1:
+        t = torch.tensor([metrics.get(k, 0.0) for k in sorted(metrics)], device=device)
+        dist.all_reduce(t)
+        metrics = dict(zip(sorted(metrics), (t / world).tolist()))
+    per_rank = getattr(batches, "per_rank", None) or batches.loader.batch_size
+    metrics["img_per_s"] = count * per_rank * world / max(seconds, 1e-9)
+    metrics["train_seconds"] = seconds
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"non-finite training metrics at epoch {epoch}: {metrics}")
+    return metrics
+
+
+@torch.no_grad()
+def predict(model, batches, augment, device, amp_dtype=None):
+    """Logits of every batch (no augmentation) -> (logits (K, C) float on CPU, labels or None)."""
+    model.eval()
+    outs, labels = [], []
+    for images, y in batches.epoch(0):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs.append(model(augment(images.to(device, non_blocking=True))).float())
+        if y is not None:
+            labels.append(y)
+    return torch.cat(outs).cpu(), (torch.cat(labels).cpu() if labels else None)
+
+
+@torch.no_grad()
+def evaluate(model, batches, augment, device, amp_dtype=None):
+    """Top-1 / top-5 accuracy (%) over the test batches; sharded under torchrun and summed."""
+    model.eval()
+    correct = torch.zeros(3, device=device, dtype=torch.float64)   # top1, top5, count
+    for images, labels in batches.epoch(0):
+        labels = labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(augment(images.to(device, non_blocking=True))).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == labels[:, None]
+        correct += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+    if rank_world()[1] > 1:
+        dist.all_reduce(correct)
+    top1, top5, n = correct.tolist()
+    return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "n": int(n)}
+
+
+# ---- run folder: lock, log, checkpoints -------------------------------------------------
+
+class RunLock:
+    """An exclusive lock on `folder/.lock`: a second run on the same output folder is refused."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        self.file = None
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise InputError(f"{os.path.dirname(self.path)} is in use by another run ({owner}); "
+                             "wait for it or choose another --output_dir")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def check_writable(folder, flag="--output_dir"):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{flag} {folder} cannot be written: {e.strerror or e}") from None
+
+
+def rng_state():
+    """Global RNG states (the run itself reseeds per epoch; these restore anything else drawn)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path, **state):
+    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True)."""
+    atomic_torch_save(state, path)
+
+
+def load_resume(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot resume from {path}: not a readable checkpoint ({type(e).__name__})") from None
+
+
+def unwrap(module):
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module"):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def log_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,751 @@
+"""The wild image pool: listing (folders or tar shards), robust decoding, and a decode-once uint8 cache.
+
+Pool order is fixed and shared by every stage: score files, selection indices and the cache are
+all indexed by the position of an image in `PoolIndex.ids`.
+
+Choices (see SPEC §3-§6):
+- Folder pools: ids are paths relative to the folder ('/' separators), sorted as strings.
+  Hidden files and folders (name starting with '.') are skipped, so caches/scores may live inside.
+- Tar shards (WebDataset style): ids are '<shard file name>:<key>', e.g. '00000.tar:n0144_10026';
+  shards sorted by name, samples in tar order; a sample is read with pread() at the member's
+  data offset, never unpacked.
+- Decoding: RGB or L, alpha composited on BLACK (premultiplied), 16-bit scaled by 1/257 (rounded),
+  no EXIF rotation (the teacher's training pipeline, torchvision's pil_loader, does not apply it),
+  bilinear resize (PIL's antialiasing) to (size, size) ignoring aspect ratio.
+- Bad images never stop a run: `PoolDataset` returns a 4-tuple (image, index, ok, reason) with
+  zeros and the reason for a bad image; the cache keeps `ok.npy` and `skipped.txt`.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils import InputError, atomic_write_bytes, atomic_write_text
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_EXT_SET = frozenset(IMG_EXTENSIONS)
+
+# Images with more pixels are rejected from the header alone (no decode). Equal to PIL's own hard
+# limit (2 * Image.MAX_IMAGE_PIXELS at its default), so both checks agree; tests lower it.
+MAX_PIXELS = 178_956_970
+
+CACHE_VERSION = 1
+
+
+class BadImage(Exception):
+    """An image that cannot be used (empty, truncated, corrupt, not an image, too large)."""
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in _EXT_SET
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing
+# ----------------------------------------------------------------------------------------------
+
+
+class PoolIndex:
+    """The pool's fixed order. Build it with `list_pool`.
+
+    kind == 'folder': `ids[i]` is a path relative to `root`.
+    kind == 'tar':    `ids[i]` is '<shard name>:<key>'; bytes live at (shard, offset, size).
+    """
+
+    def __init__(self, kind, root, ids, sizes, mtimes=None, shards=None, shard_of=None,
+                 offsets=None, shard_stats=None):
+        self.kind = kind
+        self.root = root
+        self.ids = ids
+        self._sizes = sizes  # int64 (N,): file or member sizes
+        self._mtimes = mtimes  # int64 (N,) seconds, folder only
+        self.shards = shards or []  # absolute shard paths, tar only
+        self._shard_of = shard_of  # int32 (N,)
+        self._offsets = offsets  # int64 (N,) member data offsets
+        self._shard_stats = shard_stats or []  # [(name, size, mtime)]
+        self._fingerprint = None
+        self._fds = {}  # shard idx -> fd, valid only in the process that opened them
+        self._fd_pid = None
+
+    def __len__(self):
+        return len(self.ids)
+
+    # Open file descriptors must not travel to DataLoader / multiprocessing workers.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        state["_fd_pid"] = None
+        return state
+
+    def __del__(self):
+        self._close()
+
+    def _close(self):
+        if getattr(self, "_fd_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fds = {}
+        self._fd_pid = None
+
+    def path(self, i: int) -> str:
+        """Filesystem path of a folder-pool image (for tar pools: the shard path)."""
+        if self.kind == "folder":
+            return os.path.join(self.root, self.ids[i])
+        return self.shards[int(self._shard_of[i])]
+
+    def _shard_fd(self, s: int) -> int:
+        if self._fd_pid != os.getpid():  # forked child: inherited fds are the parent's, drop them
+            self._fds = {}
+            self._fd_pid = os.getpid()
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = os.open(self.shards[s], os.O_RDONLY)
+            self._fds[s] = fd
+        return fd
+
+    def read_bytes(self, i: int) -> bytes:
+        """Raw encoded bytes of image i (OSError if the file vanished)."""
+        if self.kind == "folder":
+            with open(os.path.join(self.root, self.ids[i]), "rb") as f:
+                return f.read()
+        fd = self._shard_fd(int(self._shard_of[i]))
+        off, size = int(self._offsets[i]), int(self._sizes[i])
+        chunks, got = [], 0
+        while got < size:  # pread is atomic w.r.t. the fd offset, so shared fds are safe
+            b = os.pread(fd, size - got, off + got)
+            if not b:
+                break  # shard truncated on disk: short bytes -> decode reports it
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks)
+
+    def describe(self) -> str:
+        if self.kind == "folder":
+            return f"{len(self):,} images in folder {self.root}"
+        return f"{len(self):,} samples in {len(self.shards)} tar shard(s) under {self.root}"
+
+
+def _bad_name(name: str) -> bool:
+    # ids go into one-line text files; names with tab/newline cannot be listed faithfully
+    return "\n" in name or "\r" in name or "\t" in name
+
+
+def _list_folder(root: str) -> PoolIndex:
+    entries = []  # (id, size, mtime)
+    skipped_names = 0
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for name in filenames:
+            if name.startswith(".") or not _is_image_name(name):
+                continue
+            if _bad_name(prefix + name):
+                skipped_names += 1
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+                size, mtime = st.st_size, int(st.st_mtime)
+            except OSError:  # broken symlink: keep it, it becomes a skipped bad image
+                size, mtime = -1, 0
+            entries.append((prefix + name, size, mtime))
+    if skipped_names:
+        print(f"warning: {skipped_names} image file name(s) under {root} contain tab/newline "
+              "characters and were left out of the pool", file=sys.stderr)
+    if not entries:
+        return None
+    entries.sort(key=lambda e: e[0])
+    ids = [e[0] for e in entries]
+    sizes = np.fromiter((e[1] for e in entries), dtype=np.int64, count=len(entries))
+    mtimes = np.fromiter((e[2] for e in entries), dtype=np.int64, count=len(entries))
+    return PoolIndex("folder", root, ids, sizes, mtimes=mtimes)
+
+
+def _list_tars(paths, root: str) -> PoolIndex:
+    paths = sorted((os.path.abspath(p) for p in paths), key=lambda p: os.path.basename(p))
+    names = [os.path.basename(p) for p in paths]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise InputError(f"tar shards with the same file name in different folders: {sorted(dup)} "
+                         "(ids are '<shard name>:<key>' and must be unique)")
+    ids, sizes, shard_of, offsets, stats = [], [], [], [], []
+    for s, p in enumerate(paths):
+        if not os.path.isfile(p):
+            raise InputError(f"tar shard {p}: no such file")
+        st = os.stat(p)
+        stats.append((names[s], st.st_size, int(st.st_mtime)))
+        seen = set()
+        try:
+            with tarfile.open(p, mode="r:") as tf:  # plain tar only: seeking needs no compression
+                for m in tf:
+                    if not m.isfile() or m.issparse():
+                        continue
+                    name = m.name
+                    while name.startswith("./"):
+                        name = name[2:]
+                    parts = name.split("/")
+                    if any(c.startswith(".") for c in parts) or not _is_image_name(parts[-1]):
+                        continue
+                    # WebDataset convention: key = path up to the first '.' of the file name
+                    key = "/".join(parts[:-1] + [parts[-1].split(".", 1)[0]])
+                    if key in seen or _bad_name(key):
+                        continue  # first image member of a key is the sample
+                    seen.add(key)
+                    ids.append(f"{names[s]}:{key}")
+                    sizes.append(m.size)
+                    shard_of.append(s)
+                    offsets.append(m.offset_data)
+        except (tarfile.TarError, EOFError) as e:
+            raise InputError(f"tar shard {p}: cannot read it as an uncompressed tar ({e})") from None
+    if not ids:
+        raise InputError(f"tar shard(s) {', '.join(paths)}: no image members found "
+                         f"(looked for {' '.join(IMG_EXTENSIONS)}; hidden members skipped)")
+    return PoolIndex("tar", root, ids, np.asarray(sizes, dtype=np.int64), shards=paths,
+                     shard_of=np.asarray(shard_of, dtype=np.int32),
+                     offsets=np.asarray(offsets, dtype=np.int64), shard_stats=stats)
+
+
+def list_pool(source) -> PoolIndex:
+    """List a wild pool.
+
+    source: a folder (read recursively; if it holds *.tar files at its top level it is a shard
+    folder and only those shards are read), a single .tar path, or a list of .tar paths.
+    """
+    if isinstance(source, PoolIndex):
+        return source
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise InputError("wild pool: empty list of tar shards")
+        paths = [os.fspath(p) for p in source]
+        bad = [p for p in paths if not p.endswith(".tar")]
+        if bad:
+            raise InputError(f"wild pool: a list must hold .tar shard paths, got {bad[0]}")
+        parents = [os.path.dirname(os.path.abspath(p)) for p in paths]
+        return _list_tars(paths, os.path.commonpath(parents))
+    path = os.path.abspath(os.fspath(source))
+    if not os.path.exists(path):
+        raise InputError(f"wild pool {path}: no such file or folder")
+    if os.path.isfile(path):
+        if path.endswith(".tar"):
+            return _list_tars([path], os.path.dirname(path))
+        raise InputError(f"wild pool {path}: not a folder or a .tar shard")
+    with os.scandir(path) as it:
+        top = [e for e in it if not e.name.startswith(".")]
+    if not top:
+        raise InputError(f"wild pool folder {path} is empty (hidden files are ignored)")
+    tars = [e.path for e in top if e.name.endswith(".tar") and e.is_file()]
+    if tars:
+        return _list_tars(tars, path)
+    index = _list_folder(path)
+    if index is None:
+        raise InputError(f"wild pool folder {path}: no image files found (searched all sub-folders "
+                         f"for {' '.join(IMG_EXTENSIONS)}, any case, hidden files skipped, and the "
+                         "top level for *.tar shards)")
+    return index
+
+
+def pool_fingerprint(index: PoolIndex) -> str:
+    """sha256 over ids + sizes + mtimes (folder) or shard names/sizes/mtimes + ids (tar).
+
+    Cheap: uses the stat data gathered by list_pool, reads no image bytes. The pool's own
+    location is not part of it, so a moved pool keeps its caches (a copy that resets mtimes
+    does not)."""
+    if index._fingerprint is not None:
+        return index._fingerprint
+    h = hashlib.sha256()
+    n = len(index)
+    if index.kind == "folder":
+        h.update(f"folder v1 {n}\n".encode())
+        sizes, mtimes = index._sizes.tolist(), index._mtimes.tolist()  # python ints: fast f-strings
+        for a in range(0, n, 65536):
+            b = min(n, a + 65536)
+            h.update("".join(f"{index.ids[i]}\t{sizes[i]}\t{mtimes[i]}\n"
+                             for i in range(a, b)).encode("utf-8", "surrogateescape"))
+    else:
+        h.update(f"tar v1 {len(index.shards)} {n}\n".encode())
+        for name, size, mtime in index._shard_stats:
+            h.update(f"{name}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
+        for a in range(0, n, 65536):
+            h.update("".join(i + "\n" for i in index.ids[a:a + 65536])
+                     .encode("utf-8", "surrogateescape"))
+    index._fingerprint = h.hexdigest()
+    return index._fingerprint
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _alpha_on_black(img: Image.Image) -> Image.Image:
+    """RGBA/LA/P+transparency -> RGB or L, composited on black (= premultiplied by alpha)."""
+    if img.mode in ("LA", "La") or (img.mode == "L" and "transparency" in img.info):
+        la = img.convert("LA")
+        out = Image.new("L", la.size, 0)
+        out.paste(la.getchannel("L"), mask=la.getchannel("A"))
+        return out
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (0, 0, 0))
+    out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    return out
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """I;16* / I / F single-channel images -> 8-bit L without clipping.
+
+    I;16*: v/257 rounded (0..65535 -> 0..255). I and F: already 8-bit range -> as is (F in [0,1]
+    -> x255); 16-bit range -> /257; anything else -> min-max stretch."""
+    m = img.mode
+    a = np.asarray(img.convert("F") if m == "F" else img.convert("I")).astype(np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if m.startswith("I;16"):
+        a = a / 257.0
+    elif m == "F" and lo >= 0 and hi <= 1.0:
+        a = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb_or_l(img: Image.Image) -> Image.Image:
+    m = img.mode
+    if m in ("RGB", "L") and "transparency" not in img.info:
+        return img
+    if m in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return _alpha_on_black(img)
+    if m.startswith("I") or m == "F":
+        return _high_depth_to_l(img)
+    if m == "1":
+        return img.convert("L")
+    if m == "P":
+        return img.convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV, ...; unsupported ones raise -> BadImage
+
+
+def decode_image(data: bytes, size: int, in_chans: int, draft: bool = True) -> np.ndarray:
+    """Encoded bytes -> uint8 array (size, size, in_chans). Raises BadImage with a reason.
+
+    JPEGs larger than `size` are decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, never
+    below `size`) via Image.draft, then resized bilinearly (with antialiasing) to (size, size)."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # our MAX_PIXELS check below decides; PIL's warning band is normal for big photos
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except Exception as e:
+        raise BadImage(f"cannot open: {type(e).__name__}: {e}") from None
+    try:
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise BadImage(f"empty image {w}x{h}")
+        if w * h > MAX_PIXELS:
+            raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
+        if draft and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
+            img.draft("RGB" if in_chans == 3 else "L", (size, size))
+        img.load()  # truncated/corrupt data raises here (LOAD_TRUNCATED_IMAGES left False)
+        out = _to_rgb_or_l(img)
+        want = "RGB" if in_chans == 3 else "L"
+        if out.mode != want:
+            out = out.convert(want)
+        if out.size != (size, size):
+            out = out.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(f"corrupt or truncated: {type(e).__name__}: {e}") from None
+    finally:
+        img.close()
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def _load(index: PoolIndex, i: int, size: int, in_chans: int):
+    """-> (uint8 (size,size,C) or None, reason '')."""
+    try:
+        data = index.read_bytes(i)
+    except OSError as e:
+        return None, f"unreadable: {type(e).__name__}: {e}"
+    try:
+        return decode_image(data, size, in_chans), ""
+    except BadImage as e:
+        return None, str(e) or "bad image"
+
+
+def _clean_reason(reason: str) -> str:
+    return " ".join(str(reason).split()) or "bad image"
+
+
+def write_skipped(path, entries):
+    """entries: iterable of (id, reason) -> '<id>\\t<reason>' lines (atomic write)."""
+    lines = [f"{i}\t{_clean_reason(r)}\n" for i, r in entries]
+    atomic_write_text(path, "".join(lines))
+
+
+def read_skipped(path):
+    """-> list of (id, reason) from a skipped.txt."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line:
+                i, _, r = line.partition("\t")
+                out.append((i, r))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class PoolDataset(torch.utils.data.Dataset):
+    """Decodes pool images on the fly.
+
+    Item k -> (uint8 tensor (C, size, size), global_index: int, ok: bool, reason: str).
+    A bad image gives zeros, ok=False and the reason ('' when ok); the caller writes skipped.txt.
+    `indices` (range / list / array of global indices) selects a subset, e.g. a rank's strided
+    shard range(rank, N, world). Safe with DataLoader workers (tar fds reopened per process)."""
+
+    def __init__(self, index: PoolIndex, size: int, in_chans: int, indices=None):
+        self.index = index
+        self.size = int(size)
+        self.in_chans = int(in_chans)
+        n = len(index)
+        if indices is None:
+            indices = range(n)
+        elif not isinstance(indices, range):
+            indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (min(indices) < 0 or max(indices) >= n):
+            raise IndexError(f"PoolDataset: indices outside 0..{n - 1}")
+        self.indices = indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        gi = int(self.indices[k])
+        arr, reason = _load(self.index, gi, self.size, self.in_chans)
+        if arr is None:
+            img = torch.zeros((self.in_chans, self.size, self.size), dtype=torch.uint8)
+            return img, gi, False, reason
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), gi, True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-once cache
+# ----------------------------------------------------------------------------------------------
+
+
+class PoolCache:
+    """A finished cache folder. images: read-only memmap uint8 (N, size, size, C), NHWC."""
+
+    def __init__(self, cache_dir):
+        cache_dir = os.path.abspath(os.fspath(cache_dir))
+        meta_path = os.path.join(cache_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise InputError(f"image cache {cache_dir}: no meta.json (not a cache folder)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("version") != CACHE_VERSION or not meta.get("complete"):
+            raise InputError(f"image cache {cache_dir}: unfinished or from another version "
+                             "(run build_cache on it to finish it)")
+        self.cache_dir = cache_dir
+        self.meta = meta
+        self.n = int(meta["n"])
+        self.size = int(meta["size"])
+        self.in_chans = int(meta["in_chans"])
+        self.fingerprint = meta["fingerprint"]
+        img_path = os.path.join(cache_dir, "images.u8")
+        want = self.n * self.size * self.size * self.in_chans
+        if not os.path.isfile(img_path) or os.path.getsize(img_path) != want:
+            raise InputError(f"image cache {cache_dir}: images.u8 missing or not {want} bytes")
+        self.ok = np.load(os.path.join(cache_dir, "ok.npy"))
+        with open(os.path.join(cache_dir, "ids.txt"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            self.ids = f.read().split("\n")[:-1]
+        if len(self.ok) != self.n or len(self.ids) != self.n:
+            raise InputError(f"image cache {cache_dir}: ok.npy/ids.txt do not have {self.n} entries")
+        self._images = None
+        self._pid = None
+
+    @property
+    def images(self) -> np.memmap:
+        if self._images is None or self._pid != os.getpid():
+            self._images = np.memmap(os.path.join(self.cache_dir, "images.u8"), dtype=np.uint8,
+                                     mode="r", shape=(self.n, self.size, self.size, self.in_chans))
+            self._pid = os.getpid()
+        return self._images
+
+    def __getstate__(self):  # never pickle the mapping itself (it would copy the whole cache)
+        state = self.__dict__.copy()
+        state["_images"] = None
+        state["_pid"] = None
+        return state
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, indices) -> torch.Tensor:
+        """uint8 (B, C, H, W) for the given global indices (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        arr = self.images[idx]  # fancy indexing on a memmap -> in-memory copy (B,H,W,C)
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    def skipped(self):
+        return read_skipped(os.path.join(self.cache_dir, "skipped.txt"))
+
+
+def open_cache(cache_dir) -> PoolCache:
+    return PoolCache(cache_dir)
+
+
+class _ChunkBuilder:
+    """Decodes whole chunks into images.u8; the done marker is written after the data is synced."""
+
+    def __init__(self, index, cache_dir, size, in_chans, chunk_size):
+        self.index = index
+        self.cache_dir = cache_dir
+        self.size = size
+        self.in_chans = in_chans
+        self.chunk_size = chunk_size
+        self.n = len(index)
+
+    def run(self, k):
+        start = k * self.chunk_size
+        end = min(self.n, start + self.chunk_size)
+        s, c = self.size, self.in_chans
+        # map only this chunk's rows; flush() then msyncs just them
+        mm = np.memmap(os.path.join(self.cache_dir, "images.u8"), dtype=np.uint8, mode="r+",
+                       offset=start * s * s * c, shape=(end - start, s, s, c))
+        bad = []
+        for j, i in enumerate(range(start, end)):
+            arr, reason = _load(self.index, i, s, c)
+            if arr is None:
+                mm[j] = 0  # a killed earlier attempt may have left bytes here
+                bad.append([i, _clean_reason(reason)])
+            else:
+                mm[j] = arr
+        mm.flush()
+        del mm
+        atomic_write_text(_marker_path(self.cache_dir, k),
+                          json.dumps({"chunk": k, "start": start, "end": end, "bad": bad}))
+        return k, end - start, bad
+
+
+_WORKER = None  # _ChunkBuilder in a pool worker process
+
+
+def _worker_init(builder):
+    global _WORKER
+    _WORKER = builder
+    torch.set_num_threads(1)
+
+
+def _worker_run(k):
+    return _WORKER.run(k)
+
+
+def _marker_path(cache_dir, k):
+    return os.path.join(cache_dir, "chunks", f"{k:07d}.done")
+
+
+def _default_workers():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _mp_context():
+    import multiprocessing as mp
+    # fork: workers inherit the index (1M+ ids) without pickling it
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+
+
+def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=None,
+                chunk_size: int = 4096, progress: bool = True, force: bool = False) -> PoolCache:
+    """Decode the pool once into cache_dir (resumable) and return the opened cache.
+
+    A finished cache for the same pool fingerprint/size/in_chans is reused at once; an unfinished
+    one resumes (chunks with a done marker are not decoded again). A cache for another
+    pool/size/in_chans raises InputError unless force=True, which rebuilds it.
+    workers <= 1 decodes in this process; otherwise a fork pool of `workers` processes."""
+    index = list_pool(index)
+    cache_dir = os.path.abspath(os.fspath(cache_dir))
+    size, in_chans = int(size), int(in_chans)
+    if in_chans not in (1, 3) or size <= 0:
+        raise ValueError(f"bad cache geometry size={size} in_chans={in_chans}")
+    workers = _default_workers() if workers is None else int(workers)
+    n = len(index)
+    fp = pool_fingerprint(index)
+    want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp}
+    meta_path = os.path.join(cache_dir, "meta.json")
+    img_path = os.path.join(cache_dir, "images.u8")
+    chunk_dir = os.path.join(cache_dir, "chunks")
+    nbytes = n * size * size * in_chans
+
+    meta = None
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+    if meta is not None:
+        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if diff and not force:
+            what = ", ".join(f"{k}: cache has {a!r}, wanted {b!r}" for k, (a, b) in diff.items())
+            raise InputError(f"image cache {cache_dir} was built for something else ({what}); "
+                             "use another cache folder or rebuild it (force)")
+        if diff or force:
+            meta = None  # rebuild from scratch
+        elif meta.get("complete"):
+            return open_cache(cache_dir)
+    if meta is not None and (not os.path.isfile(img_path) or os.path.getsize(img_path) != nbytes):
+        meta = None
+    if meta is None:  # fresh start: drop our old files, create a sparse images.u8
+        for name in ("meta.json", "ok.npy", "ids.txt", "skipped.txt", "images.u8"):
+            p = os.path.join(cache_dir, name)
+            if os.path.exists(p):
+                os.unlink(p)
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+        os.makedirs(chunk_dir, exist_ok=True)
+        with open(img_path, "wb") as f:
+            f.truncate(nbytes)
+        meta = dict(want, chunk_size=int(chunk_size), complete=False)
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    os.makedirs(chunk_dir, exist_ok=True)
+    chunk_size = int(meta["chunk_size"])  # a resumed build keeps its original chunking
+    n_chunks = (n + chunk_size - 1) // chunk_size
+
+    results = {}  # chunk -> bad list
+    for k in range(n_chunks):
+        p = _marker_path(cache_dir, k)
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    results[k] = json.load(f)["bad"]
+            except (OSError, ValueError, KeyError):
+                pass  # damaged marker: redo that chunk
+    todo = [k for k in range(n_chunks) if k not in results]
+    done_imgs = n - sum(min(n, (k + 1) * chunk_size) - k * chunk_size for k in todo)
+
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=n, initial=done_imgs, unit="img", desc=f"cache {size}px",
+                       file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    t0 = time.time()
+    builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size)
+    try:
+        if todo and (workers <= 1 or len(todo) == 1):
+            for k in todo:
+                _, cnt, bad = builder.run(k)
+                results[k] = bad
+                if bar:
+                    bar.update(cnt)
+        elif todo:
+            ctx = _mp_context()
+            with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
+                          initargs=(builder,)) as mp_pool:
+                for k, cnt, bad in mp_pool.imap_unordered(_worker_run, todo, chunksize=1):
+                    results[k] = bad
+                    if bar:
+                        bar.update(cnt)
+    finally:
+        if bar:
+            bar.close()
+    dt = time.time() - t0
+    decoded = n - done_imgs
+
+    ok = np.ones(n, dtype=bool)
+    skipped = []
+    for k in range(n_chunks):
+        for i, reason in results[k]:
+            ok[i] = False
+            skipped.append((i, reason))
+    skipped.sort()
+    buf = io.BytesIO()
+    np.save(buf, ok)
+    atomic_write_bytes(os.path.join(cache_dir, "ok.npy"), buf.getvalue())
+    write_skipped(os.path.join(cache_dir, "skipped.txt"), [(index.ids[i], r) for i, r in skipped])
+    atomic_write_bytes(os.path.join(cache_dir, "ids.txt"),
+                       "".join(i + "\n" for i in index.ids).encode("utf-8", "surrogateescape"))
+    meta["complete"] = True
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    if progress:
+        rate = decoded / dt if dt > 0 else float("inf")
+        print(f"cache {cache_dir}: decoded {decoded:,} of {n:,} images in {dt:.1f}s "
+              f"({rate:,.0f} img/s, {max(1, workers)} worker(s)); {len(skipped):,} bad",
+              file=sys.stderr)
+    return open_cache(cache_dir)
+
+
+def load_selected_uint8(index_or_cache, indices, size: int, in_chans: int, workers=0,
+                        batch_size: int = 512) -> torch.Tensor:
+    """Gather the selected images into RAM: uint8 (K, C, size, size), in the order of `indices`.
+
+    From a PoolCache (must match size/in_chans) by reading the memmap in sorted order; from a
+    PoolIndex by decoding with `workers` DataLoader workers. Bad images come back as zeros."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    k = len(idx)
+    out = torch.empty((k, in_chans, size, size), dtype=torch.uint8)
+    if isinstance(index_or_cache, PoolCache):
+        cache = index_or_cache
+        if cache.size != size or cache.in_chans != in_chans:
+            raise InputError(f"image cache {cache.cache_dir} holds {cache.size}px/{cache.in_chans}ch "
+                             f"images, but {size}px/{in_chans}ch are needed")
+        if k and (idx.min() < 0 or idx.max() >= cache.n):
+            raise IndexError(f"selected indices outside 0..{cache.n - 1}")
+        order = np.argsort(idx, kind="stable")  # sorted reads: sequential on disk
+        step = 16384
+        for a in range(0, k, step):
+            sel = order[a:a + step]
+            out[torch.from_numpy(sel)] = cache.batch(idx[sel])
+        return out
+    index = list_pool(index_or_cache)
+    ds = PoolDataset(index, size, in_chans, idx)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                         num_workers=int(workers))
+    pos = 0
+    for img, _, _, _ in loader:
+        out[pos:pos + len(img)] = img
+        pos += len(img)
+    return out

@@ -1,0 +1,30 @@
+"""Convert the CIFAR-10 python pickles into a PNG ImageFolder tree.
+
+    python process_cifar10.py --root data --out data/cifar10 [--download]
+
+--root holds cifar-10-batches-py/ (or is that folder). Writes
+OUT/train/<NN_class>/<index>.png and OUT/val/... (val = the test set); the zero-padded label
+prefix keeps class order under a string sort. Re-running skips images already written.
+"""
+import argparse
+
+import data
+from utils import cli_main
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="data", help="folder holding the CIFAR-10 pickles")
+    p.add_argument("--out", default="data/cifar10", help="output ImageFolder root")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the archive into --root with torchvision first (needs network)")
+    return p
+
+
+@cli_main
+def main(args):
+    data.export_cifar_image_folder(args.root, "cifar10", args.out, download=args.download)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,478 @@
+"""Stage 1: score every wild image with the teacher's attention probe and confidence, keep the best.
+
+    python select_data.py --data_imagenet /data/imagenet/train --teacher deit_base_patch4_32_teacher \
+        --teacher_dir teacher_cifar100.pth --num_select 650000 --selected_file selected/cifar100 --attnprobe_sel
+    torchrun --nproc_per_node 8 select_data.py ...          # each rank scores its strided shard
+
+Writes into --selected_file, one entry per pool image in the pool's sorted order: value_out.pth,
+pred_out.pth, value_blk{b}.pth (the published file names), probs_out.npy (teacher softmax, fp16),
+skipped.txt (unreadable images: never selected), scores_meta.json (fingerprint), and for the
+selection: selection.pt, selected.txt (ids, best first) and class_weights.pth.
+Scores are computed once in resumable chunks and reused while the fingerprint (pool, teacher
+checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import models
+import pool
+from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
+from utils import (InputError, all_gather_objects, atomic_torch_save, atomic_write_text, barrier,
+                   cli_main, file_sha256, init_distributed, rank_world, resolve_device)
+
+SCORE_VERSION = 1
+
+
+def add_selection_args(parser):
+    """Flags shared by select_data.py and DFND_DeiT-train.py (published names kept)."""
+    g = parser.add_argument_group("selection (stage 1)")
+    g.add_argument("--data_imagenet", nargs="+", help="wild pool: a folder of images (any depth), "
+                   "a folder of .tar shards, or .tar shard paths")
+    g.add_argument("--teacher", default="deit_base_patch4_32_teacher", help="teacher model name")
+    g.add_argument("--teacher_dir", help="teacher checkpoint file")
+    g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
+    g.add_argument("--num_select", type=int, default=650000, help="images to keep (default 650000)")
+    g.add_argument("--selected_file", help="folder for score files and the selection")
+    g.add_argument("--attnprobe_sel", action="store_true",
+                   help="add the attention probe to the score (the published flag was inverted; this is not)")
+    g.add_argument("--random", action="store_true", help="select uniformly at random (baseline)")
+    g.add_argument("--attnlier", type=float, default=0.05, help="weight of the probe scores (default 0.05)")
+    g.add_argument("--outlier", type=float, default=0.9, help="weight of the confidence score (default 0.9)")
+    g.add_argument("--per_class", type=int, default=None,
+                   help="class-balanced: best N per teacher-predicted class, then fill from the global order")
+    g.add_argument("--probe_blocks", type=int, nargs="+", default=list(PROBE_BLOCKS), help="0-based (default 3 7)")
+    g.add_argument("--probe_head", type=int, default=0, help="attention head of the probe (default 0)")
+    g.add_argument("--img_size", type=int, default=None, help="must equal the teacher's input size (default: it)")
+    g.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="normalisation mean (default: the teacher checkpoint's, else ImageNet's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (as --mean)")
+    g.add_argument("--cache_dir", default=None, help="uint8 pool cache (default for inputs <= 64 px: "
+                   "<selected_file>/pool_cache_<size>px)")
+    g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
+    g.add_argument("--score_batch_size", type=int, default=512, help="scoring batch (default 512)")
+    g.add_argument("--chunk_size", type=int, default=65536, help="images per resumable scoring chunk")
+    g.add_argument("--force", action="store_true", help="rescore even if score files from another run exist")
+    return parser
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Attention-probe selection of wild images", add_help=True)
+    add_selection_args(parser)
+    parser.add_argument("--batch_size", type=int, default=None, help="alias of --score_batch_size")
+    parser.add_argument("--workers", type=int, default=8, help="image decoding processes (default 8)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the teacher pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random selection")
+    return parser
+
+
+# ---- checks and set-up ------------------------------------------------------------------
+
+def check_selection_args(args):
+    """Fail before any work on flags that cannot run."""
+    if not args.data_imagenet:
+        raise InputError("--data_imagenet (the wild pool) is required")
+    if not args.teacher_dir:
+        raise InputError("--teacher_dir (the teacher checkpoint) is required")
+    if not args.selected_file:
+        raise InputError("--selected_file (folder for scores and the selection) is required")
+    if args.num_select is None or args.num_select <= 0:
+        raise InputError(f"--num_select must be positive, got {args.num_select}")
+    if args.per_class is not None and args.per_class <= 0:
+        raise InputError(f"--per_class must be positive, got {args.per_class}")
+    if args.random and args.attnprobe_sel:
+        raise InputError("--random and --attnprobe_sel exclude each other")
+    if os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
+        raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
+
+
+def infer_num_classes(checkpoint):
+    state_dict, _ = models.read_checkpoint(checkpoint)
+    if "head.weight" not in state_dict:
+        raise InputError(f"{checkpoint} has no 'head.weight': pass --nb_classes")
+    return state_dict["head.weight"].shape[0]
+
+
+def load_teacher(args, device):
+    """Teacher from --teacher/--teacher_dir -> (model, meta, in_chans, img_size, mean, std)."""
+    num_classes = args.nb_classes or infer_num_classes(args.teacher_dir)
+    args.nb_classes = num_classes
+    teacher, meta = models.load_teacher(args.teacher, num_classes, args.teacher_dir, device)
+    in_chans, img_size = models.input_spec(teacher)
+    if args.img_size not in (None, img_size):
+        raise InputError(f"--img_size {args.img_size} does not fit {args.teacher}, which takes {img_size}x{img_size}")
+    mean = args.mean if args.mean is not None else meta.get("mean")
+    std = args.std if args.std is not None else meta.get("std")
+    mean, std = data.resolve_mean_std(mean, std, in_chans)
+    return teacher, meta, in_chans, img_size, mean, std
+
+
+def score_fingerprint(args, pool_index, in_chans, img_size, mean, std):
+    return {
+        "version": SCORE_VERSION,
+        "pool": pool.pool_fingerprint(pool_index),
+        "pool_size": len(pool_index),
+        "teacher": args.teacher,
+        "teacher_sha256": file_sha256(args.teacher_dir),
+        "nb_classes": args.nb_classes,
+        "img_size": img_size, "in_chans": in_chans,
+        "mean": list(mean), "std": list(std),
+        "probe_blocks": sorted(args.probe_blocks), "probe_head": args.probe_head,
+    }
+
+
+def default_cache_dir(args, img_size, in_chans):
+    if args.no_cache:
+        return None
+    if args.cache_dir:
+        return args.cache_dir
+    if img_size <= 64:
+        return os.path.join(args.selected_file, f"pool_cache_{img_size}px_{in_chans}ch")
+    return None
+
+
+def open_pool_source(args, pool_index, img_size, in_chans, workers):
+    """The uint8 cache when used (built once, resumable), else None: images are decoded on the fly."""
+    cache_dir = default_cache_dir(args, img_size, in_chans)
+    if cache_dir is None:
+        return None
+    if rank_world()[0] == 0:
+        pool.build_cache(pool_index, cache_dir, img_size, in_chans, workers=workers, force=args.force)
+    barrier()
+    return pool.open_cache(cache_dir)
+
+
+# ---- scoring ----------------------------------------------------------------------------
+
+def iter_batches(pool_index, cache, indices, img_size, in_chans, batch_size, workers, pin):
+    """Yields (uint8 images (B,C,H,W), pool indices (B,), ok (B,) bool, reasons list)."""
+    if cache is not None:
+        reasons = dict(cache.skipped()) if not cache.ok.all() else {}
+        for start in range(0, len(indices), batch_size):
+            idx = np.asarray(indices[start:start + batch_size])
+            ok = torch.from_numpy(np.asarray(cache.ok[idx], dtype=bool))
+            why = [reasons.get(cache.ids[i], "unreadable") for i in idx.tolist()]
+            yield cache.batch(idx), torch.from_numpy(idx), ok, why
+        return
+    dataset = pool.PoolDataset(pool_index, img_size, in_chans, indices=indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=pin, persistent_workers=False)
+    yield from loader   # default collate: (uint8 (B,C,H,W), index (B,), ok (B,), [reason] * B)
+
+
+@torch.no_grad()
+def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None):
+    """Teacher scores of a uint8 batch (B,C,H,W) -> dict of per-image tensors on the batch's device.
+
+    value_out = cross-entropy against the teacher's own argmax = -log max softmax;
+    value_blk{b} = cosine(probe row, uniform).
+    """
+    x = data.normalize(images, mean, std)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = probe_forward(teacher, x, probe_blocks=probe_blocks, head=head)
+    logits = out.logits.float()
+    log_probs = logits.log_softmax(dim=1)
+    best, pred = log_probs.max(dim=1)
+    scores = {"value_out": -best, "pred_out": pred, "probs": log_probs.exp()}
+    for b in probe_blocks:
+        scores[f"value_blk{b}"] = probe_uniformity(out.probes[b].float())
+    return scores
+
+
+def _chunk_path(chunks_dir, c):
+    return os.path.join(chunks_dir, f"chunk_{c:06d}.pt")
+
+
+def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args, device, workers,
+               amp_dtype=None, score_fn=None):
+    """Score the whole pool into `out_dir`, chunk by chunk; a killed run resumes at its last chunk.
+
+    With torchrun each rank scores the strided shard range(rank, chunk, world) of every chunk and
+    rank 0 stores the gathered results by pool index: no image is scored twice or left out.
+    """
+    rank, world = rank_world()
+    n, c = len(pool_index), args.nb_classes
+    blocks = sorted(args.probe_blocks)
+    chunks_dir = os.path.join(out_dir, ".score_chunks")
+    probs_path = os.path.join(out_dir, "probs_out.npy")
+    if rank == 0:
+        os.makedirs(chunks_dir, exist_ok=True)
+        progress = os.path.join(chunks_dir, "fingerprint.json")
+        if os.path.exists(progress) and json.load(open(progress)) != fingerprint:
+            shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
+            os.makedirs(chunks_dir)
+        if not os.path.exists(progress):
+            np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
+            atomic_write_text(progress, json.dumps(fingerprint))
+    barrier()
+    score_fn = score_fn or score_images
+    num_chunks = (n + args.chunk_size - 1) // args.chunk_size
+    todo = [k for k in range(num_chunks) if not os.path.exists(_chunk_path(chunks_dir, k))]
+    if len(todo) < num_chunks and rank == 0:
+        print(f"resuming scoring: {num_chunks - len(todo)} of {num_chunks} chunks already done")
+    bar = tqdm(total=sum(min(args.chunk_size, n - k * args.chunk_size) for k in todo), unit="img",
+               desc="scoring", disable=rank != 0, dynamic_ncols=True)
+    for k in todo:
+        start, stop = k * args.chunk_size, min(n, (k + 1) * args.chunk_size)
+        mine = range(start + rank, stop, world)
+        part = {key: [] for key in ("index", "ok", "value_out", "pred_out", "probs",
+                                    *[f"value_blk{b}" for b in blocks])}
+        reasons = {}
+        for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher_img_size(teacher),
+                                                 teacher_in_chans(teacher), args.score_batch_size,
+                                                 workers, device.type == "cuda"):
+            s = score_fn(teacher, images.to(device, non_blocking=True), mean, std, blocks,
+                         args.probe_head, amp_dtype)
+            part["index"].append(idx)
+            part["ok"].append(ok)
+            for key in s:
+                part[key].append(s[key].cpu() if key != "probs" else s[key].half().cpu())
+            for i, good, reason in zip(idx.tolist(), ok.tolist(), why):
+                if not good:
+                    reasons[i] = reason
+            bar.update(len(idx) * world)
+        part = {key: torch.cat(v) if v else torch.empty(0) for key, v in part.items()}
+        gathered = all_gather_objects((part, reasons))
+        if rank == 0:
+            _store_chunk(gathered, chunks_dir, probs_path, k, n, c)
+        barrier()
+    bar.close()
+    if rank == 0:
+        _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, pool_index)
+        atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
+        shutil.rmtree(chunks_dir)
+    barrier()
+
+
+def teacher_in_chans(model):
+    return models.input_spec(model)[0]
+
+
+def teacher_img_size(model):
+    return models.input_spec(model)[1]
+
+
+def _store_chunk(gathered, chunks_dir, probs_path, k, n, c):
+    parts = [p for p, _ in gathered]
+    reasons = {i: r for _, rs in gathered for i, r in rs.items()}
+    index = torch.cat([p["index"] for p in parts])
+    order = index.argsort()
+    merged = {key: torch.cat([p[key] for p in parts])[order] for key in parts[0]}
+    ok = merged["ok"].bool()
+    probs = merged.pop("probs")
+    if len(index):
+        probs[~ok] = 0
+        memmap = np.load(probs_path, mmap_mode="r+")
+        memmap[merged["index"].numpy()] = probs.numpy()
+        memmap.flush()   # the chunk file below marks these rows as written
+        del memmap
+    merged["reasons"] = reasons
+    atomic_torch_save(merged, _chunk_path(chunks_dir, k))
+
+
+def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, pool_index):
+    """Join the chunk files into the published 1-D score files; skipped images get +inf and pred -1."""
+    keys = ["value_out", *[f"value_blk{b}" for b in blocks]]
+    full = {key: torch.full((n,), float("inf")) for key in keys}
+    pred = torch.full((n,), -1, dtype=torch.long)
+    skipped = []
+    for k in range(num_chunks):
+        part = torch.load(_chunk_path(chunks_dir, k), weights_only=True)
+        idx, ok = part["index"], part["ok"].bool()
+        for key in keys:
+            full[key][idx[ok]] = part[key][ok].float()
+        pred[idx[ok]] = part["pred_out"][ok].long()
+        skipped += [(i, part["reasons"].get(i, "unreadable")) for i in idx[~ok].tolist()]
+    for key in keys:
+        atomic_torch_save(full[key], os.path.join(out_dir, f"{key}.pth"))
+    atomic_torch_save(pred, os.path.join(out_dir, "pred_out.pth"))
+    pool.write_skipped(os.path.join(out_dir, "skipped.txt"),
+                       [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
+
+
+def load_scores(out_dir, blocks):
+    scores = {"value_out": torch.load(os.path.join(out_dir, "value_out.pth"), weights_only=True),
+              "pred_out": torch.load(os.path.join(out_dir, "pred_out.pth"), weights_only=True)}
+    for b in blocks:
+        path = os.path.join(out_dir, f"value_blk{b}.pth")
+        if not os.path.exists(path):
+            raise InputError(f"{path} is missing: the scores were made without probe block {b} "
+                             "(rescore with --force or change --probe_blocks)")
+        scores[f"value_blk{b}"] = torch.load(path, weights_only=True)
+    return scores
+
+
+def scores_ready(out_dir, fingerprint, force):
+    """True when score files for exactly this configuration exist; an error for another one."""
+    value_out = os.path.join(out_dir, "value_out.pth")
+    meta_path = os.path.join(out_dir, "scores_meta.json")
+    if force or not os.path.exists(value_out):
+        return False
+    if not os.path.exists(meta_path):
+        # the published code's caches carry no fingerprint: trust them only if the length fits
+        n = len(torch.load(value_out, weights_only=True))
+        if n != fingerprint["pool_size"]:
+            raise InputError(f"{value_out} scores {n} images but the pool has {fingerprint['pool_size']}: "
+                             "they belong to another pool (use --force to rescore)")
+        print(f"warning: {out_dir} has score files without a fingerprint (published format); "
+              "reusing them because their length matches the pool")
+        return True
+    saved = json.load(open(meta_path))
+    differs = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+    if differs:
+        what = {"pool": "pool files", "pool_size": "pool size", "teacher_sha256": "teacher checkpoint"}
+        raise InputError(f"score files in {out_dir} were made with another " +
+                         ", ".join(what.get(k, k) for k in differs) +
+                         "; use --force to rescore or choose another --selected_file")
+    return True
+
+
+# ---- selection --------------------------------------------------------------------------
+
+def combined_value(scores, attnprobe, attnlier=0.05, outlier=0.9, blocks=PROBE_BLOCKS):
+    """value = attnlier · Σ_b value_blk{b} + outlier · value_out with the probe, value_out alone without."""
+    value = outlier * scores["value_out"].double() if attnprobe else scores["value_out"].double().clone()
+    if attnprobe:
+        for b in blocks:
+            value += attnlier * scores[f"value_blk{b}"].double()
+    return value
+
+
+def select_indices(value, usable, num_select, pred=None, per_class=None, random=False, seed=0):
+    """Indices of the chosen pool images, best (lowest value) first.
+
+    usable: (N,) bool, False for skipped images, which are never chosen.
+    per_class: keep the best `per_class` images of each predicted class, then fill from the global order.
+    """
+    candidates = usable.nonzero().squeeze(1)
+    if num_select > len(candidates):
+        raise InputError(f"--num_select {num_select} is larger than the usable pool "
+                         f"({len(candidates)} images; {int((~usable).sum())} unreadable ones skipped)")
+    if random:
+        g = torch.Generator().manual_seed(seed)
+        return candidates[torch.randperm(len(candidates), generator=g)[:num_select]]
+    order = candidates[torch.argsort(value[candidates], stable=True)]          # best first
+    if per_class is None:
+        return order[:num_select]
+    ranked_pred = pred[order]
+    # rank of each image within its predicted class, in global order: (K,)
+    onehot = torch.nn.functional.one_hot(ranked_pred.clamp_min(0), int(pred.max()) + 1)
+    rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1
+    keep = rank_in_class < per_class
+    if int(keep.sum()) > num_select:
+        print(f"warning: --per_class {per_class} over all classes exceeds --num_select {num_select}; "
+              "keeping the best of the balanced set")
+        keep &= keep.cumsum(0) <= num_select
+    fill = (~keep).nonzero().squeeze(1)[:num_select - int(keep.sum())]
+    keep[fill] = True
+    return order[keep]                                                          # still best first
+
+
+def class_weights_from_probs(probs, selected, num_classes):
+    """1 / (teacher softmax summed per class over the selection), rescaled to sum to num_classes."""
+    totals = torch.zeros(num_classes, dtype=torch.float64)
+    sel = np.sort(selected.numpy())
+    for start in range(0, len(sel), 65536):
+        totals += torch.from_numpy(np.asarray(probs[sel[start:start + 65536]], dtype=np.float64)).sum(0)
+    weights = 1.0 / totals.clamp_min(1e-12)
+    return (weights / weights.sum() * num_classes).float()
+
+
+def class_weights_from_preds(pred, selected, num_classes):
+    """Fallback for published caches without probs: hard counts of predicted classes."""
+    counts = torch.bincount(pred[selected].clamp_min(0), minlength=num_classes).double()
+    weights = 1.0 / counts.clamp_min(1.0)
+    return (weights / weights.sum() * num_classes).float()
+
+
+def run_selection(args, teacher, in_chans, img_size, mean, std, device, workers, amp_dtype=None,
+                  compile_model=False, seed=0):
+    """Score (or reuse scores) and select; rank 0 writes the files. Returns the selection dict."""
+    rank, _ = rank_world()
+    pool_index = pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
+    if rank == 0:
+        os.makedirs(args.selected_file, exist_ok=True)
+        print(f"pool: {pool_index.describe()}")
+    fingerprint = score_fingerprint(args, pool_index, in_chans, img_size, mean, std)
+    if not scores_ready(args.selected_file, fingerprint, args.force):
+        cache = open_pool_source(args, pool_index, img_size, in_chans, workers)
+        model = torch.compile(teacher) if compile_model else teacher
+        score_pool(model, pool_index, cache, args.selected_file, fingerprint, mean, std, args, device,
+                   workers, amp_dtype)
+    selection = None
+    if rank == 0:
+        selection = select_from_scores(args, pool_index, seed)
+    barrier()
+    return selection if rank == 0 else torch.load(os.path.join(args.selected_file, "selection.pt"),
+                                                  weights_only=True)
+
+
+def select_from_scores(args, pool_index, seed=0):
+    """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth."""
+    blocks = sorted(args.probe_blocks)
+    out = args.selected_file
+    scores = load_scores(out, blocks if args.attnprobe_sel else [])
+    n = len(scores["value_out"])
+    if n != len(pool_index):
+        raise InputError(f"score files in {out} cover {n} images but the pool has {len(pool_index)}")
+    pred = scores["pred_out"].long()
+    usable = torch.isfinite(scores["value_out"]) & (pred >= 0)
+    value = combined_value(scores, args.attnprobe_sel, args.attnlier, args.outlier, blocks)
+    chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, seed)
+    probs_path = os.path.join(out, "probs_out.npy")
+    if os.path.exists(probs_path):
+        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), chosen, args.nb_classes)
+    else:
+        weights = class_weights_from_preds(pred, chosen, args.nb_classes)
+    rule = "random" if args.random else ("attention probe" if args.attnprobe_sel else "outlier (confidence)")
+    if args.per_class:
+        rule += f", class-balanced ({args.per_class} per class)"
+    selection = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],
+                 "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
+                 "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
+    atomic_torch_save(selection, os.path.join(out, "selection.pt"))
+    atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in selection["ids"]))
+    atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
+    print_summary(selection, value, usable, args.nb_classes)
+    return selection
+
+
+def print_summary(selection, value, usable, num_classes):
+    chosen, pred = selection["indices"], selection["pred"]
+    counts = torch.bincount(pred, minlength=num_classes)
+    q = torch.quantile(value[usable].float()[:2_000_000], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
+    print(f"selection: {len(chosen)} of {int(usable.sum())} usable images ({int((~usable).sum())} skipped), "
+          f"rule: {selection['rule']}")
+    print("score quantiles (0/10/50/90/100%): " + " ".join(f"{v:.4f}" for v in q))
+    shown = ", ".join(f"{c}:{int(counts[c])}" for c in counts.argsort(descending=True)[:10].tolist() if counts[c])
+    print(f"predicted classes covered: {int((counts > 0).sum())}/{num_classes}; most frequent: {shown}")
+
+
+@cli_main
+def main(args):
+    check_selection_args(args)
+    if args.batch_size:
+        args.score_batch_size = args.batch_size
+    device = resolve_device(args.device)
+    init_distributed(device)
+    teacher, _, in_chans, img_size, mean, std = load_teacher(args, device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    t0 = time.time()
+    run_selection(args, teacher, in_chans, img_size, mean, std, device, args.workers, amp,
+                  args.compile, args.seed)
+    if rank_world()[0] == 0:
+        print(f"done in {time.time() - t0:.1f}s; files in {args.selected_file}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

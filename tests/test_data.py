@@ -1,0 +1,338 @@
+"""data.py on files generated here in the real on-disk formats (CIFAR pickles, IDX, ImageFolder)."""
+import gzip
+import os
+import pickle
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import data  # noqa: E402
+from utils import InputError  # noqa: E402
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+# --------------------------------------------------------------------------- generators
+
+def write_cifar(root, dataset, n_train=20, n_test=10, seed=0):
+    """Write pickles with the real file names and bytes keys; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    k = 10 if dataset == "cifar10" else 100
+    folder = os.path.join(root, "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    label_key = b"labels" if dataset == "cifar10" else b"fine_labels"
+    names = [f"class{i}" for i in range(k)]
+    if dataset == "cifar10":
+        names[0] = "airplane"
+        files = [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]
+        meta = ("batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
+    else:
+        names[0], names[1] = "apple", "aquarium_fish"
+        files = [("train", n_train), ("test", n_test)]
+        meta = ("meta", {b"fine_label_names": [n.encode() for n in names],
+                         b"coarse_label_names": [b"x"] * 20})
+    out = {}
+    for name, n in files:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, k, n)]
+        d = {b"batch_label": b"batch", label_key: y, b"data": x, b"filenames": [b"f.png"] * n}
+        if dataset == "cifar100":
+            d[b"coarse_labels"] = [v // 5 for v in y]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(d, f, protocol=2)  # the real files are Python-2 era pickles
+        out[name] = (x, np.array(y))
+    with open(os.path.join(folder, meta[0]), "wb") as f:
+        pickle.dump(meta[1], f)
+    return out, names
+
+
+def cifar_expected(written, train, dataset):
+    if dataset == "cifar10":
+        keys = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    else:
+        keys = ["train"] if train else ["test"]
+    x = np.concatenate([written[k][0] for k in keys])
+    y = np.concatenate([written[k][1] for k in keys])
+    return x, y
+
+
+def write_idx(root, prefix, images, labels, gz=False):
+    os.makedirs(root, exist_ok=True)
+    img = struct.pack(">BBBBIII", 0, 0, 8, 3, *images.shape) + images.tobytes()
+    lab = struct.pack(">BBBBI", 0, 0, 8, 1, len(labels)) + labels.astype(np.uint8).tobytes()
+    for name, blob in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
+        path = os.path.join(root, name + (".gz" if gz else ""))
+        with open(path, "wb") as f:
+            f.write(gzip.compress(blob) if gz else blob)
+
+
+def make_folder(root, names, per_class=2, size=(8, 6), mode="RGB", ext=".png"):
+    rng = np.random.default_rng(1)
+    for n in names:
+        os.makedirs(os.path.join(root, n), exist_ok=True)
+        for i in range(per_class):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+                os.path.join(root, n, f"img{i}{ext}"))
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_read_cifar_layout_and_roots(tmp_path, dataset):
+    written, names = write_cifar(tmp_path, dataset)
+    for train in (True, False):
+        x, y = cifar_expected(written, train, dataset)
+        imgs, labels, classes = data.read_cifar(tmp_path, dataset, train)
+        assert imgs.dtype == np.uint8 and imgs.shape == (len(x), 32, 32, 3)
+        assert labels.dtype == np.int64 and np.array_equal(labels, y)
+        assert classes == names
+        # RGB planes: channel c of pixel (r, q) is byte c*1024 + r*32 + q of the row
+        assert imgs[3, 5, 7, 2] == x[3, 2 * 1024 + 5 * 32 + 7]
+        assert np.array_equal(imgs[:, :, :, 0].reshape(len(x), -1), x[:, :1024])
+    # the pickle folder itself is accepted too
+    sub = os.path.join(tmp_path, "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python")
+    assert np.array_equal(data.read_cifar(sub, dataset, False)[0], data.read_cifar(tmp_path, dataset, False)[0])
+
+
+def test_read_cifar_missing_names_path(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    missing = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_3")
+    os.remove(missing)
+    with pytest.raises(InputError, match=missing):
+        data.read_cifar(tmp_path, "cifar10", True)
+    with pytest.raises(InputError, match=os.path.join("nowhere", "cifar-100-python", "meta")):
+        data.read_cifar(os.path.join(tmp_path, "nowhere"), "cifar100", True)
+
+
+def test_read_cifar_refuses_foreign_pickle(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
+    with open(path, "wb") as f:
+        pickle.dump({b"data": os.getcwd}, f)  # a global outside the numpy allow-list
+    with pytest.raises(InputError, match="test_batch"):
+        data.read_cifar(tmp_path, "cifar10", False)
+
+
+def test_load_labeled_cifar_pickles(tmp_path):
+    written, names = write_cifar(tmp_path, "cifar10")
+    x, y = cifar_expected(written, False, "cifar10")
+    ds = data.load_labeled("cifar10", tmp_path, "val", 32, 3)
+    assert isinstance(ds, data.ArrayDataset) and len(ds) == len(y)
+    assert ds.num_classes == 10 and ds.classes == names
+    img, label = ds[4]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == y[4]
+    assert np.array_equal(img.numpy().reshape(-1), x[4])
+    gray = data.load_labeled("cifar10", tmp_path, "train", 28, 1)
+    assert gray.images.shape == (20, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- IDX
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), rng.integers(0, 10, 7)
+    xte, yte = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), rng.integers(0, 10, 3)
+    write_idx(tmp_path, "train", xtr, ytr, gz)
+    write_idx(tmp_path, "t10k", xte, yte, gz)
+    imgs, labels = data.read_idx(tmp_path, True)
+    assert imgs.shape == (7, 28, 28, 1) and imgs.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.array_equal(imgs[..., 0], xtr) and np.array_equal(labels, ytr)
+    imgs, labels = data.read_idx(tmp_path, False)
+    assert np.array_equal(imgs[..., 0], xte) and np.array_equal(labels, yte)
+    ds = data.load_labeled("fashionmnist", tmp_path, "train", 32, 3)
+    assert ds.images.shape == (7, 3, 32, 32) and ds.classes[0] == "T-shirt/top"
+    assert torch.equal(ds.images[:, 0], ds.images[:, 2])  # gray copied to all channels
+
+
+def test_read_idx_bad_files(tmp_path):
+    x, y = np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64)
+    write_idx(tmp_path, "train", x, y)
+    img = os.path.join(tmp_path, "train-images-idx3-ubyte")
+    blob = open(img, "rb").read()
+    open(img, "wb").write(b"\x00\x00\x08\x01" + blob[4:])  # labels magic on an image file
+    with pytest.raises(InputError, match="bad IDX magic"):
+        data.read_idx(tmp_path, True)
+    open(img, "wb").write(blob[:-5])  # truncated body
+    with pytest.raises(InputError, match="header says"):
+        data.read_idx(tmp_path, True)
+    write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8), y)
+    os.remove(os.path.join(tmp_path, "train-labels-idx1-ubyte"))
+    write_idx(os.path.join(tmp_path, "x"), "train", x, y)
+    os.replace(os.path.join(tmp_path, "x", "train-labels-idx1-ubyte"),
+               os.path.join(tmp_path, "train-labels-idx1-ubyte"))
+    with pytest.raises(InputError, match="3 images but .* 2 labels"):
+        data.read_idx(tmp_path, True)
+    with pytest.raises(InputError, match=os.path.join(str(tmp_path), "t10k-images-idx3-ubyte")):
+        data.read_idx(tmp_path, False)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist():
+    xtr, ytr = data.read_idx(FASHION_DIR, True)
+    xte, yte = data.read_idx(FASHION_DIR, False)
+    assert xtr.shape == (60000, 28, 28, 1) and xte.shape == (10000, 28, 28, 1)
+    assert set(np.unique(ytr)) == set(range(10)) and set(np.unique(yte)) == set(range(10))
+    assert (np.bincount(yte) == 1000).all()
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+def test_list_image_folder_integer_names(tmp_path):
+    names = [str(i) for i in range(12)]  # string sort: 0 1 10 11 2 ...
+    make_folder(tmp_path, names, per_class=1)
+    samples, classes = data.list_image_folder(tmp_path)
+    assert classes == names
+    for path, label in samples:
+        assert os.path.basename(os.path.dirname(path)) == str(label)
+
+
+def test_list_image_folder_prefixed_and_padded(tmp_path):
+    make_folder(tmp_path / "a", ["000", "002", "010"], per_class=1)
+    samples, classes = data.list_image_folder(tmp_path / "a")
+    assert sorted(lab for _, lab in samples) == [0, 2, 10]
+    assert len(classes) == 11 and classes[10] == "010" and classes[1] is None
+    make_folder(tmp_path / "b", ["00_apple", "01_aquarium_fish", "007_bee"], per_class=1)
+    samples, classes = data.list_image_folder(tmp_path / "b")
+    assert classes[:2] == ["apple", "aquarium_fish"] and classes[7] == "bee"
+    assert {os.path.basename(os.path.dirname(p)): lab for p, lab in samples} == {
+        "00_apple": 0, "01_aquarium_fish": 1, "007_bee": 7}
+
+
+def test_list_image_folder_names_extensions_and_errors(tmp_path):
+    make_folder(tmp_path, ["dog", "cat"], per_class=1, ext=".JPG")
+    make_folder(tmp_path, ["cat"], per_class=1, ext=".webp")
+    (tmp_path / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "cat" / ".hidden.png").write_bytes(b"x")
+    samples, classes = data.list_image_folder(tmp_path)
+    assert classes == ["cat", "dog"]
+    assert [(os.path.basename(p), lab) for p, lab in samples] == [
+        ("img0.JPG", 0), ("img0.webp", 0), ("img0.JPG", 1)]
+    with pytest.raises(InputError, match="missing image folder"):
+        data.list_image_folder(tmp_path / "nope")
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images"):
+        data.list_image_folder(tmp_path / "empty")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(InputError, match="no class folders"):
+        data.list_image_folder(tmp_path / "flat")
+    make_folder(tmp_path / "dup", ["1", "01"], per_class=1)
+    with pytest.raises(InputError, match="label 1"):
+        data.list_image_folder(tmp_path / "dup")
+
+
+def test_load_labeled_folder_resize_convert_and_val_mapping(tmp_path):
+    make_folder(tmp_path / "train", ["ant", "bee", "cow"], size=(10, 7))
+    make_folder(tmp_path / "val", ["bee", "cow"], per_class=1, size=(10, 7), mode="L")
+    ds = data.load_labeled("folder", tmp_path, "train", 16, 3)
+    assert isinstance(ds, data.FolderDataset) and len(ds) == 6 and ds.num_classes == 3
+    img, label = ds[2]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
+    val = data.load_labeled("folder", tmp_path, "val", 16, 3)
+    assert [lab for _, lab in val.samples] == [1, 2]  # mapped with train's classes, not shifted
+    g = data.load_labeled("folder", tmp_path, "train", 7, 1)
+    path = g.samples[0][0]
+    want = np.array(Image.open(path).convert("L").resize((7, 7), Image.BILINEAR))
+    assert torch.equal(g[0][0][0], torch.from_numpy(want))
+    native = data.load_labeled("folder", tmp_path, "val", None, 3)[0][0]
+    assert native.shape == (3, 7, 10) and torch.equal(native[0], native[1])  # L -> RGB
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(InputError, match=os.path.join(str(tmp_path / "bare"), "val")):
+        data.load_labeled("imagenet", tmp_path / "bare", "val", 8, 3)
+    with pytest.raises(InputError, match="--dataset"):
+        data.load_labeled("svhn", tmp_path, "val", 8, 3)
+
+
+def test_array_dataset_gray_matches_pil(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (5, 9, 9, 3), dtype=np.uint8)
+    ds = data.ArrayDataset(x, [0, 1, 2, 0, 1], ["a", "b", "c"], in_chans=1)
+    for i in range(5):
+        assert np.array_equal(ds.images[i, 0].numpy(), np.array(Image.fromarray(x[i]).convert("L")))
+    same = data.ArrayDataset(x, [0] * 5, ["a"], img_size=9, in_chans=3)
+    assert np.array_equal(same.images.permute(0, 2, 3, 1).numpy(), x)
+    assert data.ArrayDataset(x, [0] * 5, ["a"], img_size=4).images.shape == (5, 3, 4, 4)
+
+
+# --------------------------------------------------------------------------- crop / flip
+
+def test_crop_flip_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 6), dtype=torch.uint8, generator=g)
+    for padding in (0, 1, 4, 9):  # 9 > image size: crops land entirely in padding
+        dy, dx, flip = data.draw_crop_flip(64, padding, generator=g)
+        out = data.apply_crop_flip(x, padding, dy, dx, flip)
+        assert out.dtype == torch.uint8 and out.shape == x.shape
+        assert torch.equal(out, data.random_crop_flip_reference(x, padding, dy, dx, flip))
+        assert torch.equal(out, data.apply_crop_flip(x, padding, dy.int(), dx.int(), flip.to(torch.uint8)))
+
+
+def test_crop_flip_identity_and_single_shift():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    zero = torch.zeros(2, dtype=torch.long)
+    assert torch.equal(data.apply_crop_flip(x, 0, zero, zero, zero.bool()), x)
+    assert torch.equal(data.apply_crop_flip(x, 3, zero + 3, zero + 3, zero.bool()), x)
+    assert torch.equal(data.apply_crop_flip(x, 0, zero, zero, ~zero.bool()), x.flip(-1))
+    # dy = 0 with padding 1: one zero row on top, image shifted down
+    out = data.apply_crop_flip(x, 1, zero, zero + 1, zero.bool())
+    assert (out[:, :, 0] == 0).all() and torch.equal(out[:, :, 1:], x[:, :, :3])
+
+
+def test_crop_flip_statistics():
+    g = torch.Generator().manual_seed(1)
+    B, p = 20000, 4
+    # a single bright pixel at (0, 0) reveals each image's offset and flip in the output
+    x = torch.zeros(B, 1, 16, 16, dtype=torch.uint8)
+    x[:, :, 0, 0] = 255
+    out = data.random_crop_flip(x, p, generator=g)
+    visible = out.flatten(1).amax(1) == 255
+    pos = out.flatten(1).argmax(1)
+    r, c = pos // 16, pos % 16
+    dy = (p - r)[visible]
+    rows = torch.bincount(dy, minlength=2 * p + 1).float() / visible.sum()
+    assert dy.min() >= 0 and dy.max() <= 2 * p
+    # the pixel stays in view only for dy, dx <= p; those offsets must be equally likely
+    assert rows[: p + 1].sub(1 / (p + 1)).abs().max() < 0.03
+    dy, dx, flip = data.draw_crop_flip(B, p, generator=g)
+    assert abs(flip.float().mean().item() - 0.5) < 0.02
+    for d in (dy, dx):
+        assert d.min() == 0 and d.max() == 2 * p
+        freq = torch.bincount(d, minlength=2 * p + 1).float() / B
+        assert freq.sub(1 / (2 * p + 1)).abs().max() < 0.02
+    # flip half the time: the pixel lands in the right half when flipped
+    assert abs((c[visible] >= 8).float().mean().item() - 0.5) < 0.03
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_crop_flip_cuda_matches_cpu():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    dy, dx, flip = data.draw_crop_flip(512, 4, "cuda", g)
+    out = data.apply_crop_flip(x, 4, dy, dx, flip)
+    assert out.is_cuda
+    assert torch.equal(out.cpu(), data.apply_crop_flip(x.cpu(), 4, dy.cpu(), dx.cpu(), flip.cpu()))
+
+
+# --------------------------------------------------------------------------- normalisation
+
+def test_normalize_and_mean_std():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).repeat(2, 1, 2, 2)
+    y = data.normalize(x, (0.5, 0.2, 0.0), (0.5, 0.1, 2.0))
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([-1.0, 0.0, 0.5]))
+    assert data.resolve_mean_std(None, None, 3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert data.resolve_mean_std(None, None, 1) == ((0.449,), (0.226,))
+    assert data.resolve_mean_std([0.5], [0.25], 3) == ((0.5,) * 3, (0.25,) * 3)
+    assert data.resolve_mean_std([1, 2, 3], None, 3)[0] == (1.0, 2.0, 3.0)
+    with pytest.raises(InputError, match="--mean/--std"):
+        data.resolve_mean_std((0.5, 0.5, 0.5), None, 1)
+    with pytest.raises(InputError, match="--std"):
+        data.resolve_mean_std(None, (0.0,), 1)
