@@ -226,7 +226,8 @@ def run_eval_only(args, device):
     in_chans, img_size = models.input_spec(student)
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
     test = data.load_labeled(args.dataset, args.data_cifar, "val", img_size, in_chans)
-    batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=args.workers)
+    batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=args.workers,
+                                  device=device)
     result = engine.evaluate(student, batches, engine.Augment(mean, std, 0, train=False), device,
                              amp_dtype(args, device))
     print(json.dumps({"checkpoint": args.eval_only, "student": name, **result}))
@@ -294,12 +295,10 @@ def _run(args, device, rank, world, student_dir):
     epochs = args.epochs or published_epochs(args.num_select, img_size)
     args.epochs_resolved = epochs
     on_gpu = device.type == "cuda"
-    if torch.is_tensor(train_data) and on_gpu:
-        train_data = train_data.to(device)
     train_batches = engine.make_batches(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                        seed=args.seed, workers=args.workers, pin=on_gpu)
+                                        seed=args.seed, workers=args.workers, device=device)
     test_batches = engine.make_batches(test, batch_size=1024, shuffle=False, drop_last=False,
-                                       workers=args.workers, pin=on_gpu)
+                                       workers=args.workers, device=device)
     hold_batches = engine.TensorBatches(hold_images, hold_pred, batch_size=1024, shuffle=False, drop_last=False)
     n_train = len(train_data)
     say(f"training on {n_train} images ({len(hold_images)} held out) for {epochs} epochs, "

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -82,15 +83,20 @@ class LoaderBatches:
             yield images, (labels if torch.is_tensor(labels) else None)
 
 
-def make_batches(dataset_or_images, labels=None, **kw):
-    """TensorBatches for in-memory data (tensors or an ArrayDataset), LoaderBatches for the rest."""
-    if torch.is_tensor(dataset_or_images):
-        kw.pop("workers", None), kw.pop("pin", None)
-        return TensorBatches(dataset_or_images, labels, **kw)
+def make_batches(dataset_or_images, labels=None, device=None, workers=0, **kw):
+    """TensorBatches for in-memory data (a uint8 tensor or an ArrayDataset), LoaderBatches for the rest.
+
+    In-memory data moves to `device` when it is a GPU, so batches are gathered there.
+    """
     if isinstance(dataset_or_images, data.ArrayDataset):
-        kw.pop("workers", None), kw.pop("pin", None)
-        return TensorBatches(dataset_or_images.images, dataset_or_images.labels, **kw)
-    return LoaderBatches(dataset_or_images, **kw)
+        dataset_or_images, labels = dataset_or_images.images, dataset_or_images.labels
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if torch.is_tensor(dataset_or_images):
+        if on_gpu:
+            dataset_or_images = dataset_or_images.to(device)
+            labels = labels.to(device) if labels is not None else None
+        return TensorBatches(dataset_or_images, labels, **kw)
+    return LoaderBatches(dataset_or_images, workers=workers, pin=on_gpu, **kw)
 
 
 # ---- models used in training ------------------------------------------------------------
@@ -257,13 +263,24 @@ def evaluate(model, batches, augment, device, amp_dtype=None):
 # ---- run folder: lock, log, checkpoints -------------------------------------------------
 
 class RunLock:
-    """An exclusive lock on `folder/.lock`: a second run on the same output folder is refused."""
+    """An exclusive lock on `folder/.lock`: a second run on the same output folder is refused.
 
-    def __init__(self, folder):
+    Re-entrant within one process (e.g. --selected_file equal to --output_dir): a nested lock of
+    a folder this process already holds is a no-op."""
+
+    _held = {}  # realpath of the lock file -> nesting depth in this process
+
+    def __init__(self, folder, flag="--output_dir"):
         self.path = os.path.join(folder, ".lock")
+        self.flag = flag
         self.file = None
+        self.key = None
 
     def __enter__(self):
+        self.key = os.path.realpath(self.path)
+        if RunLock._held.get(self.key):
+            RunLock._held[self.key] += 1
+            return self
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -272,14 +289,19 @@ class RunLock:
             owner = self.file.read().strip() or "another process"
             self.file.close()
             raise InputError(f"{os.path.dirname(self.path)} is in use by another run ({owner}); "
-                             "wait for it or choose another --output_dir")
+                             f"wait for it or choose another {self.flag}")
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
+        RunLock._held[self.key] = 1
         return self
 
     def __exit__(self, *exc):
+        RunLock._held[self.key] -= 1
+        if RunLock._held[self.key]:
+            return
+        del RunLock._held[self.key]
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 
@@ -310,9 +332,17 @@ def save_checkpoint(path, **state):
 
 def load_resume(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise InputError(f"cannot resume from {path}: refused, it holds pickled objects other than "
+                             "tensors (only weights_only loading is allowed: it could run code)") from None
         raise InputError(f"cannot resume from {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise InputError(f"cannot resume from {path}: it holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
 
 
 def unwrap(module):

@@ -1,0 +1,141 @@
+"""DFND_DeiT-train.py end to end on generated CIFAR-format data: select -> distill -> checkpoints, log, resume."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from test_select import make_pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cifar10(root, n_train=50, n_test=40, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def batch(n):
+        return {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+    for k in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{k}"), "wb") as f:
+            pickle.dump(batch(n_train // 5), f)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+
+
+def save_tiny_teacher(path, seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    model = timm.create_model("deit_tiny_patch4_32_teacher", num_classes=num_classes)
+    with torch.no_grad():   # confident, input-dependent logits: something for the student to learn
+        model.head.weight.mul_(40)
+    torch.save({"model": model.state_dict(), "acc1": 91.0}, path)
+
+
+def train_cmd(tmp, *extra, launcher=(sys.executable,)):
+    return [*launcher, os.path.join(ROOT, "DFND_DeiT-train.py"), "--dataset", "cifar10",
+            "--data_cifar", str(tmp / "cifar"), "--data_imagenet", str(tmp / "pool"), "--num_select", "32",
+            "--teacher", "deit_tiny_patch4_32_teacher", "--teacher_dir", str(tmp / "teacher.pth"),
+            "--selected_file", str(tmp / "sel"), "--nb_classes", "10", "--batch_size", "8", "--workers", "0",
+            "--holdout", "0.125", *extra]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    make_pool(tmp / "pool", n=48)
+    make_cifar10(tmp / "cifar")
+    save_tiny_teacher(tmp / "teacher.pth")
+    return tmp
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_end_to_end_losses_fall(world):
+    out = world / "out_e2e"
+    proc = subprocess.run(train_cmd(world, "--output_dir", str(out), "--epochs", "4", "--lr_S", "2e-3",
+                                    "--attnprobe_sel", "--attnprobe_dist"), capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read_log(out / "log.txt")
+    epochs = [r for r in log if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
+    for r in epochs:
+        for key in ("train_loss", "train_kd", "train_na", "train_pd", "test_acc1", "test_acc5", "lr",
+                    "train_img_per_s", "holdout_agreement"):
+            assert np.isfinite(r[key]), key
+    # the student learns to imitate the teacher on its own selection
+    assert epochs[-1]["train_kd"] < epochs[0]["train_kd"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert "final" in log[-1] and "chosen without test labels" in log[-1]["final"]["text"]
+    assert (out / "student" / "checkpoint.pth").exists() and (out / "student" / "last.pth").exists()
+    assert json.load(open(out / "args.json"))["attnprobe_dist"] is True
+    last = torch.load(out / "student" / "last.pth", weights_only=True)
+    assert last["epoch"] == 3 and {"model", "noise", "optimizer", "optimizer_noise", "rng"} <= set(last)
+    # rerunning a finished run resumes at its end: nothing retrained, the summary is printed again
+    again = subprocess.run(train_cmd(world, "--output_dir", str(out), "--epochs", "4", "--lr_S", "2e-3",
+                                     "--attnprobe_sel", "--attnprobe_dist"), capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "resumed from" in again.stdout
+    assert len([r for r in read_log(out / "log.txt") if "epoch" in r]) == 4
+
+
+def test_eval_only_reads_dataparallel_checkpoint(world, tmp_path):
+    student = timm.create_model("deit_tiny_patch4_32", num_classes=10)
+    torch.save({"state_dict": {"module." + k: v for k, v in student.state_dict().items()}}, tmp_path / "dp.pth")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "DFND_DeiT-train.py"), "--dataset", "cifar10",
+                           "--data_cifar", str(world / "cifar"), "--eval_only", str(tmp_path / "dp.pth"),
+                           "--workers", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 40 and 0 <= result["acc1"] <= 100 and result["student"] == "deit_tiny_patch4_32"
+
+
+def test_published_readme_command(world):
+    """The published CIFAR-10 command, paths pointed at generated data (epochs capped to stay short)."""
+    proc = subprocess.run([sys.executable, "DFND_DeiT-train.py", "--dataset", "cifar10",
+                           "--data_cifar", str(world / "cifar"), "--data_imagenet", str(world / "pool"),
+                           "--num_select", "16", "--teacher_dir", str(world / "teacher.pth"),
+                           "--teacher", "deit_tiny_patch4_32_teacher", "--selected_file", str(world / "sel_pub"),
+                           "--output_dir", str(world / "out_pub"), "--nb_classes", "10", "--lr_S", "7.5e-4",
+                           "--attnprobe_sel", "--attnprobe_dist", "--epochs", "1", "--workers", "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("class_weights.pth", "pred_out.pth", "value_blk3.pth", "value_blk7.pth", "value_out.pth"):
+        assert (world / "sel_pub" / name).exists()
+    assert (world / "out_pub" / "student" / "checkpoint.pth").exists()
+
+
+def test_torchrun_two_processes_select_the_same_images(world):
+    """2-process gloo run: the pool is scored in strided shards and gathered in pool order."""
+    single = world / "sel"   # scored by the 1-process runs above with the same teacher and pool
+    if not (single / "value_out.pth").exists():
+        pytest.skip("needs the 1-process run of test_end_to_end_losses_fall")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
+    out = world / "out_ddp"
+    proc = subprocess.run(train_cmd(world, "--output_dir", str(out), "--epochs", "1", "--attnprobe_sel",
+                                    "--attnprobe_dist", launcher=launcher), capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # train_cmd points both runs at the same --selected_file: rescore into a fresh folder to compare
+    sel2 = world / "sel_ddp"
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "select_data.py"), "--data_imagenet", str(world / "pool"),
+                           "--teacher", "deit_tiny_patch4_32_teacher", "--teacher_dir", str(world / "teacher.pth"),
+                           "--num_select", "32", "--selected_file", str(sel2), "--attnprobe_sel", "--workers", "0",
+                           "--chunk_size", "20"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):
+        a = torch.load(single / f"{key}.pth", weights_only=True)
+        b = torch.load(sel2 / f"{key}.pth", weights_only=True)
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), key
+    assert (single / "selected.txt").read_text() == (sel2 / "selected.txt").read_text()
+    assert (out / "student" / "last.pth").exists()

@@ -1,0 +1,150 @@
+"""select_data.py: scores equal an independent computation of SPEC §1; selection rules; reuse."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+import select_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_pool(folder, n=24, size=32, seed=0):
+    """ImageFolder-like pool of PNG and JPEG files at the teacher's size (no resize involved)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        sub = os.path.join(folder, f"class{i % 3}")
+        os.makedirs(sub, exist_ok=True)
+        # smooth blobs, so JPEG compression keeps them image-like
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.uniform(4, size - 4, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(10, 60))
+        arr = (blob[..., None] * rng.uniform(80, 255, 3) + rng.uniform(0, 40, 3)).clip(0, 255).astype(np.uint8)
+        path = os.path.join(sub, f"img{i:03d}." + ("jpg" if i % 2 else "png"))
+        Image.fromarray(arr).save(path, quality=95)
+        paths.append(path)
+    return sorted(paths, key=lambda p: os.path.relpath(p, folder))
+
+
+def save_base_teacher(path, num_classes=10, seed=0):
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=3,
+                              qkv_bias=True, num_classes=num_classes)
+    torch.save({"model": model.state_dict()}, path)
+    return model.eval()
+
+
+def direct_scores(model, paths, blocks=(3, 7), head=0):
+    """SPEC §1 written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs."""
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)
+                     .permute(2, 0, 1) for p in paths])
+    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    captured = {}
+    hooks = [model.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: captured.__setitem__(b, o))
+             for b in blocks]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    out = {"value_out": F.cross_entropy(logits, logits.argmax(1), reduction="none"), "pred_out": logits.argmax(1)}
+    for b in blocks:
+        attn = model.blocks[b].attn
+        B, N, C = captured[b].shape
+        with torch.no_grad():
+            qkv = attn.qkv(captured[b]).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (C // attn.num_heads) ** -0.5, dim=-1)
+        probe = a[:, head, 0, 1:]
+        out[f"value_blk{b}"] = F.cosine_similarity(probe, torch.full_like(probe, 1 / probe.shape[1]), dim=1)
+    return out
+
+
+def run_select(*flags, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "select_data.py"), "--workers", "0", *flags],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sel")
+    paths = make_pool(tmp / "pool")
+    teacher = save_base_teacher(tmp / "teacher.pth")
+    proc = run_select("--data_imagenet", str(tmp / "pool"), "--teacher", "deit_base_patch4_32_teacher",
+                      "--teacher_dir", str(tmp / "teacher.pth"), "--num_select", "10",
+                      "--selected_file", str(tmp / "sel"), "--attnprobe_sel", "--chunk_size", "7")
+    return tmp, paths, teacher, proc
+
+
+def test_scores_match_direct_computation(scored):
+    tmp, paths, teacher, _ = scored
+    expected = direct_scores(teacher, paths)
+    for key in ("value_out", "value_blk3", "value_blk7"):
+        got = torch.load(tmp / "sel" / f"{key}.pth", weights_only=True)
+        assert got.shape == (len(paths),)
+        assert torch.allclose(got, expected[key], atol=1e-4), key
+    assert torch.equal(torch.load(tmp / "sel" / "pred_out.pth", weights_only=True), expected["pred_out"])
+
+
+def test_attnprobe_selection_uses_the_probe(scored):
+    tmp, paths, teacher, proc = scored
+    expected = direct_scores(teacher, paths)
+    value = 0.05 * (expected["value_blk3"] + expected["value_blk7"]) + 0.9 * expected["value_out"]
+    want = [os.path.relpath(paths[i], tmp / "pool") for i in torch.argsort(value)[:10].tolist()]
+    assert (tmp / "sel" / "selected.txt").read_text().split() == want
+    weights = torch.load(tmp / "sel" / "class_weights.pth", weights_only=True)
+    assert weights.shape == (10,) and weights.sum().item() == pytest.approx(10, rel=1e-5)
+    assert "attention probe" in proc.stdout
+
+
+def test_reuse_and_rules_without_rescoring(scored):
+    tmp, paths, teacher, _ = scored
+    before = os.path.getmtime(tmp / "sel" / "value_out.pth")
+    common = ["--data_imagenet", str(tmp / "pool"), "--teacher", "deit_base_patch4_32_teacher",
+              "--teacher_dir", str(tmp / "teacher.pth"), "--selected_file", str(tmp / "sel")]
+    # outlier rule (no --attnprobe_sel): value_out alone
+    run_select(*common, "--num_select", "5")
+    expected = direct_scores(teacher, paths)
+    want = [os.path.relpath(paths[i], tmp / "pool") for i in torch.argsort(expected["value_out"])[:5].tolist()]
+    assert (tmp / "sel" / "selected.txt").read_text().split() == want
+    # random: distinct indices inside the real pool
+    run_select(*common, "--num_select", "20", "--random", "--seed", "3")
+    sel = torch.load(tmp / "sel" / "selection.pt", weights_only=True)
+    idx = sel["indices"].tolist()
+    assert len(set(idx)) == 20 and all(0 <= i < len(paths) for i in idx)
+    assert os.path.getmtime(tmp / "sel" / "value_out.pth") == before
+
+
+def test_per_class_balanced_selection():
+    value = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    pred = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0])
+    usable = torch.ones(8, dtype=torch.bool)
+    # best 1 per class -> 0 (class 0), 4 (class 1), 6 (class 2); then fill from the global order: 1
+    got = select_data.select_indices(value, usable, 4, pred, per_class=1)
+    assert got.tolist() == [0, 1, 4, 6]
+    # a class running short is filled from the global order
+    got = select_data.select_indices(value, usable, 6, pred, per_class=2)
+    assert sorted(got.tolist()) == [0, 1, 2, 4, 5, 6]
+    # skipped images are never chosen
+    usable[0] = False
+    assert 0 not in select_data.select_indices(value, usable, 7, pred).tolist()
+
+
+def test_fingerprint_mismatch_is_refused(scored, tmp_path):
+    tmp, paths, _, _ = scored
+    save_base_teacher(tmp_path / "other.pth", seed=1)
+    proc = run_select("--data_imagenet", str(tmp / "pool"), "--teacher", "deit_base_patch4_32_teacher",
+                      "--teacher_dir", str(tmp_path / "other.pth"), "--num_select", "5",
+                      "--selected_file", str(tmp / "sel"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: score files in") and "teacher checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,124 @@
+"""Supervised training of a teacher ViT, for researchers without the published teacher files.
+
+    python train_teacher.py --dataset cifar10 --data data/cifar --model deit_base_patch4_32_teacher \
+        --epochs 200 --output teachers/cifar10.pth
+    python train_teacher.py --dataset fashionmnist --data /usr/share/datasets/fashion-mnist \
+        --model deit_tiny_patch4_28_teacher --epochs 10 --output teachers/fmnist.pth
+
+Trains with AdamW, cosine learning rate after a linear warm-up, per-image random crop + flip on
+the device, label smoothing; evaluates top-1/top-5 on the test split every epoch. Saves
+{'model': state_dict, 'acc1', 'acc5', 'mean', 'std', 'arch', 'nb_classes'}, the published
+teacher format (DFND_DeiT-train.py and select_data.py read 'acc1' for noise adaptation and
+'mean'/'std' for normalisation), and one JSON line per epoch in <output>.log.txt.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import data
+import engine
+import models
+from utils import InputError, atomic_torch_save, cli_main, init_distributed, resolve_device
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Train a teacher ViT", add_help=True)
+    parser.add_argument("--dataset", required=True, choices=data.DATASETS)
+    parser.add_argument("--data", required=True, help="dataset root (CIFAR pickles, IDX files or ImageFolder tree)")
+    parser.add_argument("--model", default="deit_base_patch4_32_teacher", help="registered model name")
+    parser.add_argument("--nb_classes", type=int, default=None, help="default: the dataset's class count")
+    parser.add_argument("--output", required=True, help="teacher checkpoint to write (.pth)")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=256, help="global batch (default 256)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--warmup_epochs", type=int, default=1, help="linear warm-up epochs (default 1)")
+    parser.add_argument("--label_smoothing", type=float, default=0.1)
+    parser.add_argument("--crop_padding", type=int, default=None, help="default img_size // 8")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="default ImageNet's")
+    parser.add_argument("--std", type=float, nargs="+", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--log_every", type=int, default=50)
+    return parser
+
+
+def warmup_cosine(epoch, base_lr, epochs, warmup):
+    if epoch < warmup:
+        return base_lr * (epoch + 1) / (warmup + 1)
+    return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
+
+
+def train_teacher(args):
+    """Train and save the teacher; returns the final test metrics."""
+    if args.epochs <= 0:
+        raise InputError(f"--epochs must be positive, got {args.epochs}")
+    device = resolve_device(args.device)
+    rank, world = init_distributed(device)
+    amp = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
+    engine.check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    probe = models.create(args.model, 2)
+    in_chans, img_size = models.input_spec(probe)
+    train = data.load_labeled(args.dataset, args.data, "train", img_size, in_chans)
+    test = data.load_labeled(args.dataset, args.data, "val", img_size, in_chans)
+    num_classes = args.nb_classes or data.NUM_CLASSES.get(args.dataset) or train.num_classes
+    mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
+    on_gpu = device.type == "cuda"
+    train_batches = engine.make_batches(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                        seed=args.seed, workers=args.workers, device=device)
+    test_batches = engine.make_batches(test, batch_size=1024, shuffle=False, drop_last=False,
+                                       workers=args.workers, device=device)
+    torch.manual_seed(args.seed)
+    model = models.create(args.model, num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  **({"fused": True} if on_gpu else {}))
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    def loss_fn(images, labels):
+        return engine.supervised_losses(train_model, images, labels, args.label_smoothing)
+
+    padding = args.crop_padding if args.crop_padding is not None else img_size // 8
+    augment, plain = engine.Augment(mean, std, padding), engine.Augment(mean, std, 0, train=False)
+    log_path = os.path.splitext(args.output)[0] + ".log.txt"
+    if rank == 0:
+        print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
+              f"{len(train_batches)} steps/epoch on {device}")
+        open(log_path, "w").close()
+    stats = {}
+    for epoch in range(args.epochs):
+        lr = warmup_cosine(epoch, args.lr, args.epochs, args.warmup_epochs)
+        engine.set_lr(optimizer, lr)
+        t0 = time.time()
+        metrics = engine.train_one_epoch(loss_fn, train_batches, [optimizer], augment, epoch, device, args.seed,
+                                         amp, args.log_every, "teacher", modules=(model,))
+        stats = engine.evaluate(model, test_batches, plain, device, amp)
+        record = {"epoch": epoch, "lr": lr, "train_loss": metrics["loss"], "img_per_s": metrics["img_per_s"],
+                  "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "seconds": time.time() - t0}
+        if rank == 0:
+            engine.log_line(log_path, record)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+    if rank == 0:
+        atomic_torch_save({"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"], "acc5": stats["acc5"],
+                           "mean": list(mean), "std": list(std), "arch": args.model, "nb_classes": num_classes,
+                           "dataset": args.dataset, "epochs": args.epochs}, args.output)
+        print(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
+    return stats
+
+
+@cli_main
+def main(args):
+    return train_teacher(args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
