@@ -27,7 +27,7 @@ import models
 import pool
 import select_data
 from losses import NoiseAdaptation
-from utils import InputError, atomic_torch_save, barrier, init_distributed, rank_world, resolve_device
+from utils import InputError, atomic_torch_save, atomic_write_text, barrier, init_distributed, rank_world, resolve_device
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
@@ -43,6 +43,8 @@ def get_args_parser():
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
                         "CIFAR pickles, IDX files, or an ImageFolder tree with train/ and val/")
     select_data.add_selection_args(parser)
+    parser.add_argument("--selection_file", default=None, help="train on a precomputed selection.pt "
+                        "({'indices', 'pred'}; e.g. demo.py's oracle/energy references) instead of selecting")
     g = parser.add_argument_group("distillation (stage 2)")
     g.add_argument("--output_dir", help="run folder: student/, log.txt, args.json")
     g.add_argument("--student", default=None, help="student model (default: the tiny DeiT at the teacher's size)")
@@ -86,18 +88,26 @@ def check_args(args):
     if args.eval_only:
         if not args.data_cifar:
             raise InputError("--eval_only needs --data_cifar (the test set)")
+        if not os.path.isdir(args.data_cifar):
+            raise InputError(f"--data_cifar {args.data_cifar}: no such folder")
+        if not os.path.isfile(args.eval_only):
+            raise InputError(f"--eval_only {args.eval_only}: no such file")
         return
     if not args.data_cifar:
         raise InputError("--data_cifar (the original dataset root, for the test set) is required")
+    if not os.path.isdir(args.data_cifar):
+        raise InputError(f"--data_cifar {args.data_cifar}: no such folder")
     if not args.output_dir:
         raise InputError("--output_dir is required")
-    select_data.check_selection_args(args)
     if args.epochs is not None and args.epochs <= 0:
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     if not 0 <= args.holdout < 0.5:
         raise InputError(f"--holdout must be in [0, 0.5), got {args.holdout}")
     if args.batch_size <= 0:
         raise InputError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.resume not in ("auto", "no") and not os.path.isfile(args.resume):
+        raise InputError(f"--resume {args.resume}: no such file")
+    select_data.check_selection_args(args)   # last: it creates --selected_file
 
 
 def published_epochs(num_select, img_size):
@@ -134,6 +144,19 @@ def feature_block_pairs(args, teacher, student):
 
 # ---- data -------------------------------------------------------------------------------
 
+def load_selection_file(path):
+    """A selection.pt written by someone else -> {'indices': long (K,), 'pred': long (K,), ...}."""
+    if not os.path.isfile(path):
+        raise InputError(f"--selection_file {path}: no such file")
+    sel = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sel, dict) or "indices" not in sel or "pred" not in sel:
+        raise InputError(f"--selection_file {path} must hold a dict with 'indices' and 'pred' (teacher argmax)")
+    sel["indices"], sel["pred"] = torch.as_tensor(sel["indices"]).long(), torch.as_tensor(sel["pred"]).long()
+    if sel["indices"].shape != sel["pred"].shape or sel["indices"].ndim != 1 or not len(sel["indices"]):
+        raise InputError(f"--selection_file {path}: 'indices' and 'pred' must be non-empty 1-D and equally long")
+    return sel
+
+
 def split_holdout(indices, share, seed):
     """Deterministic split of the selection -> (train indices, holdout positions into `indices`)."""
     k = len(indices)
@@ -147,16 +170,14 @@ def split_holdout(indices, share, seed):
 
 
 def labeled_positives(args, img_size, in_chans):
-    """First --pos_num images per class of the labeled train set (uint8 (K,C,H,W)) and their indices."""
+    """The first --pos_num images per class of the labeled train set -> (lazy Subset, train indices)."""
     train = data.load_labeled(args.dataset, args.data_cifar, "train", img_size, in_chans)
     labels = torch.as_tensor(train.targets)
     chosen = []
     for c in range(int(labels.max()) + 1):
         chosen += (labels == c).nonzero().squeeze(1)[:args.pos_num].tolist()
     chosen.sort()
-    images = torch.stack([train[i][0] for i in chosen]) if chosen else torch.empty(0, in_chans, img_size, img_size,
-                                                                                  dtype=torch.uint8)
-    return images, chosen
+    return torch.utils.data.Subset(train, chosen), chosen
 
 
 class _ImagesOnly(torch.utils.data.Dataset):
@@ -189,13 +210,12 @@ def training_images(args, selection, img_size, in_chans, positives):
                selection["pred"][hold_pos].long())
     if img_size <= 64:
         train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, args.workers)
-        if positives is not None:
-            train = torch.cat([train, positives])
+        if positives is not None and len(positives):
+            train = torch.cat([train, torch.stack([positives[i][0] for i in range(len(positives))])])
         return train, holdout
     train = _ImagesOnly(pool.PoolDataset(pool_index, img_size, in_chans, indices=train_idx.numpy()))
     if positives is not None:
-        train = torch.utils.data.ConcatDataset([train, torch.utils.data.TensorDataset(
-            positives, torch.zeros(len(positives), dtype=torch.long))])
+        train = torch.utils.data.ConcatDataset([train, _ImagesOnly(positives)])
     return train, holdout
 
 
@@ -250,7 +270,7 @@ def main(args):
         return run_eval_only(args, device) if rank == 0 else None
     student_dir = os.path.join(args.output_dir, "student")
     if rank == 0:
-        engine.check_writable(student_dir)
+        engine.check_writable(args.output_dir)
         lock = engine.RunLock(args.output_dir).__enter__()
     try:
         return _run(args, device, rank, world, student_dir)
@@ -279,11 +299,21 @@ def _run(args, device, rank, world, student_dir):
     t_blocks, s_blocks = feature_block_pairs(args, teacher, student) if args.attnprobe_dist else ((), ())
     teacher_acc, acc_source = resolve_teacher_acc(args, meta)
     resume = _find_resume(args, student_dir)
+    ckpt = engine.load_resume(resume) if resume else None
+    if ckpt is not None:
+        missing = [k for k in ("model", "noise", "optimizer", "optimizer_noise", "state") if k not in ckpt]
+        if missing:
+            raise InputError(f"--resume {resume} is not a last.pth of this script (no {', '.join(missing)})")
+        _check_same_run(ckpt.get("args", {}), args, resume)
     say(f"git {git_sha() or '?'} | teacher {args.teacher} ({args.nb_classes} classes) | student {args.student} "
         f"| {world} process(es) on {device} | amp {amp} | noise-adaptation acc {teacher_acc:.4f} from {acc_source}")
 
-    selection = select_data.run_selection(args, teacher, in_chans, img_size, mean, std, device, args.workers,
-                                          amp, args.compile, args.seed)
+    if args.selection_file:   # a rule select_data does not implement: the caller chose the images
+        selection = load_selection_file(args.selection_file)
+        say(f"selection: {len(selection['indices'])} images from {args.selection_file}")
+    else:
+        selection = select_data.run_selection(args, teacher, in_chans, img_size, mean, std, device, args.workers,
+                                              amp, args.compile, args.seed)
     positives = None
     if args.pos_num > 0:
         positives, pos_index = labeled_positives(args, img_size, in_chans)
@@ -313,9 +343,7 @@ def _run(args, device, rank, world, student_dir):
     opt_n = torch.optim.Adam(noise.parameters(), lr=1e-3)
     state = {"epoch": -1, "best_acc1": -1.0, "best_epoch": -1, "best_agree": -1.0, "acc1_at_best_agree": None,
              "best_agree_epoch": -1}
-    if resume:
-        ckpt = engine.load_resume(resume)
-        _check_same_run(ckpt.get("args", {}), args, resume)
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         noise.load_state_dict(ckpt["noise"])
         opt_s.load_state_dict(ckpt["optimizer"])
@@ -324,10 +352,16 @@ def _run(args, device, rank, world, student_dir):
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
         say(f"resumed from {resume} after epoch {state['epoch']}")
+        if rank == 0:
+            _trim_log(os.path.join(args.output_dir, "log.txt"), state["epoch"])
+        del ckpt
+    if rank == 0 and os.path.isdir(student_dir):  # temp files of a killed save (we hold the lock)
+        for name in os.listdir(student_dir):
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(student_dir, name))
     class_weights = None
     if args.robust:
-        class_weights = torch.load(os.path.join(args.selected_file, "class_weights.pth"),
-                                   weights_only=True).to(device)
+        class_weights = select_data.load_score_file(os.path.join(args.selected_file, "class_weights.pth")).to(device)
     train_module = engine.StudentWithFeatures(student, noise, s_blocks)
     teacher_module = engine.TeacherWithFeatures(teacher, t_blocks)
     if world > 1:
@@ -346,8 +380,7 @@ def _run(args, device, rank, world, student_dir):
     plain = engine.Augment(mean, std, 0, train=False)
     log_path = os.path.join(args.output_dir, "log.txt")
     if rank == 0:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1, sort_keys=True)
+        atomic_write_text(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1, sort_keys=True))
 
     for epoch in range(state["epoch"] + 1, epochs):
         lr = engine.lr_at(epoch, args.lr_S, epochs, args.schedule, args.cos)
@@ -365,8 +398,8 @@ def _run(args, device, rank, world, student_dir):
         record["epoch_seconds"] = time.time() - t0
         state["epoch"] = epoch
         if rank == 0:
-            _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record)
             engine.log_line(log_path, record)
+            _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record)
             say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
         barrier()
     final = _final_summary(args, state, log_path)
@@ -385,6 +418,25 @@ def _find_resume(args, student_dir):
     if not os.path.isfile(args.resume):
         raise InputError(f"--resume {args.resume}: no such file")
     return args.resume
+
+
+def _trim_log(path, last_epoch):
+    """Keep only the log lines of epochs <= last_epoch (the resume point); drop torn lines and old
+    'final' lines, so the log holds each finished epoch once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= last_epoch:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
 
 
 _SAME_RUN_KEYS = ("teacher", "student", "num_select", "attnprobe_sel", "random", "attnprobe_dist", "per_class",

@@ -139,3 +139,57 @@ def test_torchrun_two_processes_select_the_same_images(world):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), key
     assert (single / "selected.txt").read_text() == (sel2 / "selected.txt").read_text()
     assert (out / "student" / "last.pth").exists()
+
+
+def test_training_sh_runs_with_generated_data(world):
+    env = {**os.environ, "DATASETS": "cifar10", "root_wild": str(world / "pool"), "root_cifar10": str(world / "cifar"),
+           "teacher_cifar10": str(world / "teacher.pth"), "selected_cifar10": str(world / "sel_sh"),
+           "output_student_cifar10": str(world / "out_sh"), "NUM_SELECT": "16",
+           "EXTRA": "--teacher deit_tiny_patch4_32_teacher --epochs 1 --batch_size 8 --workers 0"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "training.sh")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (world / "out_sh" / "student" / "last.pth").exists()
+
+
+def make_tinyimagenet(root, wnids=("n01", "n02", "n03"), per_class=4, val_per_class=2, seed=0):
+    """The raw Tiny-ImageNet layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    lines = []
+    for c, wnid in enumerate(wnids):
+        os.makedirs(root / "train" / wnid / "images", exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+        for i in range(val_per_class):
+            name = f"val_{c}_{i}.JPEG"
+            os.makedirs(root / "val" / "images", exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / name)
+            lines.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+
+
+def test_224px_pipeline_with_pos_num(tmp_path):
+    """Tiny-ImageNet layout -> converters -> distillation of a 224-px student through the decoding loader."""
+    make_tinyimagenet(tmp_path / "tiny")
+    for script in ("process_tinyimagenet.py", "process_move_file.py"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--root", str(tmp_path / "tiny")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    make_pool(tmp_path / "pool", n=10, size=80)
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model("deit_tiny_patch16_224", num_classes=3).state_dict()},
+               tmp_path / "teacher.pth")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "DFND_DeiT-train.py"), "--dataset", "tinyimagenet",
+                           "--data_cifar", str(tmp_path / "tiny"), "--data_imagenet", str(tmp_path / "pool"),
+                           "--teacher", "deit_tiny_patch16_224", "--teacher_dir", str(tmp_path / "teacher.pth"),
+                           "--nb_classes", "3", "--num_select", "6", "--pos_num", "2", "--epochs", "1",
+                           "--batch_size", "4", "--workers", "0", "--attnprobe_sel", "--attnprobe_dist",
+                           "--selected_file", str(tmp_path / "sel"), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NOT DATA-FREE" in proc.stdout
+    assert torch.load(tmp_path / "sel" / "labelset_index_dict.pth", weights_only=True)["positive_index"] == \
+        [0, 1, 4, 5, 8, 9]
+    epochs = [r for r in read_log(tmp_path / "out" / "log.txt") if "epoch" in r]
+    assert len(epochs) == 1 and np.isfinite(epochs[0]["train_loss"])
