@@ -463,6 +463,18 @@ def export_image_folder(images, labels, classes, out_dir, desc=None):
     return written, skipped
 
 
+def cifar_export_parser(dataset):
+    """Flags of process_cifar10.py / process_cifar100.py."""
+    import argparse
+    name = dataset.upper().replace("CIFAR", "CIFAR-")
+    p = argparse.ArgumentParser(description=f"Convert the {name} python pickles into a PNG ImageFolder tree.")
+    p.add_argument("--root", default="data", help=f"folder holding the {name} pickles")
+    p.add_argument("--out", default=f"data/{dataset}", help="output ImageFolder root")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the archive into --root with torchvision first (needs network)")
+    return p
+
+
 def export_cifar_image_folder(root, dataset, out, download=False):
     """CIFAR pickles under `root` -> PNG ImageFolder tree out/{train,val}/<NN_name>/."""
     if download:

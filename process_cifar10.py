@@ -6,19 +6,12 @@
 OUT/train/<NN_class>/<index>.png and OUT/val/... (val = the test set); the zero-padded label
 prefix keeps class order under a string sort. Re-running skips images already written.
 """
-import argparse
-
 import data
 from utils import cli_main
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="data", help="folder holding the CIFAR-10 pickles")
-    p.add_argument("--out", default="data/cifar10", help="output ImageFolder root")
-    p.add_argument("--download", action="store_true",
-                   help="fetch the archive into --root with torchvision first (needs network)")
-    return p
+    return data.cifar_export_parser("cifar10")
 
 
 @cli_main

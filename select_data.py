@@ -12,7 +12,7 @@ Scores are computed once in resumable chunks and reused while the fingerprint (p
 checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
 """
 import argparse
-import glob
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import engine
 import models
 import pool
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
@@ -94,6 +95,12 @@ def check_selection_args(args):
         raise InputError("--random and --attnprobe_sel exclude each other")
     if os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
         raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
+    for path in args.data_imagenet:
+        if not os.path.exists(path):
+            raise InputError(f"--data_imagenet {path}: no such file or folder")
+    if not os.path.isfile(args.teacher_dir):
+        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file")
+    engine.check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
 
 
 def infer_num_classes(checkpoint):
@@ -212,8 +219,14 @@ def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args
             shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
             os.makedirs(chunks_dir)
         if not os.path.exists(progress):
+            meta_path = os.path.join(out_dir, "scores_meta.json")
+            if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
+                os.unlink(meta_path)
             np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
             atomic_write_text(progress, json.dumps(fingerprint))
+        for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(chunks_dir, name))
     barrier()
     score_fn = score_fn or score_images
     num_chunks = (n + args.chunk_size - 1) // args.chunk_size
@@ -296,19 +309,46 @@ def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, poo
     for key in keys:
         atomic_torch_save(full[key], os.path.join(out_dir, f"{key}.pth"))
     atomic_torch_save(pred, os.path.join(out_dir, "pred_out.pth"))
-    pool.write_skipped(os.path.join(out_dir, "skipped.txt"),
-                       [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
+    skipped_path = os.path.join(out_dir, "skipped.txt")
+    pool.write_skipped(skipped_path, [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
+    warn_skipped(sorted(skipped), pool_index, skipped_path)
+
+
+WARN_SKIPPED_MAX = 20
+
+
+def warn_skipped(skipped, pool_index, skipped_path):
+    """One stderr line per skipped image (at most WARN_SKIPPED_MAX), then one summary line."""
+    for i, reason in skipped[:WARN_SKIPPED_MAX]:
+        print(f"warning: skipped {pool_index.ids[i]}: {pool._clean_reason(reason)}", file=sys.stderr)
+    if skipped:
+        more = len(skipped) - WARN_SKIPPED_MAX
+        print(f"warning: {len(skipped)} unreadable image(s) skipped, never selected"
+              + (f" ({more} more not shown)" if more > 0 else "") + f"; list in {skipped_path}",
+              file=sys.stderr)
+
+
+def load_score_file(path):
+    """A 1-D score tensor, loaded safely; anything else is a one-line error."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable score file ({type(e).__name__}); "
+                         "use --force to rescore") from None
+    if not torch.is_tensor(value) or value.ndim != 1:
+        raise InputError(f"{path} is not a 1-D score tensor; use --force to rescore")
+    return value
 
 
 def load_scores(out_dir, blocks):
-    scores = {"value_out": torch.load(os.path.join(out_dir, "value_out.pth"), weights_only=True),
-              "pred_out": torch.load(os.path.join(out_dir, "pred_out.pth"), weights_only=True)}
+    scores = {"value_out": load_score_file(os.path.join(out_dir, "value_out.pth")),
+              "pred_out": load_score_file(os.path.join(out_dir, "pred_out.pth"))}
     for b in blocks:
         path = os.path.join(out_dir, f"value_blk{b}.pth")
         if not os.path.exists(path):
             raise InputError(f"{path} is missing: the scores were made without probe block {b} "
                              "(rescore with --force or change --probe_blocks)")
-        scores[f"value_blk{b}"] = torch.load(path, weights_only=True)
+        scores[f"value_blk{b}"] = load_score_file(path)
     return scores
 
 
@@ -318,16 +358,22 @@ def scores_ready(out_dir, fingerprint, force):
     meta_path = os.path.join(out_dir, "scores_meta.json")
     if force or not os.path.exists(value_out):
         return False
+    if not os.path.exists(meta_path) and os.path.exists(os.path.join(out_dir, ".score_chunks")):
+        return False  # a scoring run was cut off (maybe while writing these files): resume it
     if not os.path.exists(meta_path):
         # the published code's caches carry no fingerprint: trust them only if the length fits
-        n = len(torch.load(value_out, weights_only=True))
+        n = len(load_score_file(value_out))
         if n != fingerprint["pool_size"]:
             raise InputError(f"{value_out} scores {n} images but the pool has {fingerprint['pool_size']}: "
                              "they belong to another pool (use --force to rescore)")
         print(f"warning: {out_dir} has score files without a fingerprint (published format); "
               "reusing them because their length matches the pool")
         return True
-    saved = json.load(open(meta_path))
+    try:
+        with open(meta_path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise InputError(f"{meta_path} is damaged; use --force to rescore") from None
     differs = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
     if differs:
         what = {"pool": "pool files", "pool_size": "pool size", "teacher_sha256": "teacher checkpoint"}
@@ -364,10 +410,15 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
     order = candidates[torch.argsort(value[candidates], stable=True)]          # best first
     if per_class is None:
         return order[:num_select]
-    ranked_pred = pred[order]
-    # rank of each image within its predicted class, in global order: (K,)
-    onehot = torch.nn.functional.one_hot(ranked_pred.clamp_min(0), int(pred.max()) + 1)
-    rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1
+    ranked_pred = pred[order].clamp_min(0)                                      # (K,)
+    # rank of each image within its predicted class, in global order, in O(K) memory:
+    # a stable sort by class keeps the global order inside each class
+    by_class = torch.argsort(ranked_pred, stable=True)
+    sorted_pred = ranked_pred[by_class]
+    counts = torch.bincount(sorted_pred)
+    first_of_class = counts.cumsum(0) - counts
+    rank_in_class = torch.empty_like(ranked_pred)
+    rank_in_class[by_class] = torch.arange(len(order)) - first_of_class[sorted_pred]
     keep = rank_in_class < per_class
     if int(keep.sum()) > num_select:
         print(f"warning: --per_class {per_class} over all classes exceeds --num_select {num_select}; "
@@ -400,18 +451,25 @@ def run_selection(args, teacher, in_chans, img_size, mean, std, device, workers,
     """Score (or reuse scores) and select; rank 0 writes the files. Returns the selection dict."""
     rank, _ = rank_world()
     pool_index = pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
+    if args.num_select > len(pool_index):
+        raise InputError(f"--num_select {args.num_select} is larger than the pool ({pool_index.describe()})")
     if rank == 0:
         os.makedirs(args.selected_file, exist_ok=True)
         print(f"pool: {pool_index.describe()}")
-    fingerprint = score_fingerprint(args, pool_index, in_chans, img_size, mean, std)
-    if not scores_ready(args.selected_file, fingerprint, args.force):
-        cache = open_pool_source(args, pool_index, img_size, in_chans, workers)
-        model = torch.compile(teacher) if compile_model else teacher
-        score_pool(model, pool_index, cache, args.selected_file, fingerprint, mean, std, args, device,
-                   workers, amp_dtype)
-    selection = None
-    if rank == 0:
-        selection = select_from_scores(args, pool_index, seed)
+    # two runs writing one --selected_file would mix their chunks: the second is refused
+    lock = engine.RunLock(args.selected_file, "--selected_file") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        fingerprint = score_fingerprint(args, pool_index, in_chans, img_size, mean, std)
+        if not scores_ready(args.selected_file, fingerprint, args.force):
+            cache = open_pool_source(args, pool_index, img_size, in_chans, workers)
+            # compile the scorer, not the teacher: probe_forward calls the teacher's submodules one by
+            # one, so a compiled module's own forward would never run
+            score_fn = torch.compile(score_images, dynamic=False) if compile_model else None
+            score_pool(teacher, pool_index, cache, args.selected_file, fingerprint, mean, std, args, device,
+                       workers, amp_dtype, score_fn=score_fn)
+        selection = None
+        if rank == 0:
+            selection = select_from_scores(args, pool_index, seed)
     barrier()
     return selection if rank == 0 else torch.load(os.path.join(args.selected_file, "selection.pt"),
                                                   weights_only=True)
