@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 
 import torch
@@ -27,7 +26,7 @@ import models
 import pool
 import select_data
 from losses import NoiseAdaptation
-from utils import InputError, atomic_torch_save, atomic_write_text, barrier, init_distributed, rank_world, resolve_device
+from utils import InputError, atomic_torch_save, atomic_write_text, barrier, init_distributed, resolve_device
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
@@ -37,7 +36,7 @@ FEATURE_BLOCKS = (3, 7, 11)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Attention Probe: probe distillation of a ViT student", add_help=True)
+    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student")
     parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASET_CLASSES) + ["folder"],
                         help="the teacher's task; its test set measures the student")
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "

@@ -67,7 +67,7 @@ def add_selection_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Attention-probe selection of wild images", add_help=True)
+    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images")
     add_selection_args(parser)
     parser.add_argument("--batch_size", type=int, default=None, help="alias of --score_batch_size")
     parser.add_argument("--workers", type=int, default=8, help="image decoding processes (default 8)")

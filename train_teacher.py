@@ -25,7 +25,7 @@ from utils import InputError, atomic_torch_save, cli_main, init_distributed, res
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Train a teacher ViT", add_help=True)
+    parser = argparse.ArgumentParser(description="Train a teacher ViT")
     parser.add_argument("--dataset", required=True, choices=data.DATASETS)
     parser.add_argument("--data", required=True, help="dataset root (CIFAR pickles, IDX files or ImageFolder tree)")
     parser.add_argument("--model", default="deit_base_patch4_32_teacher", help="registered model name")

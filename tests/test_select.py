@@ -148,3 +148,31 @@ def test_fingerprint_mismatch_is_refused(scored, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: score files in") and "teacher checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tar_shard_pool_scores_like_the_folder(scored, tmp_path):
+    """WebDataset-style shards: streamed without unpacking, ids 'shard.tar:key', same scores as the files."""
+    import tarfile
+    tmp, paths, _, _ = scored
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * 12, (s + 1) * 12):
+                ext = os.path.splitext(paths[i])[1]
+                tar.add(paths[i], arcname=f"sample{i:03d}{ext}")
+                caption = tmp_path / "caption.txt"
+                caption.write_text("a caption")
+                tar.add(caption, arcname=f"sample{i:03d}.txt")
+    run_select("--data_imagenet", str(shards), "--teacher", "deit_base_patch4_32_teacher",
+               "--teacher_dir", str(tmp / "teacher.pth"), "--num_select", "10",
+               "--selected_file", str(tmp_path / "sel"), "--attnprobe_sel")
+    for key in ("value_out", "value_blk3", "value_blk7"):
+        assert torch.allclose(torch.load(tmp_path / "sel" / f"{key}.pth", weights_only=True),
+                              torch.load(tmp / "sel" / f"{key}.pth", weights_only=True), atol=1e-6), key
+    ids = (tmp_path / "sel" / "selected.txt").read_text().split()
+    assert all(":" in i and i.split(":")[0] in ("00000.tar", "00001.tar") for i in ids)
+    # the same images, best first: sample numbers are the folder pool's indices
+    scores = {k: torch.load(tmp / "sel" / f"{k}.pth", weights_only=True) for k in ("value_out", "value_blk3", "value_blk7")}
+    value = 0.05 * (scores["value_blk3"] + scores["value_blk7"]) + 0.9 * scores["value_out"]
+    assert [int(i.split("sample")[1][:3]) for i in ids] == torch.argsort(value)[:10].tolist()
