@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -331,7 +332,9 @@ def warn_skipped(skipped, pool_index, skipped_path):
 def load_score_file(path):
     """A 1-D score tensor, loaded safely; anything else is a one-line error."""
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
+            warnings.simplefilter("ignore")
+            value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"{path} is not a readable score file ({type(e).__name__}); "
                          "use --force to rescore") from None

@@ -12,6 +12,13 @@ class InputError(Exception):
     """Bad input from the user (a path, flag or file). Scripts print it as one line and exit 2."""
 
 
+def _umask_mode(fd):
+    # mkstemp makes 0600 files; a shared score cache or checkpoint should get the usual umask mode
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` through a temp file in the same folder, then rename."""
     path = os.fspath(path)
@@ -19,6 +26,7 @@ def atomic_write_bytes(path, data: bytes):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        _umask_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,8 +48,9 @@ def atomic_torch_save(obj, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
     try:
+        _umask_mode(fd)
+        os.close(fd)
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -59,6 +68,15 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _close_progress_bars():
+    try:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:
+        pass
+
+
 def cli_main(main):
     """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2;
     SIGINT/SIGTERM end the run at a safe point (work saved so far is kept) with exit code 130."""
@@ -67,12 +85,15 @@ def cli_main(main):
     def wrapper(*a, **kw):
         import signal
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # a job started in the background by a non-interactive shell inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*a, **kw)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
+            _close_progress_bars()  # else they redraw at exit, after our message
             print("interrupted: finished work is saved; run the same command again to continue",
                   file=sys.stderr)
             sys.exit(130)

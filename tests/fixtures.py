@@ -1,0 +1,301 @@
+"""Shared generators for tests: CIFAR-format pickles, wild image pools (good, odd and broken
+files), tiny teacher checkpoints, hostile checkpoints, and helpers to run the CLIs.
+
+Plain functions (no pytest fixtures), so any test module can `import fixtures` and build what
+it needs under its own tmp_path. Everything is seeded: same arguments, same bytes.
+"""
+import io
+import os
+import pickle
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHER = "deit_tiny_patch4_32_teacher"   # 2.4 M params: fine on CPU for tens of images
+STUDENT = "deit_tiny_patch4_32"
+MICRO = "test_micro_patch8_32"             # ~40x cheaper; registered by this module, in-process only
+# One thread per child: on shared, busy CPUs two OpenMP threads per process can run 20x slower.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def register_test_models():
+    """Register MICRO with timm (32x32 RGB, patch 8, dim 32, depth 12, 2 heads). Child processes
+    started by the CLIs do not see it: use TEACHER/STUDENT there."""
+    import timm
+    from functools import partial
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+    import models  # noqa: F401  (the paper's names, for the mean/std convention)
+    if timm.list_models(MICRO):
+        return
+
+    def test_micro_patch8_32(pretrained=False, **kwargs):
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
+            kwargs.pop(key, None)
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4,
+                                  qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
+        model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+                                    num_classes=model.num_classes)
+        return model
+    register_model(test_micro_patch8_32)
+
+
+# ---- images -----------------------------------------------------------------------------
+
+def smooth_rgb(w, h, seed):
+    """Photo-like RGB image: upsampled random colours plus mild noise (JPEG keeps it image-like)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    a = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
+    a = a + rng.integers(-6, 7, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_bytes(path, data):
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def bomb_png(width=20000, height=20000):
+    """A real PNG header claiming width x height pixels with a tiny (invalid) body: PIL and
+    pool.MAX_PIXELS reject it from the header alone, so it costs nothing to build or check."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def odd_valid_files(size=40, seed=0):
+    """{file name: bytes} of unusual but decodable images: every one must be scored."""
+    base = smooth_rgb(size, size, seed)
+    deep = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    pal_t = base.convert("P")
+    pal_t.info["transparency"] = 0
+    return {
+        "gray.jpg": encode(base.convert("L"), "JPEG"),
+        "gray.png": encode(base.convert("L"), "PNG"),
+        "palette.png": encode(base.convert("P"), "PNG"),
+        "palette_transparent.png": encode(pal_t, "PNG", transparency=0),
+        "rgba.png": encode(base.convert("RGBA"), "PNG"),
+        "la.png": encode(base.convert("LA"), "PNG"),
+        "cmyk.jpg": encode(base.convert("CMYK"), "JPEG"),
+        "deep16.png": encode(Image.fromarray(deep), "PNG"),
+        "bilevel.png": encode(base.convert("1"), "PNG"),
+        "png_named.jpg": encode(base, "PNG"),                  # wrong extension, valid content
+        "big.jpg": encode(smooth_rgb(1600, 1200, seed + 1), "JPEG", quality=80),  # decoded via draft
+        "tiny.png": encode(smooth_rgb(3, 2, seed + 2), "PNG"),
+        "progressive.jpg": encode(base, "JPEG", progressive=True),
+        "bmp.bmp": encode(base, "BMP"),
+    }
+
+
+def broken_files(size=40, seed=0):
+    """{file name: bytes} of files with image extensions that cannot be decoded: each must be skipped."""
+    base = smooth_rgb(size, size, seed)
+    jpg = encode(base, "JPEG", quality=90)
+    png = encode(base, "PNG")
+    return {
+        "zero.jpg": b"",
+        "zero.png": b"",
+        "truncated.jpg": jpg[: len(jpg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "header_only.jpg": jpg[:20],
+        "text.jpg": b"this is not an image\n" * 20,
+        "random.png": np.random.default_rng(seed).integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "html.jpeg": b"<html><body>404 Not Found</body></html>\n",
+        "bomb.png": bomb_png(),
+    }
+
+
+def write_pool(folder, n, size=40, seed=0, subfolders=4, odd=0, broken=0):
+    """A folder pool of `n` files: n - odd - broken good PNG/JPEG images in `subfolders`
+    folders, plus `odd` odd-but-valid and `broken` undecodable files (cycling through
+    odd_valid_files / broken_files). Returns {'good': [...], 'odd': [...], 'broken': [...]}
+    with pool ids (paths relative to `folder`, '/' separators)."""
+    folder = os.fspath(folder)
+    out = {"good": [], "odd": [], "broken": []}
+    specials = ([("odd", k, v) for k, v in odd_valid_files(size, seed).items()],
+                [("broken", k, v) for k, v in broken_files(size, seed).items()])
+    for kind, count, table in (("odd", odd, specials[0]), ("broken", broken, specials[1])):
+        for j in range(count):
+            _, name, data = table[j % len(table)]
+            stem, ext = os.path.splitext(name)
+            rel = f"{kind}/{stem}_{j:04d}{ext}"
+            write_bytes(os.path.join(folder, rel), data)
+            out[kind].append(rel)
+    for i in range(n - odd - broken):
+        ext = ("png", "jpg")[i % 2]
+        rel = f"d{i % max(1, subfolders)}/img_{i:05d}.{ext}"
+        img = smooth_rgb(size, size, seed * 100003 + i)
+        write_bytes(os.path.join(folder, rel), encode(img, "PNG" if ext == "png" else "JPEG", quality=92))
+        out["good"].append(rel)
+    return out
+
+
+# ---- labeled data -----------------------------------------------------------------------
+
+def write_cifar(root, dataset="cifar10", n_train=10, n_test=20, seed=0, bytes_keys=True):
+    """Tiny CIFAR 'python version' pickles under root/cifar-10-batches-py (or cifar-100-python).
+    n_train images per training file (5 files for CIFAR-10), n_test in the test file.
+    bytes_keys=True writes b'data'-style keys like the official Python-2 pickles. Returns the pickle folder."""
+    rng = np.random.default_rng(seed)
+    ten = dataset == "cifar10"
+    classes = 10 if ten else 100
+    folder = os.path.join(os.fspath(root), "cifar-10-batches-py" if ten else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    key = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
+    label_key = "labels" if ten else "fine_labels"
+
+    def dump(name, obj):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({key(k): v for k, v in obj.items()}, f, protocol=2)
+
+    def batch(n):
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                label_key: [int(v) for v in rng.integers(0, classes, n)]}
+    names = [f"class{c}".encode() for c in range(classes)]
+    if ten:
+        dump("batches.meta", {"label_names": names})
+        for i in range(1, 6):
+            dump(f"data_batch_{i}", batch(n_train))
+        dump("test_batch", batch(n_test))
+    else:
+        dump("meta", {"fine_label_names": names})
+        dump("train", batch(n_train))
+        dump("test", batch(n_test))
+    return folder
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+def write_teacher(path, name=TEACHER, num_classes=10, seed=0, wrap="model", **meta):
+    """A randomly initialised registered model saved as {'model': state_dict} (the published
+    layout; wrap=None for a plain state dict). Returns the path."""
+    import timm
+    register_test_models()   # also imports models: the paper's names
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=num_classes)
+    sd = model.state_dict()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({wrap: sd, **meta} if wrap else sd, path)
+    return path
+
+
+class _RunsCode:
+    """Unpickling this calls open(marker, 'w'): proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = os.fspath(marker)
+
+    def __reduce__(self):
+        return (io.open, (self.marker, "w"))
+
+
+def write_code_pickle(path, marker, legacy=False):
+    """A checkpoint whose unpickling would create `marker` (any loader without weights_only runs it).
+    legacy=True writes a bare pickle instead of torch's zip format."""
+    obj = {"model": _RunsCode(marker), "epoch": 3}
+    if legacy:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    else:
+        torch.save(obj, path)
+    return path
+
+
+def truncated_copy(src, dst, fraction=0.5):
+    with open(src, "rb") as f:
+        data = f.read()
+    write_bytes(dst, data[: int(len(data) * fraction)])
+    return dst
+
+
+# ---- running the CLIs -------------------------------------------------------------------
+
+def script_path(script):
+    return os.path.join(ROOT, script)
+
+
+def run_script(script, *args, timeout=120, env=None):
+    """Run a CLI as a real child process -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, script_path(script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **CHILD_ENV, **(env or {})})
+
+
+def start_script(script, *args, env=None, stdout=None, stderr=None):
+    """Start a CLI as a child process (unbuffered output, to files if given) -> Popen."""
+    return subprocess.Popen([sys.executable, script_path(script), *map(str, args)], cwd=ROOT,
+                            stdout=stdout or subprocess.PIPE, stderr=stderr or subprocess.PIPE,
+                            env={**os.environ, **CHILD_ENV, **(env or {})})
+
+
+def run_script_inprocess(script, *args):
+    """Run a CLI in this process exactly as `python script args` would (argparse, __main__ block,
+    cli_main) and return its exit code: 0 when main returns, else SystemExit's code. Exceptions
+    that escape (= a traceback for the user) propagate. Signal handlers are restored afterwards.
+    Saves the ~7 s torch/timm import of a child process; capture output with capsys."""
+    saved_argv = sys.argv
+    saved_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [script_path(script), *map(str, args)]
+    try:
+        runpy.run_path(script_path(script), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        for s, h in saved_handlers.items():
+            signal.signal(s, h)
+
+
+def wait_for(predicate, timeout=60.0, interval=0.005, proc=None):
+    """Poll `predicate` until true; fail early if `proc` exits first. Returns the predicate's value."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"child exited (rc {proc.returncode}) before the condition was met")
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for a condition")
+
+
+def snapshot(*roots):
+    """{path: (size, mtime_ns)} of every file and {path: None} of every folder under `roots`."""
+    out = {}
+    for root in roots:
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            continue
+        if os.path.isfile(root):
+            st = os.stat(root)
+            out[root] = (st.st_size, st.st_mtime_ns)
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            out[dirpath] = None
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                st = os.stat(p)
+                out[p] = (st.st_size, st.st_mtime_ns)
+    return out
