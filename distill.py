@@ -226,24 +226,27 @@ def amp_dtype(args, device):
     return None
 
 
+def _default_student_fitting(state_dict, num_classes):
+    """The default student (32, 28 or 224 px) whose patch embedding and positions fit the checkpoint."""
+    keys = ("pos_embed", "patch_embed.proj.weight")
+    for size in (32, 28, 224):
+        name = default_student(size)
+        own = models.create(name, num_classes).state_dict()
+        if all(k in state_dict and state_dict[k].shape == own[k].shape for k in keys):
+            return name
+    raise InputError("cannot tell which student this checkpoint holds: pass --student")
+
+
 def run_eval_only(args, device):
     num_classes = args.nb_classes or select_data.infer_num_classes(args.eval_only)
     sd, meta = models.read_checkpoint(args.eval_only)
-    name = args.student or (meta.get("args", {}) or {}).get("student") if isinstance(meta.get("args"), dict) \
-        else args.student
-    if not name:
-        name = "deit_tiny_patch16_224"
-        for size in (32, 28):
-            candidate = default_student(size)
-            if sd.get("pos_embed") is not None and sd["pos_embed"].shape == models.create(
-                    candidate, num_classes).pos_embed.shape:
-                name = candidate
-                break
+    name = args.student or meta.get("student") or _default_student_fitting(sd, num_classes)
     student = models.create(name, num_classes)
     models.load_state_dict_strict(student, sd, source=args.eval_only)
     student.to(device)
     in_chans, img_size = models.input_spec(student)
-    mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
+    # our checkpoints carry the normalisation they were trained with
+    mean, std = data.resolve_mean_std(args.mean or meta.get("mean"), args.std or meta.get("std"), in_chans)
     test = data.load_labeled(args.dataset, args.data_cifar, "val", img_size, in_chans)
     batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=args.workers,
                                   device=device)
@@ -283,6 +286,7 @@ def _run(args, device, rank, world, student_dir):
     amp = amp_dtype(args, device)
     # everything that can fail on bad input happens before any long work
     teacher, meta, in_chans, img_size, mean, std = select_data.load_teacher(args, device)
+    args.mean, args.std = list(mean), list(std)   # resolved: saved in args.json and the checkpoints
     if args.dataset in DATASET_CLASSES and DATASET_CLASSES[args.dataset] != args.nb_classes:
         say(f"note: --dataset {args.dataset} has {DATASET_CLASSES[args.dataset]} classes; "
             f"the teacher has {args.nb_classes}")
@@ -465,7 +469,8 @@ def _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record)
     student_sd = engine.unwrap(student).state_dict()
     if state.pop("new_best", False):
         engine.save_checkpoint(os.path.join(student_dir, "checkpoint.pth"), model=student_sd, epoch=epoch,
-                               acc1=record["test_acc1"], acc5=record["test_acc5"], args=plain_args)
+                               acc1=record["test_acc1"], acc5=record["test_acc5"], mean=args.mean, std=args.std,
+                               student=args.student, args=plain_args)
     engine.save_checkpoint(os.path.join(student_dir, "last.pth"), model=student_sd, noise=noise.state_dict(),
                            optimizer=opt_s.state_dict(), optimizer_noise=opt_n.state_dict(), epoch=epoch,
                            state=dict(state), args=plain_args, rng=engine.rng_state())
