@@ -26,7 +26,8 @@ import models
 import pool
 import select_data
 from losses import NoiseAdaptation
-from utils import InputError, atomic_torch_save, atomic_write_text, barrier, init_distributed, resolve_device
+from utils import (InputError, RunLock, atomic_torch_save, atomic_write_text, barrier, check_writable,
+                   init_distributed, resolve_device)
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
@@ -272,8 +273,8 @@ def main(args):
         return run_eval_only(args, device) if rank == 0 else None
     student_dir = os.path.join(args.output_dir, "student")
     if rank == 0:
-        engine.check_writable(args.output_dir)
-        lock = engine.RunLock(args.output_dir).__enter__()
+        check_writable(args.output_dir)
+        lock = RunLock(args.output_dir).__enter__()
     try:
         return _run(args, device, rank, world, student_dir)
     finally:

@@ -5,10 +5,8 @@ normalisation run on the training device, so the data path is a memory gather. E
 shuffle and augmentation are seeded by (seed, epoch, rank): resuming from `last.pth` at an
 epoch boundary reproduces an uninterrupted run exactly on the CPU.
 """
-import fcntl
 import json
 import math
-import os
 import time
 import warnings
 
@@ -261,61 +259,6 @@ def evaluate(model, batches, augment, device, amp_dtype=None):
 
 
 # ---- run folder: lock, log, checkpoints -------------------------------------------------
-
-class RunLock:
-    """An exclusive lock on `folder/.lock`: a second run on the same output folder is refused.
-
-    Re-entrant within one process (e.g. --selected_file equal to --output_dir): a nested lock of
-    a folder this process already holds is a no-op."""
-
-    _held = {}  # realpath of the lock file -> nesting depth in this process
-
-    def __init__(self, folder, flag="--output_dir"):
-        self.path = os.path.join(folder, ".lock")
-        self.flag = flag
-        self.file = None
-        self.key = None
-
-    def __enter__(self):
-        self.key = os.path.realpath(self.path)
-        if RunLock._held.get(self.key):
-            RunLock._held[self.key] += 1
-            return self
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise InputError(f"{os.path.dirname(self.path)} is in use by another run ({owner}); "
-                             f"wait for it or choose another {self.flag}")
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        RunLock._held[self.key] = 1
-        return self
-
-    def __exit__(self, *exc):
-        RunLock._held[self.key] -= 1
-        if RunLock._held[self.key]:
-            return
-        del RunLock._held[self.key]
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-def check_writable(folder, flag="--output_dir"):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as e:
-        raise InputError(f"{flag} {folder} cannot be written: {e.strerror or e}") from None
-
 
 def rng_state():
     """Global RNG states (the run itself reseeds per epoch; these restore anything else drawn)."""

@@ -25,11 +25,10 @@ import torch
 from tqdm import tqdm
 
 import data
-import engine
 import models
 import pool
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
-from utils import (InputError, all_gather_objects, atomic_torch_save, atomic_write_text, barrier,
+from utils import (InputError, RunLock, all_gather_objects, atomic_torch_save, atomic_write_text, barrier, check_writable,
                    cli_main, file_sha256, init_distributed, rank_world, resolve_device)
 
 SCORE_VERSION = 1
@@ -101,7 +100,7 @@ def check_selection_args(args):
             raise InputError(f"--data_imagenet {path}: no such file or folder")
     if not os.path.isfile(args.teacher_dir):
         raise InputError(f"--teacher_dir {args.teacher_dir}: no such file")
-    engine.check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
+    check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
 
 
 def infer_num_classes(checkpoint):
@@ -460,7 +459,7 @@ def run_selection(args, teacher, in_chans, img_size, mean, std, device, workers,
         os.makedirs(args.selected_file, exist_ok=True)
         print(f"pool: {pool_index.describe()}")
     # two runs writing one --selected_file would mix their chunks: the second is refused
-    lock = engine.RunLock(args.selected_file, "--selected_file") if rank == 0 else contextlib.nullcontext()
+    lock = RunLock(args.selected_file, "--selected_file") if rank == 0 else contextlib.nullcontext()
     with lock:
         fingerprint = score_fingerprint(args, pool_index, in_chans, img_size, mean, std)
         if not scores_ready(args.selected_file, fingerprint, args.force):

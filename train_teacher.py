@@ -21,7 +21,7 @@ import torch
 import data
 import engine
 import models
-from utils import InputError, atomic_torch_save, cli_main, init_distributed, resolve_device
+from utils import InputError, atomic_torch_save, check_writable, cli_main, init_distributed, resolve_device
 
 
 def get_args_parser():
@@ -62,7 +62,7 @@ def train_teacher(args):
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     amp = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
-    engine.check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     probe = models.create(args.model, 2)
     in_chans, img_size = models.input_spec(probe)
     train = data.load_labeled(args.dataset, args.data, "train", img_size, in_chans)

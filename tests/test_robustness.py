@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import engine
+from utils import RunLock
 import fixtures as fx
 import pool
 import select_data
@@ -481,8 +482,8 @@ def test_training_sigkill_then_sigint_resumes_identically(tmp_path, capsys, monk
 def test_run_lock_refuses_a_second_run_and_nests_in_one(tmp_path):
     """Another holder (another process, or another open of the file) is refused; the same process
     may lock a folder twice (--selected_file equal to --output_dir)."""
-    with engine.RunLock(tmp_path, "--selected_file"):
-        with engine.RunLock(tmp_path):             # nested: no self-refusal
+    with RunLock(tmp_path, "--selected_file"):
+        with RunLock(tmp_path):             # nested: no self-refusal
             pass
         other = open(tmp_path / ".lock", "a+")
         with pytest.raises(BlockingIOError):       # still held after the nested exit
@@ -490,9 +491,9 @@ def test_run_lock_refuses_a_second_run_and_nests_in_one(tmp_path):
         other.close()
     release = _hold_lock(tmp_path)
     with pytest.raises(utils.InputError, match=r"in use by another run \(pid 424242.*--selected_file"):
-        engine.RunLock(tmp_path, "--selected_file").__enter__()
+        RunLock(tmp_path, "--selected_file").__enter__()
     release()
-    with engine.RunLock(tmp_path):                 # free again
+    with RunLock(tmp_path):                 # free again
         pass
 
 
