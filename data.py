@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pool
 from utils import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -302,21 +303,13 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 def decode_image(path, img_size=None, in_chans=3):
-    """PIL decode -> uint8 (C,H,W), converted to RGB/L and resized (bilinear) if needed."""
-    from PIL import Image
+    """A labeled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
+    with open(path, "rb") as f:
+        encoded = f.read()
     try:
-        with Image.open(path) as img:
-            if img_size is not None and img.format == "JPEG":
-                # let libjpeg decode at a reduced scale (>= img_size): several times faster
-                img.draft("RGB" if in_chans == 3 else "L", (img_size, img_size))
-            img = img.convert("RGB" if in_chans == 3 else "L")
-            if img_size is not None and img.size != (img_size, img_size):
-                img = img.resize((img_size, img_size), Image.BILINEAR)
-            arr = np.array(img, dtype=np.uint8)
-    except OSError as e:
+        arr = pool.decode_image(encoded, img_size, in_chans)
+    except pool.BadImage as e:
         raise InputError(f"cannot decode image {path}: {e}") from None
-    if arr.ndim == 2:
-        arr = arr[..., None]
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

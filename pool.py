@@ -345,8 +345,9 @@ def _to_rgb_or_l(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV, ...; unsupported ones raise -> BadImage
 
 
-def decode_image(data: bytes, size: int, in_chans: int, draft: bool = True) -> np.ndarray:
-    """Encoded bytes -> uint8 array (size, size, in_chans). Raises BadImage with a reason.
+def decode_image(data: bytes, size, in_chans: int, draft: bool = True) -> np.ndarray:
+    """Encoded bytes -> uint8 array (size, size, in_chans), or the native size when size is None.
+    Raises BadImage with a reason.
 
     JPEGs larger than `size` are decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, never
     below `size`) via Image.draft, then resized bilinearly (with antialiasing) to (size, size)."""
@@ -371,14 +372,14 @@ def decode_image(data: bytes, size: int, in_chans: int, draft: bool = True) -> n
             raise BadImage(f"empty image {w}x{h}")
         if w * h > MAX_PIXELS:
             raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
-        if draft and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
+        if draft and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
             img.draft("RGB" if in_chans == 3 else "L", (size, size))
         img.load()  # truncated/corrupt data raises here (LOAD_TRUNCATED_IMAGES left False)
         out = _to_rgb_or_l(img)
         want = "RGB" if in_chans == 3 else "L"
         if out.mode != want:
             out = out.convert(want)
-        if out.size != (size, size):
+        if size and out.size != (size, size):
             out = out.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
     except BadImage:
