@@ -20,8 +20,11 @@ NPROC=${NPROC:-1}
 DATASETS=${DATASETS:-"cifar10 cifar100"}
 EXTRA=${EXTRA:-}   # e.g. EXTRA="--compile --epochs 100"
 
+PYTHON=${PYTHON:-python3}
+
 launch() {
-  if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
+  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+  else "$PYTHON" "$@"; fi
 }
 
 for dataset in $DATASETS; do

@@ -17,8 +17,11 @@ POS_NUM=${POS_NUM:-50}
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}
 
+PYTHON=${PYTHON:-python3}
+
 launch() {
-  if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
+  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+  else "$PYTHON" "$@"; fi
 }
 
 launch DFND_DeiT-train.py --dataset tinyimagenet --data_cifar "$root_tinyimagenet" --data_imagenet "$root_wild" \

@@ -142,7 +142,7 @@ def test_torchrun_two_processes_select_the_same_images(world):
 
 
 def test_training_sh_runs_with_generated_data(world):
-    env = {**os.environ, "DATASETS": "cifar10", "root_wild": str(world / "pool"), "root_cifar10": str(world / "cifar"),
+    env = {**os.environ, "PYTHON": sys.executable, "DATASETS": "cifar10", "root_wild": str(world / "pool"), "root_cifar10": str(world / "cifar"),
            "teacher_cifar10": str(world / "teacher.pth"), "selected_cifar10": str(world / "sel_sh"),
            "output_student_cifar10": str(world / "out_sh"), "NUM_SELECT": "16",
            "EXTRA": "--teacher deit_tiny_patch4_32_teacher --epochs 1 --batch_size 8 --workers 0"}
