@@ -81,7 +81,7 @@ def get_args_parser():
     p.add_argument("--teacher", default=None, help="default deit_base_patch4_32_teacher (the paper's CIFAR teacher)")
     p.add_argument("--student", default="deit_tiny_patch4_32", help="default deit_tiny_patch4_32")
     p.add_argument("--num_classes", type=int, default=100, help="default 100 (CIFAR-100)")
-    p.add_argument("--score_batch", type=int, default=None, help="scoring batch (default 1024; quick 16)")
+    p.add_argument("--score_batch", type=int, default=None, help="scoring batch (default 1024; quick 64)")
     p.add_argument("--train_batch", type=int, default=None, help="the 'batch 256' step (default 256; quick 8)")
     p.add_argument("--large_batch", type=int, default=None, help="the large-batch step (default 1024; quick 16)")
     p.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (default 3; quick 1)")
@@ -100,7 +100,7 @@ def resolve_sizes(args):
     full = not quick
     args.quick = quick
     args.teacher = args.teacher or ("deit_tiny_patch4_32_teacher" if args.tiny else "deit_base_patch4_32_teacher")
-    defaults = {"score_batch": 1024 if full else 16, "train_batch": 256 if full else 8,
+    defaults = {"score_batch": 1024 if full else 64, "train_batch": 256 if full else 8,
                 "large_batch": 1024 if full else 16, "seconds": 3.0 if full else 1.0,
                 "cache_images": 4096 if full else 128}
     if args.tiny:
@@ -346,7 +346,7 @@ def section_scoring(args, device, teacher, res):
 
     def record(name, label, fn, warmup):
         try:
-            reps, dt, mem = measure(fn, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 1)
+            reps, dt, mem = measure(fn, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
             row = {"name": name, "label": label, "batch": B, "img_per_s": reps * B / dt, "reps": reps, **mem}
         except Exception as e:  # one variant failing must not hide the others
             traceback.print_exc()
@@ -505,7 +505,7 @@ def section_training(args, device, teacher, res):
         for name, label, make, warmup in configs:
             try:
                 run = make()
-                reps, dt, mem = measure(run, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 1)
+                reps, dt, mem = measure(run, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
                 row = {"name": name, "label": label, "batch": batch, "img_per_s": reps * batch / dt,
                        "reps": reps, **mem}
             except Exception as e:
