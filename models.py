@@ -8,6 +8,7 @@ All models are timm's own `VisionTransformer` (class token, qkv bias, LayerNorm 
 MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's own names.
 """
 import os
+import warnings
 from functools import partial
 
 import timm
@@ -27,13 +28,13 @@ _SIZES = {"tiny": (128, 2), "small": (192, 2), "base": (384, 3)}
 _INPUTS = {32: 3, 28: 1}
 
 
-def _build_vit(embed_dim, num_heads, img_size, in_chans, **kwargs):
+def _build_vit(embed_dim, num_heads, img_size, in_chans, patch_size=4, **kwargs):
     # timm passes its pretrained-config arguments to every entry point; we have no weights to fetch
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
         kwargs.pop(key, None)
     kwargs.setdefault("in_chans", in_chans)
     model = VisionTransformer(
-        img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=12, num_heads=num_heads,
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=12, num_heads=num_heads,
         mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
     grey = kwargs["in_chans"] == 1
     model.pretrained_cfg = dict(
@@ -43,17 +44,17 @@ def _build_vit(embed_dim, num_heads, img_size, in_chans, **kwargs):
     return model
 
 
-def _register(size, img_size, suffix):
-    embed_dim, num_heads = _SIZES[size]
-    name = f"deit_{size}_patch4_{img_size}{suffix}"
+def _register(size, img_size, suffix, patch=4, sizes=_SIZES):
+    embed_dim, num_heads = sizes[size]
+    name = f"deit_{size}_patch{patch}_{img_size}{suffix}"
 
     def entry(pretrained=False, **kwargs):
         if pretrained:
             raise InputError(f"{name} has no downloadable weights: pass a checkpoint file instead")
-        return _build_vit(embed_dim, num_heads, img_size, _INPUTS[img_size], **kwargs)
+        return _build_vit(embed_dim, num_heads, img_size, _INPUTS[img_size], patch_size=patch, **kwargs)
 
     entry.__name__ = name
-    entry.__doc__ = f"ViT {size}: dim {embed_dim}, {num_heads} heads, depth 12, {img_size}x{img_size}, patch 4."
+    entry.__doc__ = f"ViT {size}: dim {embed_dim}, {num_heads} heads, depth 12, {img_size}x{img_size}, patch {patch}."
     register_model(entry)
 
 
@@ -61,6 +62,13 @@ for _size in _SIZES:
     for _img in _INPUTS:
         for _suffix in ("_teacher", ""):  # the paper's teacher names and plain student names
             _register(_size, _img, _suffix)
+
+# CPU-sized 28x28 ViTs for demo.py (not in the paper); depth 12 keeps probe blocks 3, 7 and PD blocks 3, 7, 11
+_DEMO_SIZES = {"demo": (64, 2), "mini": (32, 2)}
+for _size in _DEMO_SIZES:
+    for _patch in (4, 7):
+        for _suffix in ("_teacher", ""):
+            _register(_size, 28, _suffix, _patch, _DEMO_SIZES)
 
 
 def create(name, num_classes, **kwargs):
@@ -90,7 +98,9 @@ def read_checkpoint(path):
             raise InputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})")
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             if "weights_only" in str(e) or "Unsupported global" in str(e):
                 raise InputError(f"{path} was refused: it holds pickled objects other than tensors, and "
