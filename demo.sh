@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fashion-MNIST in the wild, end to end (see DEMO_README.md):
+# Fashion-MNIST in the wild, end to end (see README.md, "The demo"):
 #   ./demo.sh                          default preset: mismatch pool, one seed, <= 20 min on 2 CPU cores
 #   ./demo.sh --pool far-ood           held-out images + made images, 10-class teacher
 #   ./demo.sh --full --device cuda     both pools, relevant share 0.2 and 0.6, 2 seeds (one GPU)
@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
 OUT=${OUT:-runs/demo}
-PYTHON=${PYTHON:-python3}
+# the test command's venv when it exists, else the system Python
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # see demo.py: spinning OpenMP threads stall on shared cores
 
 have_idx() { [ -e "$1/train-images-idx3-ubyte.gz" ] || [ -e "$1/train-images-idx3-ubyte" ]; }
@@ -24,7 +27,12 @@ if ! have_idx "$FMNIST"; then
   fi
 fi
 if ! "$PYTHON" -c "import torch, torchvision, timm, numpy, PIL, tqdm, safetensors" 2>/dev/null; then
-  echo "installing Python requirements (requirements.txt)"
-  "$PYTHON" -m pip install -r requirements.txt
+  # a venv: Debian's system Python refuses pip installs (PEP 668)
+  echo "installing the Python requirements into .venv (requirements.txt)"
+  if ! python3 -c "import ensurepip" 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+  fi
+  python3 -m venv --system-site-packages .venv && .venv/bin/pip install -r requirements.txt
+  PYTHON=.venv/bin/python
 fi
 exec "$PYTHON" demo.py --fmnist "$FMNIST" --out "$OUT" "$@"
