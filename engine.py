@@ -8,7 +8,6 @@ epoch boundary reproduces an uninterrupted run exactly on the CPU.
 import json
 import math
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -18,7 +17,7 @@ from tqdm import tqdm
 import data
 from attention_probe import probe_forward
 from losses import kdloss, patch_attention_probe_loss, robust_kdloss
-from utils import InputError, atomic_torch_save, rank_world
+from utils import InputError, atomic_torch_save, rank_world, safe_torch_load
 
 # ---- batches ----------------------------------------------------------------------------
 
@@ -275,14 +274,9 @@ def save_checkpoint(path, **state):
 
 def load_resume(path):
     try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise InputError(f"cannot resume from {path}: refused, it holds pickled objects other than "
-                             "tensors (only weights_only loading is allowed: it could run code)") from None
-        raise InputError(f"cannot resume from {path}: not a readable checkpoint ({type(e).__name__})") from None
+        ckpt = safe_torch_load(path)
+    except InputError as err:
+        raise InputError(f"cannot resume: {err}") from None
     if not isinstance(ckpt, dict):
         raise InputError(f"cannot resume from {path}: it holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

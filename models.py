@@ -8,7 +8,6 @@ All models are timm's own `VisionTransformer` (class token, qkv bias, LayerNorm 
 MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's own names.
 """
 import os
-import warnings
 from functools import partial
 
 import timm
@@ -17,7 +16,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from utils import InputError
+from utils import InputError, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,16 +96,7 @@ def read_checkpoint(path):
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise InputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})")
     else:
-        try:
-            with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
-                warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                raise InputError(f"{path} was refused: it holds pickled objects other than tensors, and "
-                                 "only weights_only loading is allowed (it could run code)")
-            raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})")
+        obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
     meta = {}

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -28,8 +27,9 @@ import data
 import models
 import pool
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
-from utils import (InputError, RunLock, all_gather_objects, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   cli_main, file_sha256, init_distributed, rank_world, resolve_device)
+from utils import (InputError, RunLock, all_gather_objects, atomic_torch_save, atomic_write_text, barrier,
+                   check_writable, cli_main, file_sha256, init_distributed, rank_world, resolve_device,
+                   safe_torch_load)
 
 SCORE_VERSION = 1
 
@@ -330,13 +330,7 @@ def warn_skipped(skipped, pool_index, skipped_path):
 
 def load_score_file(path):
     """A 1-D score tensor, loaded safely; anything else is a one-line error."""
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
-            warnings.simplefilter("ignore")
-            value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path} is not a readable score file ({type(e).__name__}); "
-                         "use --force to rescore") from None
+    value = safe_torch_load(path, "score file (use --force to rescore)")
     if not torch.is_tensor(value) or value.ndim != 1:
         raise InputError(f"{path} is not a 1-D score tensor; use --force to rescore")
     return value

@@ -1,10 +1,12 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, CLI wrapper."""
+import contextlib
 import fcntl
 import functools
 import json
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
@@ -20,23 +22,29 @@ def _umask_mode(fd):
     os.fchmod(fd, 0o666 & ~mask)
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` through a temp file in the same folder, then rename."""
-    path = os.fspath(path)
+@contextlib.contextmanager
+def _temp_beside(path):
+    """A temp file in `path`'s folder that replaces `path` when the block ends without error."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         _umask_mode(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write `data` to `path` through a temp file in the same folder, then rename."""
+    with _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path, text: str):
@@ -45,19 +53,26 @@ def atomic_write_text(path, text: str):
 
 def atomic_torch_save(obj, path):
     """torch.save that never leaves a half-written file at `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        _umask_mode(fd)
-        os.close(fd)
+    with _temp_beside(os.fspath(path)) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def safe_torch_load(path, what="PyTorch checkpoint"):
+    """torch.load with weights_only=True, which never runs code; any failure is one InputError."""
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        message = str(e)
+        if "Weights only load failed" in message:
+            # a pickle with code in it and a damaged one fail alike: name the opcode or global refused
+            reason = message.split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0][:120]
+            raise InputError(f"{path} is not a readable {what}: refused by weights_only loading, which never "
+                             f"runs pickled code ({reason})") from None
+        first_line = message.splitlines()[0] if message else ""
+        raise InputError(f"{path} is not a readable {what} ({type(e).__name__}"
+                         + (f": {first_line})" if first_line else ")")) from None
 
 
 def append_json_line(path, record: dict):
