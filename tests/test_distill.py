@@ -170,7 +170,7 @@ def make_tinyimagenet(root, wnids=("n01", "n02", "n03"), per_class=4, val_per_cl
 
 
 def test_224px_pipeline_with_pos_num(tmp_path):
-    """Tiny-ImageNet layout -> converters -> distillation of a 224-px student through the decoding loader."""
+    """Tiny-ImageNet layout -> converters -> training_tinyimagenet.sh: a 224-px student through the decoding loader."""
     make_tinyimagenet(tmp_path / "tiny")
     for script in ("process_tinyimagenet.py", "process_move_file.py"):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--root", str(tmp_path / "tiny")],
@@ -180,13 +180,13 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     torch.manual_seed(0)
     torch.save({"model": timm.create_model("deit_tiny_patch16_224", num_classes=3).state_dict()},
                tmp_path / "teacher.pth")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "DFND_DeiT-train.py"), "--dataset", "tinyimagenet",
-                           "--data_cifar", str(tmp_path / "tiny"), "--data_imagenet", str(tmp_path / "pool"),
-                           "--teacher", "deit_tiny_patch16_224", "--teacher_dir", str(tmp_path / "teacher.pth"),
-                           "--nb_classes", "3", "--num_select", "6", "--pos_num", "2", "--epochs", "1",
-                           "--batch_size", "4", "--workers", "0", "--attnprobe_sel", "--attnprobe_dist",
-                           "--selected_file", str(tmp_path / "sel"), "--output_dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT)
+    # the published run script, every path pointed at generated data
+    env = {**os.environ, "PYTHON": sys.executable, "root_wild": str(tmp_path / "pool"),
+           "root_data": str(tmp_path / "tiny"), "teacher_file": str(tmp_path / "teacher.pth"),
+           "selected": str(tmp_path / "sel"), "output": str(tmp_path / "out"), "TEACHER": "deit_tiny_patch16_224",
+           "NB_CLASSES": "3", "NUM_SELECT": "6", "POS_NUM": "2", "EXTRA": "--epochs 1 --batch_size 4 --workers 0"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "training_tinyimagenet.sh")], capture_output=True, text=True,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NOT DATA-FREE" in proc.stdout
     assert torch.load(tmp_path / "sel" / "labelset_index_dict.pth", weights_only=True)["positive_index"] == \
