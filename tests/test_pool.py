@@ -9,29 +9,10 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 import pool
+from fixtures import encode, smooth_rgb
+from fixtures import write_bytes as write
 from pool import (BadImage, InputError, PoolDataset, build_cache, decode_image, list_pool,
                   load_selected_uint8, open_cache, pool_fingerprint, read_skipped, write_skipped)
-
-
-def smooth_rgb(w, h, seed):
-    """Photo-like image: bicubic-upsampled random colours plus mild noise."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-    a = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
-    a = a + rng.integers(-6, 7, a.shape)
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-
-
-def encode(img, fmt, **kw):
-    b = io.BytesIO()
-    img.save(b, format=fmt, **kw)
-    return b.getvalue()
-
-
-def write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 BAD = ["bad/text.png", "bad/trunc.jpg", "bad/zero.jpg", "bomb.png"]
