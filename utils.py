@@ -2,7 +2,6 @@
 import contextlib
 import fcntl
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -73,11 +72,6 @@ def safe_torch_load(path, what="PyTorch checkpoint"):
         first_line = message.splitlines()[0] if message else ""
         raise InputError(f"{path} is not a readable {what} ({type(e).__name__}"
                          + (f": {first_line})" if first_line else ")")) from None
-
-
-def append_json_line(path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _raise_interrupt(signum, frame):
