@@ -7,6 +7,7 @@
 All models are timm's own `VisionTransformer` (class token, qkv bias, LayerNorm eps 1e-6,
 MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's own names.
 """
+import argparse
 import os
 from functools import partial
 
@@ -78,13 +79,22 @@ def create(name, num_classes, **kwargs):
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
-def read_checkpoint(path):
+# where each writer keeps its weights: (plain weights, EMA weights)
+_WEIGHT_KEYS = (("model", "model_ema"),          # DeiT main.py, published teachers, train_teacher.py
+                ("state_dict", "state_dict_ema"),  # timm train.py (CheckpointSaver)
+                ("model_state_dict", None), ("student", None))
+
+
+def read_checkpoint(path, ema=False):
     """Read a checkpoint file safely -> (state_dict, meta).
 
-    Accepts {'model': sd} (published teachers), {'state_dict': sd}, {'model_state_dict': sd},
-    a plain state dict and .safetensors files; strips 'module.' (DataParallel) and '_orig_mod.'
-    (torch.compile) prefixes. `meta` holds the non-tensor entries saved beside the weights
-    (e.g. 'acc1', 'mean', 'std', 'arch' written by train_teacher.py).
+    Accepts the files researchers have: DeiT main.py checkpoints and the official DeiT releases
+    ({'model': sd, 'model_ema', 'optimizer', 'args': Namespace, ...}), timm train.py checkpoints
+    ({'state_dict': sd, 'state_dict_ema', 'arch', 'metric', 'args': Namespace, ...}),
+    {'model_state_dict': sd}, plain state dicts and .safetensors files; strips 'module.'
+    (DataParallel) and '_orig_mod.' (torch.compile) prefixes. `ema` picks the EMA weights.
+    `meta` holds the plain entries saved beside the weights (e.g. 'acc1', 'mean', 'std', 'arch',
+    'epoch'; a pickled Namespace becomes the dict meta['args']).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -100,11 +110,21 @@ def read_checkpoint(path):
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
     meta = {}
-    for key in ("model", "state_dict", "model_state_dict", "student"):
+    for key, ema_key in _WEIGHT_KEYS:
         if isinstance(obj.get(key), dict):
-            meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, (dict, torch.Tensor))}
+            meta = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool, list, tuple))}
+            if isinstance(obj.get("args"), argparse.Namespace):
+                meta["args"] = vars(obj["args"])
+            if ema:
+                if ema_key is None or not isinstance(obj.get(ema_key), dict) or not obj[ema_key]:
+                    raise InputError(f"{path} holds no EMA weights (entries: {', '.join(map(str, obj))}); "
+                                     "drop --teacher_ema")
+                key = ema_key
             obj = obj[key]
             break
+    else:
+        if ema:
+            raise InputError(f"{path} is a plain state dict without EMA weights; drop --teacher_ema")
     state_dict = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
@@ -141,17 +161,17 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_checkpoint(model, path):
+def load_checkpoint(model, path, ema=False):
     """Load a checkpoint file into `model` strictly; returns the checkpoint's meta dict."""
-    state_dict, meta = read_checkpoint(path)
+    state_dict, meta = read_checkpoint(path, ema)
     load_state_dict_strict(model, state_dict, source=os.fspath(path))
     return meta
 
 
-def load_teacher(name, num_classes, path, device="cpu"):
+def load_teacher(name, num_classes, path, device="cpu", ema=False):
     """Build a frozen teacher in eval mode from a checkpoint -> (model, meta)."""
     teacher = create(name, num_classes)
-    meta = load_checkpoint(teacher, path)
+    meta = load_checkpoint(teacher, path, ema)
     teacher.eval().requires_grad_(False)
     return teacher.to(device), meta
 

@@ -40,7 +40,10 @@ def add_selection_args(parser):
     g.add_argument("--data_imagenet", nargs="+", help="wild pool: a folder of images (any depth), "
                    "a folder of .tar shards, or .tar shard paths")
     g.add_argument("--teacher", default="deit_base_patch4_32_teacher", help="teacher model name")
-    g.add_argument("--teacher_dir", help="teacher checkpoint file")
+    g.add_argument("--teacher_dir", help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
+                   "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors")
+    g.add_argument("--teacher_ema", action="store_true",
+                   help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
     g.add_argument("--num_select", type=int, default=650000, help="images to keep (default 650000)")
     g.add_argument("--selected_file", help="folder for score files and the selection")
@@ -103,8 +106,8 @@ def check_selection_args(args):
     check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
 
 
-def infer_num_classes(checkpoint):
-    state_dict, _ = models.read_checkpoint(checkpoint)
+def infer_num_classes(checkpoint, ema=False):
+    state_dict, _ = models.read_checkpoint(checkpoint, ema)
     if "head.weight" not in state_dict:
         raise InputError(f"{checkpoint} has no 'head.weight': pass --nb_classes")
     return state_dict["head.weight"].shape[0]
@@ -112,9 +115,9 @@ def infer_num_classes(checkpoint):
 
 def load_teacher(args, device):
     """Teacher from --teacher/--teacher_dir -> (model, meta, in_chans, img_size, mean, std)."""
-    num_classes = args.nb_classes or infer_num_classes(args.teacher_dir)
+    num_classes = args.nb_classes or infer_num_classes(args.teacher_dir, args.teacher_ema)
     args.nb_classes = num_classes
-    teacher, meta = models.load_teacher(args.teacher, num_classes, args.teacher_dir, device)
+    teacher, meta = models.load_teacher(args.teacher, num_classes, args.teacher_dir, device, args.teacher_ema)
     in_chans, img_size = models.input_spec(teacher)
     if args.img_size not in (None, img_size):
         raise InputError(f"--img_size {args.img_size} does not fit {args.teacher}, which takes {img_size}x{img_size}")
@@ -130,7 +133,8 @@ def score_fingerprint(args, pool_index, in_chans, img_size, mean, std):
         "pool": pool.pool_fingerprint(pool_index),
         "pool_size": len(pool_index),
         "teacher": args.teacher,
-        "teacher_sha256": file_sha256(args.teacher_dir),
+        # the EMA weights of one file are another teacher
+        "teacher_sha256": file_sha256(args.teacher_dir) + (":ema" if args.teacher_ema else ""),
         "nb_classes": args.nb_classes,
         "img_size": img_size, "in_chans": in_chans,
         "mean": list(mean), "std": list(std),

@@ -1,4 +1,5 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, CLI wrapper."""
+import argparse
 import contextlib
 import fcntl
 import functools
@@ -56,12 +57,19 @@ def atomic_torch_save(obj, path):
         torch.save(obj, tmp)
 
 
+# Globals a checkpoint may hold besides tensors and plain containers. DeiT's main.py and timm's
+# train.py pickle their argparse.Namespace into every checkpoint; a Namespace only holds the values
+# it is given, so unpickling one runs no code. Every other global stays refused.
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def safe_torch_load(path, what="PyTorch checkpoint"):
     """torch.load with weights_only=True, which never runs code; any failure is one InputError."""
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols: keep errors one line
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         message = str(e)
         if "Weights only load failed" in message:
