@@ -7,6 +7,7 @@ epoch boundary reproduces an uninterrupted run exactly on the CPU.
 """
 import json
 import math
+import os
 import time
 
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 import data
 from attention_probe import probe_forward
 from losses import kdloss, patch_attention_probe_loss, robust_kdloss
-from utils import InputError, atomic_torch_save, rank_world, safe_torch_load
+from utils import InputError, atomic_torch_save, atomic_write_text, rank_world, safe_torch_load
 
 # ---- batches ----------------------------------------------------------------------------
 
@@ -243,18 +244,20 @@ def predict(model, batches, augment, device, amp_dtype=None):
 def evaluate(model, batches, augment, device, amp_dtype=None):
     """Top-1 / top-5 accuracy (%) over the test batches; sharded under torchrun and summed."""
     model.eval()
-    correct = torch.zeros(3, device=device, dtype=torch.float64)   # top1, top5, count
+    sums = torch.zeros(4, device=device, dtype=torch.float64)   # top1, top5, count, summed cross-entropy
     for images, labels in batches.epoch(0):
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(augment(images.to(device, non_blocking=True))).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == labels[:, None]
-        correct += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device),
+                             loss]).double()
     if rank_world()[1] > 1:
-        dist.all_reduce(correct)
-    top1, top5, n = correct.tolist()
-    return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "n": int(n)}
+        dist.all_reduce(sums)
+    top1, top5, n, loss = sums.tolist()
+    return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
 
 
 # ---- run folder: lock, log, checkpoints -------------------------------------------------
@@ -296,3 +299,60 @@ def unwrap(module):
 def log_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def resume_path(flag, last_path):
+    """--resume 'auto' | 'no' | PATH -> the checkpoint to resume from, or None."""
+    if flag == "no":
+        return None
+    if flag == "auto":
+        return last_path if os.path.exists(last_path) else None
+    if not os.path.isfile(flag):
+        raise InputError(f"--resume {flag}: no such file")
+    return flag
+
+
+def changed_settings(saved, current, ignore=()):
+    """Names of the settings in which a resumed run's saved args differ from this command's."""
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in ignore and k in saved and k in current and saved[k] != current[k])
+
+
+def start_log(path, resumed_epoch=None):
+    """Prepare a JSON-lines log. Resuming after epoch k keeps exactly the lines of epochs <= k (a killed
+    run may have logged an epoch it did not save); a fresh start moves an old log aside (log.1.txt, ...)
+    so each file describes one run. Returns the path an old log was moved to, or None."""
+    if not os.path.exists(path):
+        return None
+    if resumed_epoch is None:
+        if os.path.getsize(path) == 0:
+            return None
+        stem, ext = os.path.splitext(path)
+        n = 1
+        while os.path.exists(f"{stem}.{n}{ext}"):
+            n += 1
+        os.replace(path, f"{stem}.{n}{ext}")
+        return f"{stem}.{n}{ext}"
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue   # torn by a kill
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
+    return None
+
+
+def remove_temp_files(folder, targets=None):
+    """Temp files of a save that a kill cut off: all in `folder` (the caller holds its lock), or only
+    those of the files named in `targets` (a folder shared with other runs)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-") and (targets is None or name.endswith(tuple(targets))):
+            os.unlink(os.path.join(folder, name))

@@ -9,7 +9,9 @@ Trains with AdamW, cosine learning rate after a linear warm-up, per-image random
 the device, label smoothing; evaluates top-1/top-5 on the test split every epoch. Saves
 {'model': state_dict, 'acc1', 'acc5', 'mean', 'std', 'arch', 'nb_classes'}, the published
 teacher format (DFND_DeiT-train.py and select_data.py read 'acc1' for noise adaptation and
-'mean'/'std' for normalisation), and one JSON line per epoch in <output>.log.txt.
+'mean'/'std' for normalisation). Beside it, every epoch: <stem>.last.pth (resume point),
+one JSON line in <stem>.log.txt (DeiT's keys) and <stem>.args.json. Rerunning the same
+command continues from <stem>.last.pth; changed settings are refused.
 """
 import argparse
 import json
@@ -21,7 +23,8 @@ import torch
 import data
 import engine
 import models
-from utils import InputError, atomic_torch_save, check_writable, cli_main, init_distributed, resolve_device
+from utils import (InputError, atomic_torch_save, atomic_write_text, check_writable, cli_main, init_distributed,
+                   resolve_device)
 
 
 def get_args_parser():
@@ -46,6 +49,8 @@ def get_args_parser():
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--log_every", type=int, default=50)
+    parser.add_argument("--resume", default="auto", help="'auto' (default: continue from <output stem>.last.pth "
+                        "when present), a last.pth path, or 'no' (start over; an old log is kept as .1.txt)")
     return parser
 
 
@@ -55,14 +60,45 @@ def warmup_cosine(epoch, base_lr, epochs, warmup):
     return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
 
 
-def train_teacher(args):
-    """Train and save the teacher; returns the final test metrics."""
+# settings that cannot change what a resumed run computes
+RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output"}
+
+
+def output_paths(output):
+    """<stem>.pth (final teacher), <stem>.last.pth (resume point), <stem>.log.txt (one JSON line per epoch)."""
+    stem = os.path.splitext(output)[0]
+    return {"last": stem + ".last.pth", "log": stem + ".log.txt", "args": stem + ".args.json"}
+
+
+def _resume_state(args, last_path):
+    """The checkpoint to continue from (or None), refused when it would change the run."""
+    path = engine.resume_path(args.resume, last_path)
+    if path is None:
+        return None, None
+    ckpt = engine.load_resume(path)
+    missing = [k for k in ("model", "optimizer", "epoch", "args") if k not in ckpt]
+    if missing:
+        raise InputError(f"--resume {path} is not a last.pth of train_teacher.py (no {', '.join(missing)})")
+    changed = engine.changed_settings(ckpt["args"], vars(args), RESUME_IGNORES)
+    if changed:
+        extra = (" (the warm-up + cosine schedule depends on --epochs: a longer run would change the learning "
+                 "rates of the epochs already trained)" if "epochs" in changed else "")
+        raise InputError(f"{path} was trained with other settings: " + ", ".join(
+            f"--{k} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed) + extra +
+            "; rerun with the old values to continue, or pass --resume no (or another --output) to start over")
+    return path, ckpt
+
+
+def train_teacher(args, on_epoch=None):
+    """Train and save the teacher; returns the final test metrics. on_epoch(record) after each epoch."""
     if args.epochs <= 0:
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     amp = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    paths = output_paths(args.output)
+    resume, ckpt = _resume_state(args, paths["last"])
     probe = models.create(args.model, 2)
     in_chans, img_size = models.input_spec(probe)
     train = data.load_labeled(args.dataset, args.data, "train", img_size, in_chans)
@@ -78,6 +114,14 @@ def train_teacher(args):
     model = models.create(args.model, num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if on_gpu else {}))
+    done, stats = -1, {}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        done, stats = ckpt["epoch"], ckpt.get("stats", {})
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        del ckpt
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
@@ -89,24 +133,39 @@ def train_teacher(args):
 
     padding = args.crop_padding if args.crop_padding is not None else img_size // 8
     augment, plain = engine.Augment(mean, std, padding), engine.Augment(mean, std, 0, train=False)
-    log_path = os.path.splitext(args.output)[0] + ".log.txt"
+    n_parameters = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
-              f"{len(train_batches)} steps/epoch on {device}")
-        open(log_path, "w").close()
-    stats = {}
-    for epoch in range(args.epochs):
+              f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
+        moved = engine.start_log(paths["log"], done if resume else None)
+        if moved:
+            print(f"fresh start: the previous log is kept as {moved}")
+        if resume:
+            print(f"resumed from {resume} after epoch {done}"
+                  + (" (already finished)" if done >= args.epochs - 1 else ""))
+        engine.remove_temp_files(os.path.dirname(os.path.abspath(args.output)),
+                                 [os.path.basename(p) for p in (args.output, *paths.values())])
+        atomic_write_text(paths["args"], json.dumps(vars(args), indent=1, sort_keys=True))
+    for epoch in range(done + 1, args.epochs):
         lr = warmup_cosine(epoch, args.lr, args.epochs, args.warmup_epochs)
         engine.set_lr(optimizer, lr)
         t0 = time.time()
         metrics = engine.train_one_epoch(loss_fn, train_batches, [optimizer], augment, epoch, device, args.seed,
                                          amp, args.log_every, "teacher", modules=(model,))
         stats = engine.evaluate(model, test_batches, plain, device, amp)
-        record = {"epoch": epoch, "lr": lr, "train_loss": metrics["loss"], "img_per_s": metrics["img_per_s"],
-                  "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "seconds": time.time() - t0}
+        # DeiT's log keys, then ours
+        record = {"train_lr": lr, "train_loss": metrics["loss"], "test_loss": stats["loss"],
+                  "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
+                  "n_parameters": n_parameters, "img_per_s": metrics["img_per_s"], "epoch_seconds": time.time() - t0}
         if rank == 0:
-            engine.log_line(log_path, record)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            # the checkpoint first: a line in the log always has its epoch saved
+            engine.save_checkpoint(paths["last"], model=engine.unwrap(model).state_dict(),
+                                   optimizer=optimizer.state_dict(), epoch=epoch, stats=stats,
+                                   args=vars(args), rng=engine.rng_state())
+            engine.log_line(paths["log"], record)
+            print(json.dumps(record))
+            if on_epoch is not None:
+                on_epoch(record)
     if rank == 0:
         atomic_torch_save({"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"], "acc5": stats["acc5"],
                            "mean": list(mean), "std": list(std), "arch": args.model, "nb_classes": num_classes,
