@@ -67,7 +67,7 @@ SPEC_FIGURES = {                # SPEC §6 (H200), used when a section did not r
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Attention Probe throughput benchmark")
+    p = argparse.ArgumentParser(description="Attention Probe throughput benchmark", allow_abbrev=False)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
                    help="a: scoring, b: distillation step, c: cache build (default: all)")

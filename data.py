@@ -460,7 +460,7 @@ def cifar_export_parser(dataset):
     """Flags of process_cifar10.py / process_cifar100.py."""
     import argparse
     name = dataset.upper().replace("CIFAR", "CIFAR-")
-    p = argparse.ArgumentParser(description=f"Convert the {name} python pickles into a PNG ImageFolder tree.")
+    p = argparse.ArgumentParser(description=f"Convert the {name} python pickles into a PNG ImageFolder tree.", allow_abbrev=False)
     p.add_argument("--root", default="data", help=f"folder holding the {name} pickles")
     p.add_argument("--out", default=f"data/{dataset}", help="output ImageFolder root")
     p.add_argument("--download", action="store_true",

@@ -58,7 +58,7 @@ DEFAULT_SHARE = {"mismatch": 0.2, "far-ood": 0.25}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Attention Probe on Fashion-MNIST in the wild")
+    p = argparse.ArgumentParser("Attention Probe on Fashion-MNIST in the wild", allow_abbrev=False)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", action="store_true", help="both pools, relevant share 0.2 and 0.6, 2 seeds (GPU)")
     g.add_argument("--tiny", action="store_true", help="a few hundred images, 1 epoch (tests)")

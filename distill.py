@@ -37,7 +37,7 @@ FEATURE_BLOCKS = (3, 7, 11)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student")
+    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student", allow_abbrev=False)
     parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASET_CLASSES) + ["folder"],
                         help="the teacher's task; its test set measures the student")
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
@@ -46,35 +46,37 @@ def get_args_parser():
     parser.add_argument("--selection_file", default=None, help="train on a precomputed selection.pt "
                         "({'indices', 'pred'}; e.g. demo.py's oracle/energy references) instead of selecting")
     g = parser.add_argument_group("distillation (stage 2)")
-    g.add_argument("--output_dir", help="run folder: student/, log.txt, args.json")
+    g.add_argument("--output_dir", "--output-dir", help="run folder: student/, log.txt, args.json")
     g.add_argument("--student", default=None, help="student model (default: the tiny DeiT at the teacher's size)")
     g.add_argument("--lr_S", type=float, default=7.5e-4, help="student AdamW learning rate (default 7.5e-4)")
-    g.add_argument("--weight_decay", type=float, default=0.025)
-    g.add_argument("--batch_size", type=int, default=256, help="global batch (default 256, as the paper)")
+    g.add_argument("--weight_decay", "--weight-decay", type=float, default=0.025)
+    g.add_argument("--batch_size", "--batch-size", type=int, default=256, help="global batch (default 256, as the paper)")
     g.add_argument("--epochs", type=int, default=None,
                    help="default: the published formula int(320000 / num_select * 512) (640000 for 224 px)")
     g.add_argument("--schedule", type=int, nargs="*", default=[200, 300], help="lr ×0.1 at these epochs")
     g.add_argument("--cos", action="store_true", help="cosine learning rate instead of --schedule")
     g.add_argument("--robust", action="store_true", help="class-weighted KD (class_weights.pth)")
     g.add_argument("--attnprobe_dist", action="store_true", help="add probe distillation (PD) to the loss")
-    g.add_argument("--patchattn", type=float, default=1.0, help="weight of PD (default 1.0)")
+    g.add_argument("--patchattn", type=float, default=0.8, help="weight of PD (default 0.8, as published)")
     g.add_argument("--pd_teacher_blocks", type=int, nargs="+", default=None, help="default 3 7 11")
     g.add_argument("--pd_student_blocks", type=int, nargs="+", default=None, help="default 3 7 11")
     g.add_argument("--teacher_acc", type=float, default=None, help="noise-adaptation diagonal (default: the "
                    "teacher file's accuracy, else the published constant of --dataset)")
     g.add_argument("--pos_num", type=int, default=0, help="add the first K labeled train images per class "
                    "(published: 50 Tiny-ImageNet, 129 ImageNet); the run is then NOT data-free")
-    g.add_argument("--holdout", type=float, default=0.01,
-                   help="share of the selected images held out to track student-teacher agreement (default 0.01)")
+    g.add_argument("--holdout", type=float, default=0.0,
+                   help="share of the selected images held out (not trained on) to report the test accuracy at "
+                   "the best student-teacher agreement, chosen without test labels (default 0: none, as published)")
     g.add_argument("--eval_every", type=int, default=1, help="test every N epochs (and at the last)")
-    g.add_argument("--crop_padding", type=int, default=None, help="random-crop padding (default img_size // 8)")
+    g.add_argument("--crop_padding", type=int, default=None,
+                   help="random-crop padding (default 4 at 32 and 224 px, as published; img_size // 8 at other sizes)")
     g.add_argument("--resume", default="auto", help="'auto' (default: output_dir/student/last.pth if present), "
                    "a last.pth path, or 'no'")
-    g.add_argument("--eval_only", default=None, metavar="CKPT", help="only evaluate this student checkpoint")
+    g.add_argument("--eval_only", "--eval", default=None, metavar="CKPT", help="only evaluate this student checkpoint")
     g = parser.add_argument_group("system")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--workers", type=int, default=8, help="image decoding processes (default 8)")
+    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="autocast (auto: bf16 on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile student and teacher steps")
     g.add_argument("--cuda_graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
@@ -112,6 +114,11 @@ def check_args(args):
 
 def published_epochs(num_select, img_size):
     return int((320000 if img_size <= 64 else 640000) / num_select * 512)
+
+
+def default_crop_padding(img_size):
+    # the published RandomCrop(size, padding=4) at 32 and 224 px; scaled at sizes it never ran
+    return 4 if img_size in (32, 224) else max(1, img_size // 8)
 
 
 def default_student(img_size):
@@ -379,7 +386,7 @@ def _run(args, device, rank, world, student_dir):
     def loss_fn(images, _labels):
         return engine.distill_losses(teacher_module, train_module, images, class_weights, patchattn)
 
-    padding = args.crop_padding if args.crop_padding is not None else img_size // 8
+    padding = args.crop_padding if args.crop_padding is not None else default_crop_padding(img_size)
     augment = engine.Augment(mean, std, padding)
     plain = engine.Augment(mean, std, 0, train=False)
     log_path = os.path.join(args.output_dir, "log.txt")

@@ -15,7 +15,7 @@ from utils import cli_main
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--root", required=True, help="folder holding train-images-idx3-ubyte[.gz] etc.")
     p.add_argument("--out", required=True, help="output ImageFolder root")
     p.add_argument("--names", choices=["digits", "fashion"], default="digits",

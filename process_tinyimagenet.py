@@ -13,7 +13,7 @@ from utils import InputError, cli_main
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--root", required=True, help="Tiny-ImageNet root holding val/")
     return p
 

@@ -70,10 +70,10 @@ def add_selection_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images")
+    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False)
     add_selection_args(parser)
-    parser.add_argument("--batch_size", type=int, default=None, help="alias of --score_batch_size")
-    parser.add_argument("--workers", type=int, default=8, help="image decoding processes (default 8)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=None, help="alias of --score_batch_size")
+    parser.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the teacher pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random selection")
