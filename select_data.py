@@ -45,7 +45,7 @@ def add_selection_args(parser):
     g.add_argument("--teacher_ema", action="store_true",
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
-    g.add_argument("--num_select", type=int, default=650000, help="images to keep (default 650000)")
+    g.add_argument("--num_select", type=int, default=600000, help="images to keep (default 600000, as published)")
     g.add_argument("--selected_file", help="folder for score files and the selection")
     g.add_argument("--attnprobe_sel", action="store_true",
                    help="add the attention probe to the score (the published flag was inverted; this is not)")
