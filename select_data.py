@@ -219,7 +219,7 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
     out_dir, device = args.selected_file, teacher.device
     n, c = len(pool_index), teacher.num_classes
     blocks = sorted(args.probe_blocks)
-    # distill's --amp; select_data.py has no such flag: bf16 on CUDA
+    # the caller's --amp when its parser has one; select_data.py has none: bf16 on CUDA
     amp = amp_dtype(getattr(args, "amp", "auto"), device)
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
