@@ -31,7 +31,7 @@ from attention_probe import FEATURE_BLOCKS
 from data import DATASET_CLASSES
 from losses import NoiseAdaptation
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   init_distributed, resolve_device, run_lock)
+                   init_distributed, on_rank0, resolve_device, run_lock)
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
@@ -248,8 +248,7 @@ def main(args):
     if args.eval_only:
         return run_eval_only(args, device) if rank == 0 else None
     student_dir = os.path.join(args.output_dir, "student")
-    if rank == 0:
-        check_writable(args.output_dir)
+    on_rank0(check_writable, args.output_dir)
     with run_lock(args.output_dir):
         return _run(args, device, rank, world, student_dir)
 

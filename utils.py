@@ -258,9 +258,21 @@ class RunLock:
         self.file.close()
 
 
+@contextlib.contextmanager
 def run_lock(folder, flag="--output_dir"):
-    """The one way scripts lock a run folder: a RunLock on rank 0 (the rank that writes), nothing elsewhere."""
-    return RunLock(folder, flag) if rank_world()[0] == 0 else contextlib.nullcontext()
+    """The one way scripts lock a run folder: a RunLock held by rank 0 (the rank that writes). A refusal
+    ends every rank with the same error, before any of them starts work."""
+    lock = RunLock(folder, flag)
+    on_rank0(_enter, lock)
+    try:
+        yield
+    finally:
+        if rank_world()[0] == 0:
+            lock.__exit__()
+
+
+def _enter(lock):
+    lock.__enter__()   # returns nothing: the lock (an open file) stays on rank 0
 
 
 def check_writable(folder, flag="--output_dir"):

@@ -1,5 +1,6 @@
 """The hand-off between the stages: a Selection carries what distillation trains from (its class
 weights included, also for --selection_file), and an error that only rank 0 finds ends every rank."""
+import fcntl
 import json
 import os
 import socket
@@ -100,24 +101,39 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     assert torch.allclose(got.class_weights, select_data.class_weights_from_preds(pred[chosen_y], torch.arange(8), 10))
 
 
+def _hold_lock(folder):
+    """Hold `folder`/.lock as another run would -> a function that releases it."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write("pid 424242")
+    f.flush()
+    return f.close
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("case", ["num_select", "locked"])
 @pytest.mark.parametrize("script", [S, D])
-def test_error_found_on_rank0_ends_every_rank(script, tmp_path):
-    """2-process gloo run: --num_select above the usable pool is known only to rank 0, after scoring;
-    both ranks print the same `error:` line and exit 2 instead of rank 1 waiting at a barrier."""
+def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
+    """2-process gloo run, errors only rank 0 can find: --num_select above the usable pool (known
+    after scoring) and a run folder locked by another run (rank 0 holds the lock). Both ranks print
+    the same `error:` line and exit 2; none waits at a barrier or dies of a lost peer."""
     ids = fx.write_pool(tmp_path / "pool", 15, size=32, broken=5)
     teacher = fx.write_teacher(tmp_path / "t.pth")      # a registered name: the children build it
     fx.write_cifar(tmp_path / "cifar", n_train=2, n_test=8)
     flags = {"--data_imagenet": tmp_path / "pool", "--teacher": fx.TEACHER, "--teacher_dir": teacher,
-             "--num_select": 12, "--selected_file": tmp_path / "sel", "--workers": 0, "--device": "cpu"}
+             "--num_select": 12 if case == "num_select" else 8, "--selected_file": tmp_path / "sel",
+             "--workers": 0, "--device": "cpu"}
     if script == D:
         flags.update({"--data_cifar": tmp_path / "cifar", "--output_dir": tmp_path / "out", "--epochs": 1,
                       "--batch_size": 8})
+    release = _hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
     port = _free_port()
     procs, files = [], []
     for rank in range(2):   # what torchrun sets for each of its processes
@@ -136,13 +152,19 @@ def test_error_found_on_rank0_ends_every_rank(script, tmp_path):
                 p.wait()
         for f in files:
             f.close()
+        release()
     errs = [(tmp_path / f"err{rank}.txt").read_text() for rank in range(2)]
     last = [[line for line in e.splitlines() if line.strip()][-1] for e in errs]
     assert codes == [2, 2], errs
     assert last[0] == last[1], last
-    assert last[0].startswith("error: --num_select 12 is larger than the usable pool (10 images"), last[0]
     assert all("Traceback" not in e for e in errs)
     assert not (tmp_path / "sel" / "selection.pt").exists()
+    if case == "locked":
+        folder, flag = (tmp_path / "sel", "--selected_file") if script == S else (tmp_path / "out", "--output_dir")
+        assert last[0] == f"error: {folder} is in use by another run (pid 424242); wait for it or choose another {flag}"
+        assert not (tmp_path / "sel" / "value_out.pth").exists()            # nothing scored
+        return
+    assert last[0].startswith("error: --num_select 12 is larger than the usable pool (10 images"), last[0]
     assert len(ids["broken"]) == 5
     if script == D:
         assert sorted(os.listdir(tmp_path / "out")) == [".lock"]   # no student/, log or args
