@@ -1,4 +1,4 @@
-"""Throughput of our fast paths against a faithful re-enactment of the published algorithm.
+"""Throughput of our fast paths against a faithful re-enactment of the published algorithm (reference.py).
 
     python benchmark.py --json bench.json                          # GPU: batch 1024 scoring, 256 / 1024 training
     python benchmark.py --compile --cuda_graphs --json bench.json  # + torch.compile and CUDA-graph variants

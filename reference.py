@@ -7,7 +7,7 @@ against (benchmark.py) and checked against (tests/test_fast_paths.py).
         loss = reference.published_step_loss(s, t, reference.PublishedNoise(100, 0.763, device).matrix, x)
 
 Slow on purpose: it repeats the published code's work (two passes, per-image weight copies, full
-attention and Gram matrices, a Python-loop noise matrix). Nothing here is used by the scripts' runs.
+attention and Gram matrices, a Python-loop noise matrix). Selection and distillation never use it.
 """
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
 from losses import csloss
 
 PATCHATTN = 1.0                 # published weight of probe distillation
+
 
 class PublishedView:
     """The published TeacherVisionTransformer.forward on a timm model: (logits, features (L, B, N, C)).
