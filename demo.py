@@ -188,16 +188,18 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
     """Score the pool once with select_data (probe + confidence), then one extra pass for the energy."""
     import pool as pool_mod
     import select_data
+    from utils import amp_dtype
     scores_dir = os.path.join(pool_dir, "scores")
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
             "--teacher_dir", teacher_info["checkpoint"], "--num_select", str(num_select),
             "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type)]
     sargs = select_data.get_args_parser().parse_args(argv)
-    teacher, _, in_chans, img_size, mean, std = select_data.load_teacher(sargs, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    t = select_data.load_teacher(sargs, device)
+    teacher, mean, std = t.model, t.mean, t.std
+    amp = amp_dtype("auto", device)
     with quiet(os.path.join(pool_dir, "scoring.log")):
-        select_data.run_selection(sargs, teacher, in_chans, img_size, mean, std, device, cfg["workers"], amp)
-    cache_dir = select_data.default_cache_dir(sargs, img_size, in_chans)
+        select_data.run_selection(sargs, t, device)
+    cache_dir = select_data.default_cache_dir(sargs, t)
     cache = pool_mod.open_cache(cache_dir)
     # energy = -logsumexp(logits): probs_out.npy holds softmax only, so a second (cheap) pass
     energy = torch.empty(cache.n)

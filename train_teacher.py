@@ -23,8 +23,8 @@ import torch
 import data
 import engine
 import models
-from utils import (InputError, atomic_torch_save, atomic_write_text, check_writable, cli_main, init_distributed,
-                   resolve_device)
+from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, check_writable, cli_main,
+                   init_distributed, resolve_device)
 
 
 def get_args_parser():
@@ -95,7 +95,7 @@ def train_teacher(args, on_epoch=None):
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
-    amp = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
+    amp = amp_dtype(args.amp, device)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     paths = output_paths(args.output)
     resume, ckpt = _resume_state(args, paths["last"])
