@@ -85,6 +85,52 @@ def get_args_parser():
     return parser
 
 
+# ---- what the published code did -------------------------------------------------------
+
+# Every flag of the published DFND_DeiT-train.py / DFND_DeiT-imagenet.py: its published default and,
+# where ours differs in meaning or default, why. The README's table is generated from this and the parser.
+PUBLISHED_FLAGS = {
+    "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`"),
+    "data_cifar": ("a path on the authors' machine", ""),
+    "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards"),
+    "teacher": ("deit_base_patch4_32_teacher", ""),
+    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files"),
+    "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both"),
+    "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000"),
+    "selected_file": ("a path on the authors' machine", "created when missing"),
+    "output_dir": ("a path on the authors' machine", "created when missing"),
+    "attnprobe_sel": ("off; on selected WITHOUT the probe (inverted)", "on adds the probe to the score (SPEC §5.1)"),
+    "random": ("off; drew from range(1281167) whatever the pool", "draws from the real pool"),
+    "attnlier": ("0.05", ""),
+    "outlier": ("0.9", ""),
+    "attnprobe_dist": ("off", ""),
+    "patchattn": ("0.8", ""),
+    "robust": ("off", "class weights from the scoring pass's softmax, not from an augmented pass"),
+    "lr_S": ("0.00075", "training.sh passes 8.5e-4 for CIFAR-100"),
+    "epochs": ("800, ignored: E - 1 epochs, E = int(320000 / num_select * 512)",
+               "unset: the published E - 1 epochs; N: N epochs"),
+    "schedule": ("200 300", ""),
+    "cos": ("off", ""),
+    "pos_num": ("129 (DFND_DeiT-imagenet.py only)",
+                "one script for both sizes: adding labelled images is opt-in; the 224-px run scripts pass 50 / 129"),
+}
+_UNSET_MEANS = {"data_cifar": "required", "data_imagenet": "required", "teacher_dir": "required",
+                "selected_file": "required", "output_dir": "required", "nb_classes": "from the teacher file",
+                "epochs": "the published formula"}
+
+
+def defaults_table(parser=None):
+    """Markdown: every published flag, the published default and ours (read from the parser)."""
+    parser = parser or get_args_parser()
+    rows = ["| flag | published default | ours | note |", "|---|---|---|---|"]
+    for flag, (published, note) in PUBLISHED_FLAGS.items():
+        value = parser.get_default(flag)
+        ours = (_UNSET_MEANS[flag] if value is None else "on" if value is True else "off" if value is False
+                else " ".join(map(str, value)) if isinstance(value, list) else str(value))
+        rows.append(f"| `--{flag}` | {published} | {ours} | {note} |")
+    return "\n".join(rows)
+
+
 # ---- checks -----------------------------------------------------------------------------
 
 def check_args(args):
@@ -114,7 +160,30 @@ def check_args(args):
 
 
 def published_epochs(num_select, img_size):
+    """The published E: its loop `for e in range(1, E)` trains E - 1 epochs."""
     return int((320000 if img_size <= 64 else 640000) / num_select * 512)
+
+
+def epoch_plan(args, img_size, saved=None):
+    """-> (epochs to train, lr offset). Epoch k (0-based) trains at engine.lr_at(k + offset, lr_S, epochs + offset).
+
+    Without --epochs: the published loop, E - 1 epochs with the lr evaluated at e = 1 .. E - 1 over E
+    (650,000 selected: 251 epochs, 199 at lr_S and 52 at 0.1 lr_S). With --epochs N (the published code
+    ignored it): N epochs, lr at 0 .. N - 1 over N. A resumed run keeps the offset it started with."""
+    if saved is not None and "lr_offset" in saved:
+        offset = saved["lr_offset"]
+    else:
+        offset = 0 if args.epochs else 1
+    if args.epochs:
+        return args.epochs, offset
+    return published_epochs(args.num_select, img_size) - 1, offset
+
+
+def robust_class_weights(weights, seed):
+    """The published `perturb`: w + U[0, 0.1) per class, drawn once at the start (here from --seed);
+    the published training uses the perturbed copy."""
+    g = torch.Generator().manual_seed(seed + 11)
+    return weights + 0.1 * torch.rand(len(weights), generator=g, dtype=torch.float64).to(weights.dtype)
 
 
 def default_crop_padding(img_size):
@@ -283,15 +352,19 @@ def _run(args, device, rank, world, student_dir):
                          f"but the teacher takes {(in_chans, img_size)}")
     t_blocks, s_blocks = feature_block_pairs(args, teacher.model, student) if args.attnprobe_dist else ((), ())
     teacher_acc, acc_source = resolve_teacher_acc(args, teacher)
-    resume = _find_resume(args, student_dir)
+    resume = engine.resume_path(args.resume, os.path.join(student_dir, "last.pth"))
     ckpt = engine.load_resume(resume) if resume else None
     if ckpt is not None:
         missing = [k for k in ("model", "noise", "optimizer", "optimizer_noise", "state") if k not in ckpt]
         if missing:
             raise InputError(f"--resume {resume} is not a last.pth of this script (no {', '.join(missing)})")
-        _check_same_run(ckpt.get("args", {}), args, resume)
+    epochs, lr_offset = epoch_plan(args, img_size, ckpt.get("args") if ckpt else None)
+    args.epochs_resolved, args.lr_offset = epochs, lr_offset
+    if ckpt is not None:
+        _check_resume(ckpt.get("args", {}), args, ckpt["state"]["epoch"], resume)
     say(f"git {git_sha() or '?'} | teacher {args.teacher} ({args.nb_classes} classes) | student {args.student} "
         f"| {world} process(es) on {device} | amp {amp} | noise-adaptation acc {teacher_acc:.4f} from {acc_source}")
+    say(f"normalisation of every image (wild, train, test): mean {args.mean} std {args.std} from {teacher.norm_source}")
 
     if args.selection_file:   # a rule select_data does not implement: the caller chose the images
         selection = select_data.load_selection(args.selection_file, args, teacher)
@@ -306,8 +379,6 @@ def _run(args, device, rank, world, student_dir):
                               os.path.join(args.output_dir, "labelset_index_dict.pth"))
         say(f"NOT DATA-FREE: adding {len(pos_index)} labeled train images ({args.pos_num} per class)")
     train_data, (hold_images, hold_pred) = training_images(args, selection, teacher, positives)
-    epochs = args.epochs or published_epochs(args.num_select, img_size)
-    args.epochs_resolved = epochs
     on_gpu = device.type == "cuda"
     train_batches = engine.make_batches(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                         seed=args.seed, workers=args.workers, device=device)
@@ -315,8 +386,9 @@ def _run(args, device, rank, world, student_dir):
                                        workers=args.workers, device=device)
     hold_batches = engine.TensorBatches(hold_images, hold_pred, batch_size=1024, shuffle=False, drop_last=False)
     n_train = len(train_data)
-    say(f"training on {n_train} images ({len(hold_images)} held out) for {epochs} epochs, "
-        f"{len(train_batches)} steps/epoch at global batch {args.batch_size}")
+    say(f"training on {n_train} images ({len(hold_images)} held out) for {epochs} epochs "
+        + ("(the published formula)" if not args.epochs else "(--epochs)")
+        + f", {len(train_batches)} steps/epoch at global batch {args.batch_size}")
 
     # models and optimizers
     torch.manual_seed(args.seed)
@@ -335,15 +407,26 @@ def _run(args, device, rank, world, student_dir):
         state.update(ckpt["state"])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
-        say(f"resumed from {resume} after epoch {state['epoch']}")
-        if rank == 0:
-            _trim_log(os.path.join(args.output_dir, "log.txt"), state["epoch"])
+        say(f"resumed from {resume} after epoch {state['epoch']}"
+            + (f"; extended from {ckpt['args']['epochs_resolved']} to {epochs} epochs (the learning rates of "
+               "the epochs already trained are unchanged)" if ckpt["args"].get("epochs_resolved", epochs) < epochs
+               else ""))
         del ckpt
-    if rank == 0 and os.path.isdir(student_dir):  # temp files of a killed save (we hold the lock)
-        for name in os.listdir(student_dir):
-            if name.startswith(".tmp-"):
-                os.unlink(os.path.join(student_dir, name))
-    class_weights = selection.class_weights.to(device) if args.robust else None
+    log_path = os.path.join(args.output_dir, "log.txt")
+    if rank == 0:
+        if resume:
+            engine.start_log(log_path, state["epoch"])
+        else:
+            moved = _move_old_run(args.output_dir)
+            if moved:
+                say(f"fresh start: the previous run's files are kept as {', '.join(moved)}")
+        engine.remove_temp_files(student_dir)   # of a save a kill cut off (we hold the lock)
+    class_weights = None
+    if args.robust:
+        class_weights = robust_class_weights(selection.class_weights.double(), args.seed).float()
+        say("robust KD class weights (selection's, + U[0, 0.1) per class as published): "
+            + " ".join(f"{w:.4f}" for w in class_weights[:20].tolist()) + (" ..." if len(class_weights) > 20 else ""))
+        class_weights = class_weights.to(device)
     train_module = engine.StudentWithFeatures(student, noise, s_blocks)
     teacher_module = engine.TeacherWithFeatures(teacher.model, t_blocks)
     if world > 1:
@@ -360,76 +443,80 @@ def _run(args, device, rank, world, student_dir):
     padding = args.crop_padding if args.crop_padding is not None else default_crop_padding(img_size)
     augment = engine.Augment(mean, std, padding)
     plain = engine.Augment(mean, std, 0, train=False)
-    log_path = os.path.join(args.output_dir, "log.txt")
+    n_parameters = sum(p.numel() for p in student.parameters())
     if rank == 0:
         atomic_write_text(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1, sort_keys=True))
 
     for epoch in range(state["epoch"] + 1, epochs):
-        lr = engine.lr_at(epoch, args.lr_S, epochs, args.schedule, args.cos)
+        lr = engine.lr_at(epoch + lr_offset, args.lr_S, epochs + lr_offset, args.schedule, args.cos)
         engine.set_lr(opt_s, lr)
         t0 = time.time()
         metrics = engine.train_one_epoch(loss_fn, train_batches, [opt_s, opt_n], augment, epoch, device,
                                          args.seed, amp, args.log_every, "distill", modules=(student, noise))
-        record = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in metrics.items()}}
+        # DeiT's log keys first (train_lr, train_loss, test_loss, test_acc1, test_acc5, epoch, n_parameters)
+        record = {"train_lr": lr, **{f"train_{k}": v for k, v in metrics.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:
             test_stats = engine.evaluate(student, test_batches, plain, device, amp)
-            record.update(test_acc1=test_stats["acc1"], test_acc5=test_stats["acc5"])
+            record.update(test_loss=test_stats["loss"], test_acc1=test_stats["acc1"], test_acc5=test_stats["acc5"])
             if len(hold_images):
                 record["holdout_agreement"] = engine.evaluate(student, hold_batches, plain, device, amp)["acc1"]
             _update_best(state, epoch, record)
-        record["epoch_seconds"] = time.time() - t0
+        record.update(epoch=epoch, n_parameters=n_parameters, epoch_seconds=time.time() - t0)
         state["epoch"] = epoch
         if rank == 0:
+            # log first: a kill before the save leaves a line that the resume drops (start_log), while a kill
+            # between a save and its line would lose the line
             engine.log_line(log_path, record)
-            _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record)
-            say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record, last=epoch == epochs - 1)
+            say(json.dumps(record))
         barrier()
-    final = _final_summary(args, state, log_path)
+    final = _final_summary(args, state)
     if rank == 0:
-        engine.log_line(log_path, {"final": final})
+        atomic_write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(final, indent=1))
         say("final: " + final["text"])
     return final
 
 
-def _find_resume(args, student_dir):
-    if args.resume == "no":
-        return None
-    if args.resume == "auto":
-        last = os.path.join(student_dir, "last.pth")
-        return last if os.path.exists(last) else None
-    if not os.path.isfile(args.resume):
-        raise InputError(f"--resume {args.resume}: no such file")
-    return args.resume
+# settings that cannot change what a resumed run computes; --epochs is checked on its own
+RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "cuda_graphs", "resume", "output_dir",
+                  "eval_only", "epochs", "epochs_resolved", "lr_offset"}
 
 
-def _trim_log(path, last_epoch):
-    """Keep only the log lines of epochs <= last_epoch (the resume point); drop torn lines and old
-    'final' lines, so the log holds each finished epoch once."""
-    if not os.path.exists(path):
+def _check_resume(saved, args, done_epoch, path):
+    """Refuse a resume whose settings would change the run; --epochs may extend a step-schedule run."""
+    changed = engine.changed_settings(saved, vars(args), RESUME_IGNORES)
+    if changed:
+        raise InputError(f"{path} belongs to a run with other settings: " + ", ".join(
+            f"--{k} {saved[k]!r} (now {getattr(args, k)!r})" for k in changed)
+            + "; rerun with the old values to continue it, or pass --resume no (or another --output_dir) to start over")
+    old = saved.get("epochs_resolved")
+    new = args.epochs_resolved
+    if old is None or old == new:
         return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= last_epoch:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(keep))
+    if new <= done_epoch:
+        raise InputError(f"{path} has already trained {done_epoch + 1} epochs; --epochs {new} would end before "
+                         "them: pass a larger --epochs, or --resume no to start over")
+    if args.cos:
+        raise InputError(f"{path} is a --cos run of {old} epochs: its learning rate at every epoch depends on the "
+                         f"epoch count, so {new} epochs would change the epochs already trained; pass --epochs {old} "
+                         "to finish it, or --resume no to start a new run")
 
 
-_SAME_RUN_KEYS = ("teacher", "student", "num_select", "attnprobe_sel", "random", "attnprobe_dist", "per_class",
-                  "lr_S", "batch_size", "robust", "seed", "epochs")
-
-
-def _check_same_run(saved, args, path):
-    differs = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != getattr(args, k)]
-    if differs:
-        raise InputError(f"{path} belongs to a run with other settings ({', '.join(differs)}); "
-                         "use another --output_dir or --resume no")
+def _move_old_run(output_dir):
+    """A fresh start keeps the previous run's log, summary, args and student/ beside it, numbered."""
+    names = [("log.txt", "log.{}.txt"), ("summary.json", "summary.{}.json"), ("args.json", "args.{}.json"),
+             ("student", "student.{}")]
+    present = [(a, b) for a, b in names if os.path.exists(os.path.join(output_dir, a))]
+    if not present or present == [("args.json", "args.{}.json")]:
+        return []
+    n = 1
+    while any(os.path.exists(os.path.join(output_dir, b.format(n))) for _, b in names):
+        n += 1
+    moved = []
+    for a, b in present:
+        os.replace(os.path.join(output_dir, a), os.path.join(output_dir, b.format(n)))
+        moved.append(b.format(n))
+    return moved
 
 
 def _update_best(state, epoch, record):
@@ -443,24 +530,27 @@ def _update_best(state, epoch, record):
     state["last_acc1"], state["last_acc5"] = record["test_acc1"], record["test_acc5"]
 
 
-def _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record):
+def _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record, last=False):
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     student_sd = engine.unwrap(student).state_dict()
-    if state.pop("new_best", False):
-        engine.save_checkpoint(os.path.join(student_dir, "checkpoint.pth"), model=student_sd, epoch=epoch,
-                               acc1=record["test_acc1"], acc5=record["test_acc5"], mean=args.mean, std=args.std,
-                               student=args.student, args=plain_args)
+    student_file = dict(model=student_sd, epoch=epoch, acc1=record.get("test_acc1"), acc5=record.get("test_acc5"),
+                        mean=args.mean, std=args.std, student=args.student, args=plain_args)
+    if state.pop("new_best", False):   # the published checkpoint: best test accuracy so far
+        engine.save_checkpoint(os.path.join(student_dir, "checkpoint.pth"), **student_file)
+    if last:                           # the weights to report: the last epoch's
+        engine.save_checkpoint(os.path.join(student_dir, "final.pth"), **student_file)
     engine.save_checkpoint(os.path.join(student_dir, "last.pth"), model=student_sd, noise=noise.state_dict(),
                            optimizer=opt_s.state_dict(), optimizer_noise=opt_n.state_dict(), epoch=epoch,
                            state=dict(state), args=plain_args, rng=engine.rng_state())
 
 
-def _final_summary(args, state, log_path):
+def _final_summary(args, state):
     text = (f"final acc1 {state.get('last_acc1', float('nan')):.2f} (epoch {state['epoch']}) | "
             f"best acc1 {state['best_acc1']:.2f} at epoch {state['best_epoch']} (chosen on the test set)")
     if state["acc1_at_best_agree"] is not None:
         text += (f" | acc1 {state['acc1_at_best_agree']:.2f} at the best holdout agreement "
                  f"{state['best_agree']:.2f}% (epoch {state['best_agree_epoch']}, chosen without test labels)")
-    return {"text": text, "final_acc1": state.get("last_acc1"), "final_acc5": state.get("last_acc5"),
+    return {"text": text, "epochs": state["epoch"] + 1, "final_acc1": state.get("last_acc1"),
+            "final_acc5": state.get("last_acc5"),
             "best_acc1": state["best_acc1"], "best_epoch": state["best_epoch"],
             "acc1_at_best_agreement": state["acc1_at_best_agree"], "best_agreement_epoch": state["best_agree_epoch"]}

@@ -181,6 +181,7 @@ class Teacher:
     accuracy: float = None    # top-1 test accuracy as a fraction, when the file records 'acc1' (percent)
     path: str = None          # the checkpoint file (fingerprints hash it)
     ema: bool = False         # its EMA weights were loaded (--teacher_ema)
+    norm_source: str = None   # where mean/std came from, for the run's first lines
 
     @property
     def device(self):
@@ -215,11 +216,13 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     in_chans, size = input_spec(model)
     if img_size not in (None, size):
         raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
+    source = ("--mean/--std" if mean is not None else "the teacher file" if meta.get("mean") is not None
+              else "ImageNet's (the teacher file has none)")
     mean = mean if mean is not None else meta.get("mean")
     std = std if std is not None else meta.get("std")
     accuracy = float(meta["acc1"]) / 100 if "acc1" in meta else None
     teacher = Teacher.of(model.to(device), name, mean, std, os.fspath(path), accuracy)
-    teacher.ema = ema
+    teacher.ema, teacher.norm_source = ema, source
     return teacher
 
 

@@ -79,6 +79,8 @@ def get_args_parser():
     parser.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the teacher pass")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                        help="autocast of the teacher pass (auto: bf16 on CUDA; off: fp32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random selection")
     return parser
 

@@ -158,11 +158,11 @@ def train_teacher(args, on_epoch=None):
                   "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
                   "n_parameters": n_parameters, "img_per_s": metrics["img_per_s"], "epoch_seconds": time.time() - t0}
         if rank == 0:
-            # the checkpoint first: a line in the log always has its epoch saved
+            # log first: a line without its save is dropped on resume (start_log); the reverse would lose it
+            engine.log_line(paths["log"], record)
             engine.save_checkpoint(paths["last"], model=engine.unwrap(model).state_dict(),
                                    optimizer=optimizer.state_dict(), epoch=epoch, stats=stats,
                                    args=vars(args), rng=engine.rng_state())
-            engine.log_line(paths["log"], record)
             print(json.dumps(record))
             if on_epoch is not None:
                 on_epoch(record)

@@ -70,14 +70,19 @@ def test_end_to_end_losses_fall(world):
     epochs = [r for r in log if "epoch" in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
     for r in epochs:
-        for key in ("train_loss", "train_kd", "train_na", "train_pd", "test_acc1", "test_acc5", "lr",
-                    "train_img_per_s", "holdout_agreement"):
+        # DeiT's keys, then ours
+        for key in ("train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "n_parameters",
+                    "train_kd", "train_na", "train_pd", "train_img_per_s", "train_seconds", "holdout_agreement"):
             assert np.isfinite(r[key]), key
     # the student learns to imitate the teacher on its own selection
     assert epochs[-1]["train_kd"] < epochs[0]["train_kd"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert "final" in log[-1] and "chosen without test labels" in log[-1]["final"]["text"]
+    assert all(set(r) >= {"epoch", "train_lr"} for r in log)        # per-epoch lines only
+    summary = json.load(open(out / "summary.json"))
+    assert "chosen without test labels" in summary["text"] and summary["final_acc1"] == epochs[-1]["test_acc1"]
     assert (out / "student" / "checkpoint.pth").exists() and (out / "student" / "last.pth").exists()
+    final = torch.load(out / "student" / "final.pth", weights_only=True)   # the weights to report
+    assert final["epoch"] == 3 and final["acc1"] == summary["final_acc1"]
     assert json.load(open(out / "args.json"))["attnprobe_dist"] is True
     last = torch.load(out / "student" / "last.pth", weights_only=True)
     assert last["epoch"] == 3 and {"model", "noise", "optimizer", "optimizer_noise", "rng"} <= set(last)
