@@ -14,7 +14,7 @@ Choices (see SPEC §3-§6):
   bilinear resize (PIL's antialiasing) to (size, size) ignoring aspect ratio. By default the JPEG is
   decoded at full size first, as the published pipeline does (PIL convert('RGB') then torchvision
   Resize((s, s))), so scores equal the published code's; `fast_decode=True` (--fast_decode) lets
-  libjpeg decode large JPEGs at a reduced scale instead (≈3x faster, slightly different pixels).
+  libjpeg decode large JPEGs at a reduced scale instead (≈2x faster, slightly different pixels).
 - Bad images never stop a run: `PoolDataset` returns a 4-tuple (image, index, ok, reason) with
   zeros and the reason for a bad image; the cache keeps `ok.npy` and `skipped.txt`.
 """

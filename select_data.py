@@ -60,7 +60,7 @@ def add_selection_args(parser):
     g.add_argument("--cache_dir", default=None, help="uint8 pool cache (default for inputs <= 64 px: "
                    "<selected_file>/pool_cache_<size>px)")
     g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
-    g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~3x "
+    g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~2x "
                    "faster, slightly different pixels and scores; default: full decode + resize, as published)")
     g.add_argument("--score_batch_size", type=int, default=512, help="scoring batch (default 512)")
     g.add_argument("--chunk_size", type=int, default=65536, help="images per resumable scoring chunk")
