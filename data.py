@@ -379,6 +379,16 @@ class FolderDataset(torch.utils.data.Dataset):
         return decode_image(path, self.img_size, self.in_chans), label
 
 
+def set_epoch(dataset, epoch):
+    """Call set_epoch(epoch) on every dataset with one inside `dataset` (ConcatDataset parts,
+    Subset and wrapper `.dataset`s included); before iterating that epoch's DataLoader."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    for inner in getattr(dataset, "datasets", None) or [getattr(dataset, "dataset", None)]:
+        if inner is not None:
+            set_epoch(inner, epoch)
+
+
 class RandomCropImages(torch.utils.data.Dataset):
     """The published train transform of labeled 224-px images (--pos_num): Resize(img_size)
     (shorter side, aspect kept) -> RandomCrop(img_size, padding, zero fill) -> horizontal flip with

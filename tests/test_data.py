@@ -402,6 +402,15 @@ def test_positives_published_random_crop_per_image_and_epoch(tmp_path):
         pos.set_epoch(e)
         draws.append(pos.draw(0, (224, 336)))
     assert max(d[1] for d in draws) > 2 * 4 and {d[2] for d in draws} == {True, False}
+    # data.set_epoch finds it inside the loader's wrappers
+    class Wrap(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+    data.set_epoch(torch.utils.data.ConcatDataset([train, Wrap(pos)]), 9)
+    assert int(pos._epoch) == 9
     # set_epoch reaches persistent DataLoader workers
     loader = torch.utils.data.DataLoader(pos, batch_size=4, num_workers=1, persistent_workers=True)
     seen = []
