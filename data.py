@@ -303,27 +303,68 @@ class ArrayDataset(torch.utils.data.Dataset):
         return self.images[i], int(self.labels[i])
 
 
-def decode_image(path, img_size=None, in_chans=3):
-    """A labeled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
+def _decode_array(path, img_size, in_chans):
+    """A labeled image file -> uint8 (H,W,C) in RGB/L, resized to (img_size, img_size) unless None."""
     with open(path, "rb") as f:
         encoded = f.read()
     try:
-        arr = pool.decode_image(encoded, img_size, in_chans)
+        return pool.decode_image(encoded, img_size, in_chans)
     except pool.BadImage as e:
         raise InputError(f"cannot decode image {path}: {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def decode_image(path, img_size=None, in_chans=3):
+    """A labeled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
+    return torch.from_numpy(_decode_array(path, img_size, in_chans)).permute(2, 0, 1).contiguous()
+
+
+# Models with larger inputs (the 224-px DeiTs) get the published 224-px transforms for labeled
+# images; smaller ones keep the 32-px paths (images as stored, or resized to (size, size)).
+LARGE_INPUT = 64
+
+
+def resize_shorter(arr, size):
+    """uint8 (H,W,C) -> shorter side `size`, aspect kept: torchvision Resize(size) on a PIL image
+    (longer side int(size * long / short), bilinear with PIL's antialiasing)."""
+    from PIL import Image
+    h, w = arr.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_h, new_w) == (h, w):
+        return arr
+    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    out = np.array(img.resize((new_w, new_h), Image.Resampling.BILINEAR))  # writable copy
+    return out[..., None] if out.ndim == 2 else out
+
+
+def center_crop(arr, size):
+    """uint8 (H,W,C) with H, W >= size -> the central (size, size) window, as torchvision CenterCrop."""
+    h, w = arr.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return arr[top:top + size, left:left + size]
+
+
+def decode_resize_center_crop(path, img_size, in_chans=3):
+    """The published 224-px test transform, Resize(img_size) -> CenterCrop(img_size): uint8 (C,S,S)."""
+    arr = center_crop(resize_shorter(_decode_array(path, None, in_chans), img_size), img_size)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Lazily decoded ImageFolder split yielding (uint8 (C,img_size,img_size), label)."""
+    """Lazily decoded ImageFolder split yielding (uint8 (C,img_size,img_size), label).
 
-    def __init__(self, samples, classes, img_size, in_chans=3, num_classes=None):
+    center_crop=False: each image resized to (img_size, img_size); True: the published 224-px test
+    transform, Resize(img_size) (shorter side, aspect kept) then CenterCrop(img_size)."""
+
+    def __init__(self, samples, classes, img_size, in_chans=3, num_classes=None, center_crop=False):
         if in_chans not in (1, 3):
             raise InputError(f"in_chans must be 1 or 3, got {in_chans}")
         self.samples = list(samples)
         self.classes = list(classes)
         self.num_classes = num_classes or len(self.classes)
         self.img_size, self.in_chans = img_size, in_chans
+        self.center_crop = bool(center_crop)
 
     @property
     def targets(self):
@@ -334,7 +375,76 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
+        if self.center_crop:
+            return decode_resize_center_crop(path, self.img_size, self.in_chans), label
         return decode_image(path, self.img_size, self.in_chans), label
+
+
+def set_epoch(dataset, epoch):
+    """Call set_epoch(epoch) on every dataset with one inside `dataset` (ConcatDataset parts,
+    Subset and wrapper `.dataset`s included); before iterating that epoch's DataLoader."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    for inner in getattr(dataset, "datasets", None) or [getattr(dataset, "dataset", None)]:
+        if inner is not None:
+            set_epoch(inner, epoch)
+
+
+class RandomCropImages(torch.utils.data.Dataset):
+    """The published train transform of labeled 224-px images (--pos_num): Resize(img_size)
+    (shorter side, aspect kept) -> RandomCrop(img_size, padding, zero fill) -> horizontal flip with
+    p = 0.5. Done here on the CPU, per image, because the images differ in shape before the crop;
+    so the training step must not crop or flip these images again.
+
+    `base` is a FolderDataset (decoded at their own size, then resized) or an in-memory set of
+    square img_size images (ArrayDataset: Resize is then the identity); `indices` pick its items.
+    Item k -> (uint8 (C,img_size,img_size), label). The draws depend only on (seed, epoch, base
+    index): call set_epoch(e) before each epoch; the epoch lives in shared memory, so DataLoader
+    workers (persistent ones too) see it."""
+
+    def __init__(self, base, indices=None, img_size=224, padding=4, seed=0):
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else [int(i) for i in indices]
+        self.img_size, self.padding, self.seed = int(img_size), int(padding), int(seed)
+        self.classes, self.num_classes = base.classes, base.num_classes
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch):
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def targets(self):
+        t = self.base.targets
+        return [t[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def draw(self, k, size_hw):
+        """-> (top, left, flip) of item k for an image of size_hw = (H, W) after the resize."""
+        rng = np.random.default_rng([self.seed, int(self._epoch), self.indices[k]])
+        h, w = size_hw
+        top = int(rng.integers(0, h + 2 * self.padding - self.img_size + 1))
+        left = int(rng.integers(0, w + 2 * self.padding - self.img_size + 1))
+        return top, left, bool(rng.integers(0, 2))
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        if isinstance(self.base, FolderDataset):
+            path, label = self.base.samples[i]
+            arr = _decode_array(path, None, self.base.in_chans)
+        else:
+            img, label = self.base[i]
+            arr = img.permute(1, 2, 0).numpy()
+        arr = resize_shorter(arr, self.img_size)   # (H', W', C), shorter side img_size
+        top, left, flip = self.draw(k, arr.shape[:2])
+        p, s = self.padding, self.img_size
+        padded = np.zeros((arr.shape[0] + 2 * p, arr.shape[1] + 2 * p, arr.shape[2]), np.uint8)
+        padded[p:p + arr.shape[0], p:p + arr.shape[1]] = arr
+        out = padded[top:top + s, left:left + s]
+        if flip:
+            out = out[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous(), int(label)
 
 
 def _folder_to_array(samples, classes, img_size, in_chans, num_classes):
@@ -366,7 +476,8 @@ def load_labeled(dataset, root, split, img_size, in_chans):
     """Labeled train/val ('val' = the test set) split as a Dataset of (uint8 (C,H,W), label).
 
     cifar10/100: pickle root or converter ImageFolder tree; mnist/fashionmnist: IDX root or
-    ImageFolder tree (both in memory); tinyimagenet/imagenet/folder: root/{train,val}, lazy.
+    ImageFolder tree (both in memory); tinyimagenet/imagenet/folder: root/{train,val}, lazy; their
+    'val' split for models above LARGE_INPUT px is Resize(img_size) -> CenterCrop(img_size), as published.
     """
     if dataset not in DATASETS:
         raise InputError(f"unknown --dataset '{dataset}' (choose from {', '.join(DATASETS)})")
@@ -397,7 +508,10 @@ def load_labeled(dataset, root, split, img_size, in_chans):
             ds = ArrayDataset(*read_idx(root, train), names, img_size, in_chans, n_cls)
     else:
         samples, classes = _folder_split(root, split)
-        ds = FolderDataset(samples, classes, img_size, in_chans)
+        # the published 224-px test transform; the train split stays resized to (img_size, img_size)
+        # (--pos_num images get RandomCropImages, the published train transform)
+        ds = FolderDataset(samples, classes, img_size, in_chans,
+                           center_crop=not train and img_size is not None and img_size > LARGE_INPUT)
     if n_cls is not None and len(ds.classes) > n_cls:
         raise InputError(f"{root}: {len(ds.classes)} classes found, {dataset} has {n_cls}")
     return ds
@@ -530,9 +644,17 @@ def apply_crop_flip(x, padding, dy, dx, flip):
     return out.view(B, C, H, W)
 
 
-def random_crop_flip(x, padding, generator=None):
-    """Per-image random crop (zero padding) + horizontal flip with p=0.5, vectorised."""
+def random_crop_flip(x, padding, generator=None, done=None):
+    """Per-image random crop (zero padding) + horizontal flip with p=0.5, vectorised.
+
+    done: optional (B,) bool, images already cropped and flipped (RandomCropImages): they pass
+    unchanged (centre offset, no flip), so every image gets exactly one crop and one flip. The
+    draws do not depend on `done`."""
     dy, dx, flip = draw_crop_flip(x.shape[0], padding, x.device, generator)
+    if done is not None:
+        done = done.to(x.device, torch.bool)
+        dy, dx = dy.masked_fill(done, padding), dx.masked_fill(done, padding)
+        flip = flip & ~done
     return apply_crop_flip(x, padding, dy, dx, flip)
 
 

@@ -191,6 +191,10 @@ def default_crop_padding(img_size):
     return 4 if img_size in (32, 224) else max(1, img_size // 8)
 
 
+def crop_padding(args, img_size):
+    return args.crop_padding if args.crop_padding is not None else default_crop_padding(img_size)
+
+
 def default_student(img_size):
     return {32: "deit_tiny_patch4_32", 28: "deit_tiny_patch4_28"}.get(img_size, "deit_tiny_patch16_224")
 
@@ -233,28 +237,34 @@ def split_holdout(indices, share, seed):
     return keep.nonzero().squeeze(1), hold
 
 
-def labeled_positives(args, img_size, in_chans):
-    """The first --pos_num images per class of the labeled train set -> (lazy Subset, train indices)."""
+def labeled_positives(args, img_size, in_chans, padding):
+    """The first --pos_num images per class of the labeled train set -> (lazy dataset, train indices).
+
+    Above 64 px each comes out as published: Resize(img_size) -> RandomCrop(img_size, padding) -> flip,
+    drawn per image and epoch on the CPU (the images differ in shape before the crop)."""
     train = data.load_labeled(args.dataset, args.data_cifar, "train", img_size, in_chans)
     labels = torch.as_tensor(train.targets)
     chosen = []
     for c in range(int(labels.max()) + 1):
         chosen += (labels == c).nonzero().squeeze(1)[:args.pos_num].tolist()
     chosen.sort()
+    if img_size > 64:
+        return data.RandomCropImages(train, chosen, img_size, padding, seed=args.seed), chosen
     return torch.utils.data.Subset(train, chosen), chosen
 
 
 class _ImagesOnly(torch.utils.data.Dataset):
-    """(image, 0) items of a PoolDataset or labeled subset, for the distillation loader."""
+    """(image, cropped) items of a PoolDataset or labeled set for the distillation loader; cropped = 1
+    marks images their dataset already cropped and flipped, which the training step leaves alone."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, cropped=0):
+        self.dataset, self.cropped = dataset, cropped
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return self.dataset[i][0], 0
+        return self.dataset[i][0], self.cropped
 
 
 def training_images(args, selection, teacher, positives):
@@ -264,16 +274,18 @@ def training_images(args, selection, teacher, positives):
     train_idx = selection.indices[train_pos]
     hold_idx = selection.indices[hold_pos]
     source = selection.source
-    holdout = (pool.load_selected_uint8(source, hold_idx, img_size, in_chans, args.workers),
-               selection.pred[hold_pos].long())
+    holdout = (pool.load_selected_uint8(source, hold_idx, img_size, in_chans, args.workers,
+                                        fast_decode=args.fast_decode), selection.pred[hold_pos].long())
     if img_size <= 64:
-        train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, args.workers)
+        train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, args.workers,
+                                         fast_decode=args.fast_decode)
         if positives is not None and len(positives):
             train = torch.cat([train, torch.stack([positives[i][0] for i in range(len(positives))])])
         return train, holdout
-    train = _ImagesOnly(pool.PoolDataset(selection.pool_index, img_size, in_chans, indices=train_idx.numpy()))
+    train = _ImagesOnly(pool.PoolDataset(selection.pool_index, img_size, in_chans, indices=train_idx.numpy(),
+                                         fast_decode=args.fast_decode))
     if positives is not None:
-        train = torch.utils.data.ConcatDataset([train, _ImagesOnly(positives)])
+        train = torch.utils.data.ConcatDataset([train, _ImagesOnly(positives, cropped=1)])
     return train, holdout
 
 
@@ -373,7 +385,7 @@ def _run(args, device, rank, world, student_dir):
         selection = select_data.run_selection(args, teacher, device)
     positives = None
     if args.pos_num > 0:
-        positives, pos_index = labeled_positives(args, img_size, in_chans)
+        positives, pos_index = labeled_positives(args, img_size, in_chans, crop_padding(args, img_size))
         if rank == 0:   # part of this run's training set: recorded in its folder, not in stage 1's
             atomic_torch_save({"positive_index": pos_index},
                               os.path.join(args.output_dir, "labelset_index_dict.pth"))
@@ -440,8 +452,7 @@ def _run(args, device, rank, world, student_dir):
     def loss_fn(images, _labels):
         return engine.distill_losses(teacher_module, train_module, images, class_weights, patchattn)
 
-    padding = args.crop_padding if args.crop_padding is not None else default_crop_padding(img_size)
-    augment = engine.Augment(mean, std, padding)
+    augment = engine.Augment(mean, std, crop_padding(args, img_size))
     plain = engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in student.parameters())
     if rank == 0:
@@ -452,7 +463,8 @@ def _run(args, device, rank, world, student_dir):
         engine.set_lr(opt_s, lr)
         t0 = time.time()
         metrics = engine.train_one_epoch(loss_fn, train_batches, [opt_s, opt_n], augment, epoch, device,
-                                         args.seed, amp, args.log_every, "distill", modules=(student, noise))
+                                         args.seed, amp, args.log_every, "distill", modules=(student, noise),
+                                         labels_mark_cropped=True)
         # DeiT's log keys first (train_lr, train_loss, test_loss, test_acc1, test_acc5, epoch, n_parameters)
         record = {"train_lr": lr, **{f"train_{k}": v for k, v in metrics.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:

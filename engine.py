@@ -76,6 +76,7 @@ class LoaderBatches:
     def epoch(self, epoch):
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        data.set_epoch(self.loader.dataset, epoch)   # per-epoch draws of datasets that crop themselves
         for batch in self.loader:
             images, labels = batch[0], batch[1]
             yield images, (labels if torch.is_tensor(labels) else None)
@@ -137,9 +138,10 @@ class Augment:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, images):
+    def __call__(self, images, cropped=None):
+        """cropped: optional (B,) bool, images their dataset already cropped and flipped (left as they are)."""
         if self.train:
-            images = data.random_crop_flip(images, self.padding, self.generator)
+            images = data.random_crop_flip(images, self.padding, self.generator, done=cropped)
         return data.normalize(images, self.mean, self.std)
 
 
@@ -180,8 +182,11 @@ def lr_at(epoch, base_lr, epochs, schedule=(), cosine=False):
 
 
 def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0, amp_dtype=None,
-                    log_every=50, desc="train", modules=()):
+                    log_every=50, desc="train", modules=(), labels_mark_cropped=False):
     """Run one epoch; loss_fn(images_float, labels) -> dict with 'loss'. Returns mean metrics.
+
+    labels_mark_cropped: the batches' labels are not classes but 1 for images already cropped and
+    flipped by their dataset (distillation's --pos_num images at 224 px), 0 for the rest.
 
     Metric sums stay on the device and are read every `log_every` steps, so steps do not wait on the host.
     """
@@ -194,7 +199,7 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
     for step, (images, labels) in enumerate(batches.epoch(epoch)):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if labels is not None else None
-        x = augment(images)
+        x = augment(images, labels.bool() if labels_mark_cropped and labels is not None else None)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = loss_fn(x, labels)
         for opt in optimizers:

@@ -11,7 +11,10 @@ Choices (see SPEC §3-§6):
   data offset, never unpacked.
 - Decoding: RGB or L, alpha composited on BLACK (premultiplied), 16-bit scaled by 1/257 (rounded),
   no EXIF rotation (the teacher's training pipeline, torchvision's pil_loader, does not apply it),
-  bilinear resize (PIL's antialiasing) to (size, size) ignoring aspect ratio.
+  bilinear resize (PIL's antialiasing) to (size, size) ignoring aspect ratio. By default the JPEG is
+  decoded at full size first, as the published pipeline does (PIL convert('RGB') then torchvision
+  Resize((s, s))), so scores equal the published code's; `fast_decode=True` (--fast_decode) lets
+  libjpeg decode large JPEGs at a reduced scale instead (≈2x faster, slightly different pixels).
 - Bad images never stop a run: `PoolDataset` returns a 4-tuple (image, index, ok, reason) with
   zeros and the reason for a bad image; the cache keeps `ok.npy` and `skipped.txt`.
 """
@@ -38,7 +41,7 @@ _EXT_SET = frozenset(IMG_EXTENSIONS)
 # limit (2 * Image.MAX_IMAGE_PIXELS at its default), so both checks agree; tests lower it.
 MAX_PIXELS = 178_956_970
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json names the decoding ('published' or 'fast'); v1 caches were all 'fast'
 
 
 class BadImage(Exception):
@@ -345,12 +348,19 @@ def _to_rgb_or_l(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV, ...; unsupported ones raise -> BadImage
 
 
-def decode_image(data: bytes, size, in_chans: int, draft: bool = True) -> np.ndarray:
+def decode_mode(fast_decode: bool) -> str:
+    """The name of a decoding, as stored in cache metadata and score fingerprints."""
+    return "fast" if fast_decode else "published"
+
+
+def decode_image(data: bytes, size, in_chans: int, fast_decode: bool = False) -> np.ndarray:
     """Encoded bytes -> uint8 array (size, size, in_chans), or the native size when size is None.
     Raises BadImage with a reason.
 
-    JPEGs larger than `size` are decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, never
-    below `size`) via Image.draft, then resized bilinearly (with antialiasing) to (size, size)."""
+    Full decode, then a bilinear resize (with antialiasing) to (size, size): for RGB/L images
+    exactly torchvision's Resize((size, size)) on the PIL image. fast_decode=True: JPEGs at least
+    twice `size` on both sides are decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, never
+    below `size`) via Image.draft before that resize."""
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     if not data:
@@ -372,7 +382,7 @@ def decode_image(data: bytes, size, in_chans: int, draft: bool = True) -> np.nda
             raise BadImage(f"empty image {w}x{h}")
         if w * h > MAX_PIXELS:
             raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
-        if draft and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
+        if fast_decode and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
             img.draft("RGB" if in_chans == 3 else "L", (size, size))
         img.load()  # truncated/corrupt data raises here (LOAD_TRUNCATED_IMAGES left False)
         out = _to_rgb_or_l(img)
@@ -393,14 +403,14 @@ def decode_image(data: bytes, size, in_chans: int, draft: bool = True) -> np.nda
     return arr
 
 
-def _load(index: PoolIndex, i: int, size: int, in_chans: int):
+def _load(index: PoolIndex, i: int, size: int, in_chans: int, fast_decode: bool = False):
     """-> (uint8 (size,size,C) or None, reason '')."""
     try:
         data = index.read_bytes(i)
     except OSError as e:
         return None, f"unreadable: {type(e).__name__}: {e}"
     try:
-        return decode_image(data, size, in_chans), ""
+        return decode_image(data, size, in_chans, fast_decode), ""
     except BadImage as e:
         return None, str(e) or "bad image"
 
@@ -438,12 +448,14 @@ class PoolDataset(torch.utils.data.Dataset):
     Item k -> (uint8 tensor (C, size, size), global_index: int, ok: bool, reason: str).
     A bad image gives zeros, ok=False and the reason ('' when ok); the caller writes skipped.txt.
     `indices` (range / list / array of global indices) selects a subset, e.g. a rank's strided
-    shard range(rank, N, world). Safe with DataLoader workers (tar fds reopened per process)."""
+    shard range(rank, N, world). Safe with DataLoader workers (tar fds reopened per process).
+    fast_decode: reduced-scale JPEG decoding (see decode_image); default: the published decoding."""
 
-    def __init__(self, index: PoolIndex, size: int, in_chans: int, indices=None):
+    def __init__(self, index: PoolIndex, size: int, in_chans: int, indices=None, fast_decode: bool = False):
         self.index = index
         self.size = int(size)
         self.in_chans = int(in_chans)
+        self.fast_decode = bool(fast_decode)
         n = len(index)
         if indices is None:
             indices = range(n)
@@ -458,7 +470,7 @@ class PoolDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         gi = int(self.indices[k])
-        arr, reason = _load(self.index, gi, self.size, self.in_chans)
+        arr, reason = _load(self.index, gi, self.size, self.in_chans, self.fast_decode)
         if arr is None:
             img = torch.zeros((self.in_chans, self.size, self.size), dtype=torch.uint8)
             return img, gi, False, reason
@@ -488,6 +500,7 @@ class PoolCache:
         self.n = int(meta["n"])
         self.size = int(meta["size"])
         self.in_chans = int(meta["in_chans"])
+        self.decode = meta["decode"]  # 'published' or 'fast' (decode_mode)
         self.fingerprint = meta["fingerprint"]
         img_path = os.path.join(cache_dir, "images.u8")
         want = self.n * self.size * self.size * self.in_chans
@@ -536,8 +549,9 @@ def open_cache(cache_dir) -> PoolCache:
 class _ChunkBuilder:
     """Decodes whole chunks into images.u8; the done marker is written after the data is synced."""
 
-    def __init__(self, index, cache_dir, size, in_chans, chunk_size):
+    def __init__(self, index, cache_dir, size, in_chans, chunk_size, fast_decode=False):
         self.index = index
+        self.fast_decode = fast_decode
         self.cache_dir = cache_dir
         self.size = size
         self.in_chans = in_chans
@@ -553,7 +567,7 @@ class _ChunkBuilder:
                        offset=start * s * s * c, shape=(end - start, s, s, c))
         bad = []
         for j, i in enumerate(range(start, end)):
-            arr, reason = _load(self.index, i, s, c)
+            arr, reason = _load(self.index, i, s, c, self.fast_decode)
             if arr is None:
                 mm[j] = 0  # a killed earlier attempt may have left bytes here
                 bad.append([i, clean_reason(reason)])
@@ -597,12 +611,13 @@ def _mp_context():
 
 
 def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=None,
-                chunk_size: int = 4096, progress: bool = True, force: bool = False) -> PoolCache:
+                chunk_size: int = 4096, progress: bool = True, force: bool = False,
+                fast_decode: bool = False) -> PoolCache:
     """Decode the pool once into cache_dir (resumable) and return the opened cache.
 
-    A finished cache for the same pool fingerprint/size/in_chans is reused at once; an unfinished
-    one resumes (chunks with a done marker are not decoded again). A cache for another
-    pool/size/in_chans raises InputError unless force=True, which rebuilds it.
+    A finished cache for the same pool fingerprint/size/in_chans/decoding is reused at once; an
+    unfinished one resumes (chunks with a done marker are not decoded again). A cache for another
+    pool/size/in_chans/decoding raises InputError unless force=True, which rebuilds it.
     workers <= 1 decodes in this process; otherwise a fork pool of `workers` processes."""
     index = list_pool(index)
     cache_dir = os.path.abspath(os.fspath(cache_dir))
@@ -612,7 +627,8 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     workers = default_workers() if workers is None else int(workers)
     n = len(index)
     fp = pool_fingerprint(index)
-    want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp}
+    want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp,
+            "decode": decode_mode(fast_decode)}
     meta_path = os.path.join(cache_dir, "meta.json")
     img_path = os.path.join(cache_dir, "images.u8")
     chunk_dir = os.path.join(cache_dir, "chunks")
@@ -673,7 +689,7 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
         except ImportError:
             bar = None
     t0 = time.time()
-    builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size)
+    builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size, fast_decode)
     try:
         if todo and (workers <= 1 or len(todo) == 1):
             for k in todo:
@@ -720,11 +736,12 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
 
 
 def load_selected_uint8(index_or_cache, indices, size: int, in_chans: int, workers=0,
-                        batch_size: int = 512) -> torch.Tensor:
+                        batch_size: int = 512, fast_decode: bool = False) -> torch.Tensor:
     """Gather the selected images into RAM: uint8 (K, C, size, size), in the order of `indices`.
 
-    From a PoolCache (must match size/in_chans) by reading the memmap in sorted order; from a
-    PoolIndex by decoding with `workers` DataLoader workers. Bad images come back as zeros."""
+    From a PoolCache (must match size/in_chans; it keeps the decoding it was built with) by reading
+    the memmap in sorted order; from a PoolIndex by decoding with `workers` DataLoader workers
+    (fast_decode as in PoolDataset). Bad images come back as zeros."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     k = len(idx)
     out = torch.empty((k, in_chans, size, size), dtype=torch.uint8)
@@ -742,7 +759,7 @@ def load_selected_uint8(index_or_cache, indices, size: int, in_chans: int, worke
             out[torch.from_numpy(sel)] = cache.batch(idx[sel])
         return out
     index = list_pool(index_or_cache)
-    ds = PoolDataset(index, size, in_chans, idx)
+    ds = PoolDataset(index, size, in_chans, idx, fast_decode=fast_decode)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          num_workers=int(workers))
     pos = 0

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# ImageNet with Flickr1M as the wild pool; adds the first 129 labeled train images per class
-# (--pos_num 129), as published: NOT data-free. training_tinyimagenet.sh runs this with its defaults.
+# ImageNet with Flickr1M as the wild pool, the published settings: 1,000,000 selected images,
+# teacher deit_base_patch16_224 (the official DeiT release file), --lr_S 7.5e-4, and the first 129
+# labeled train images per class (--pos_num 129): NOT data-free. training_tinyimagenet.sh runs this
+# with its own defaults.
 #   NPROC=8 bash training_imagenet.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,9 +16,9 @@ output=${output:-output/$DATASET}
 NB_CLASSES=${NB_CLASSES:-1000}
 TEACHER=${TEACHER:-deit_base_patch16_224}
 STUDENT=${STUDENT:-deit_tiny_patch16_224}
-NUM_SELECT=${NUM_SELECT:-650000}
+NUM_SELECT=${NUM_SELECT:-1000000}
 POS_NUM=${POS_NUM:-129}
-LR_S=${LR_S:-5e-4}
+LR_S=${LR_S:-7.5e-4}
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python3}

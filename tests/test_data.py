@@ -337,3 +337,96 @@ def test_normalize_and_mean_std():
         data.resolve_mean_std((0.5, 0.5, 0.5), None, 1)
     with pytest.raises(InputError, match="--std"):
         data.resolve_mean_std(None, (0.0,), 1)
+
+
+# --------------------------------------------------------------------------- published 224-px transforms
+
+def write_photos(root, sizes, seed=0):
+    """root/{train,val}/<c>/ with one photo-like image of each (w, h) per class (JPEG and PNG)."""
+    from fixtures import encode, smooth_rgb, write_bytes
+    for split in ("train", "val"):
+        for c in ("c0", "c1"):
+            for i, (w, h) in enumerate(sizes):
+                fmt = ("JPEG", "PNG")[i % 2]
+                write_bytes(root / split / c / f"{i}.{fmt.lower()}",
+                            encode(smooth_rgb(w, h, seed + 10 * i + len(c)), fmt))
+
+
+SIZES = [(300, 200), (199, 301), (64, 64), (500, 375), (225, 640)]
+
+
+def test_224_test_transform_is_torchvision_resize_center_crop(tmp_path):
+    from torchvision import transforms
+    write_photos(tmp_path, SIZES)
+    val = data.load_labeled("imagenet", tmp_path, "val", 224, 3)
+    ref = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.PILToTensor()])
+    assert len(val) == 2 * len(SIZES)
+    for i, (path, label) in enumerate(val.samples):
+        img, lab = val[i]
+        want = ref(Image.open(path).convert("RGB"))
+        assert img.dtype == torch.uint8 and img.shape == (3, 224, 224) and lab == label
+        assert torch.equal(img, want), path
+    # the non-square images really were cropped, not squashed to 224x224
+    squash = data.decode_image(val.samples[0][0], 224, 3)
+    assert not torch.equal(val[0][0], squash)
+    # 32-px paths unchanged: resized to (32, 32), train split too
+    for split in ("train", "val"):
+        small = data.load_labeled("imagenet", tmp_path, split, 32, 3)
+        assert torch.equal(small[0][0], data.decode_image(small.samples[0][0], 32, 3))
+
+
+def test_positives_published_random_crop_per_image_and_epoch(tmp_path):
+    import torchvision.transforms.functional as TF
+    from torchvision import transforms
+    write_photos(tmp_path, SIZES)
+    train = data.load_labeled("tinyimagenet", tmp_path, "train", 224, 3)
+    pos = data.RandomCropImages(train, [0, 2, 3, 6], img_size=224, padding=4, seed=5)
+    assert len(pos) == 4 and pos.targets == [train.targets[i] for i in (0, 2, 3, 6)]
+    by_epoch = []
+    for epoch in (0, 1, 0):
+        pos.set_epoch(epoch)
+        items = [pos[k] for k in range(len(pos))]
+        for k, (img, label) in enumerate(items):
+            assert img.dtype == torch.uint8 and img.shape == (3, 224, 224)
+            assert label == train.samples[pos.indices[k]][1]
+            # torchvision's Resize(224) -> pad 4 -> crop at the drawn offset -> flip
+            pil = transforms.Resize(224)(Image.open(train.samples[pos.indices[k]][0]).convert("RGB"))
+            top, left, flip = pos.draw(k, (pil.height, pil.width))
+            want = TF.pil_to_tensor(TF.crop(TF.pad(pil, 4), top, left, 224, 224))
+            assert torch.equal(img, TF.hflip(want) if flip else want)
+        by_epoch.append(torch.stack([img for img, _ in items]))
+    assert not torch.equal(by_epoch[0], by_epoch[1])     # another epoch, other crops and flips
+    assert torch.equal(by_epoch[0], by_epoch[2])         # same (seed, epoch): same images
+    # offsets cover the whole resized image (the 300x200 photo is 336x224: left up to 120)
+    draws = []
+    for e in range(200):
+        pos.set_epoch(e)
+        draws.append(pos.draw(0, (224, 336)))
+    assert max(d[1] for d in draws) > 2 * 4 and {d[2] for d in draws} == {True, False}
+    # data.set_epoch finds it inside the loader's wrappers
+    class Wrap(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+    data.set_epoch(torch.utils.data.ConcatDataset([train, Wrap(pos)]), 9)
+    assert int(pos._epoch) == 9
+    # set_epoch reaches persistent DataLoader workers
+    loader = torch.utils.data.DataLoader(pos, batch_size=4, num_workers=1, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1):
+        pos.set_epoch(epoch)
+        seen.append(next(iter(loader))[0])
+    assert torch.equal(seen[0], by_epoch[0]) and torch.equal(seen[1], by_epoch[1])
+
+
+def test_crop_flip_leaves_done_images_alone():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g)
+    done = torch.arange(32) % 3 == 0
+    out = data.random_crop_flip(x, 4, torch.Generator().manual_seed(7), done=done)
+    ref = data.random_crop_flip(x, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(out[done], x[done])                # exactly one crop/flip: theirs
+    assert torch.equal(out[~done], ref[~done])            # the others as without the mask
+    assert not torch.equal(ref[done], x[done])

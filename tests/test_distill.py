@@ -200,3 +200,61 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     assert not (tmp_path / "sel" / "labelset_index_dict.pth").exists()
     epochs = [r for r in read_log(tmp_path / "out" / "log.txt") if "epoch" in r]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["train_loss"])
+
+
+def script_flags(tmp_path, script, **env):
+    """The flags a run script passes to DFND_DeiT-train.py, parsed by its own parser (a dry run:
+    PYTHON is a stand-in that writes its arguments, one per line, and exits)."""
+    import distill
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    out = tmp_path / f"{script}.args"
+    proc = subprocess.run(["bash", os.path.join(ROOT, script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake), "ARGS_OUT": str(out), **env})
+    assert proc.returncode == 0, proc.stderr
+    argv = out.read_text().splitlines()
+    assert argv[0] == "DFND_DeiT-train.py"
+    return distill.get_args_parser().parse_args(argv[1:])
+
+
+def test_224px_scripts_pass_the_published_settings(tmp_path):
+    imagenet = script_flags(tmp_path, "training_imagenet.sh")
+    assert (imagenet.dataset, imagenet.num_select, imagenet.teacher, imagenet.pos_num, imagenet.lr_S,
+            imagenet.nb_classes) == ("imagenet", 1000000, "deit_base_patch16_224", 129, 7.5e-4, 1000)
+    tiny = script_flags(tmp_path, "training_tinyimagenet.sh")
+    assert (tiny.dataset, tiny.num_select, tiny.teacher, tiny.pos_num, tiny.lr_S, tiny.nb_classes) == \
+        ("tinyimagenet", 800000, "deit_small_patch16_224", 50, 7.5e-4, 200)
+    assert os.path.basename(tiny.teacher_dir) == "tinyimagenet_deit_small_patch16_224.pth"
+    for args in (imagenet, tiny):
+        assert args.attnprobe_sel and args.attnprobe_dist and args.student == "deit_tiny_patch16_224"
+    # every default can still be overridden from the environment
+    custom = script_flags(tmp_path, "training_tinyimagenet.sh", NUM_SELECT="7", TEACHER="t", LR_S="1e-3")
+    assert (custom.num_select, custom.teacher, custom.lr_S) == (7, "t", 1e-3)
+
+
+def test_images_their_dataset_cropped_get_no_second_crop():
+    """224-px --pos_num images arrive cropped and flipped (data.RandomCropImages): the training step
+    crops and flips only the wild images (loader label 0), never the marked ones (label 1)."""
+    import distill
+    import engine
+    import data
+    g = torch.Generator().manual_seed(0)
+    wild = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
+    marked = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
+    ds = torch.utils.data.ConcatDataset([
+        distill._ImagesOnly(torch.utils.data.TensorDataset(wild)),
+        distill._ImagesOnly(torch.utils.data.TensorDataset(marked), cropped=1)])
+    batches = engine.LoaderBatches(ds, batch_size=12, shuffle=False, drop_last=False, workers=0)
+    seen = []
+
+    def loss_fn(x, flags):
+        seen.append((x.clone(), flags.clone()))
+        return {"loss": (x.sum() * 0).requires_grad_()}
+    augment = engine.Augment((0.5,) * 3, (0.25,) * 3, padding=4)
+    engine.train_one_epoch(loss_fn, batches, [], augment, 0, torch.device("cpu"), labels_mark_cropped=True)
+    x, flags = seen[0]
+    plain = data.normalize(torch.cat([wild, marked]), (0.5,) * 3, (0.25,) * 3)
+    assert flags.tolist() == [0] * 6 + [1] * 6
+    assert torch.equal(x[6:], plain[6:])                  # marked: untouched
+    assert not torch.equal(x[:6], plain[:6])              # wild: cropped/flipped on the device

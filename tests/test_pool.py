@@ -110,9 +110,9 @@ def test_bad_bytes_raise(monkeypatch):
     big = encode(smooth_rgb(500, 375, 0), "JPEG", quality=90)
     with pytest.raises(BadImage, match="empty"):
         decode_image(b"", 32, 3)
-    for draft in (True, False):
+    for fast in (True, False):
         with pytest.raises(BadImage, match="truncated"):
-            decode_image(big[: len(big) // 2], 32, 3, draft=draft)
+            decode_image(big[: len(big) // 2], 32, 3, fast_decode=fast)
     with pytest.raises(BadImage, match="not a recognised"):
         decode_image(b"hello world" * 20, 32, 3)
     png = encode(smooth_rgb(64, 64, 0), "PNG")
@@ -126,7 +126,7 @@ def test_bad_bytes_raise(monkeypatch):
     assert not loaded  # rejected from the header, never decoded
 
 
-def test_draft_used_and_close(monkeypatch):
+def test_fast_decode_uses_draft_default_does_not(monkeypatch):
     data = encode(smooth_rgb(500, 375, 3), "JPEG", quality=90)
     calls = []
     orig = JpegImagePlugin.JpegImageFile.draft
@@ -137,13 +137,30 @@ def test_draft_used_and_close(monkeypatch):
         return r
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    fast = decode_image(data, 32, 3).astype(int)
+    published = decode_image(data, 32, 3).astype(int)
+    assert calls == []  # default: full-size decode, as the published pipeline
+    fast = decode_image(data, 32, 3, fast_decode=True).astype(int)
     assert calls == [(63, 47)]  # 1/8 scale: libjpeg decodes 63x47 instead of 500x375
-    slow = decode_image(data, 32, 3, draft=False).astype(int)
-    assert len(calls) == 1
-    assert np.abs(fast - slow).mean() < 8
-    g = decode_image(data, 32, 1, draft=True).astype(int)
-    assert np.abs(g - decode_image(data, 32, 1, draft=False)).mean() < 8
+    assert 0 < np.abs(fast - published).mean() < 8
+    g = decode_image(data, 32, 1, fast_decode=True).astype(int)
+    assert np.abs(g - decode_image(data, 32, 1)).mean() < 8
+
+
+def test_cache_remembers_its_decoding(folder_pool, tmp_path):
+    idx = list_pool(folder_pool)
+    fast = build_cache(idx, tmp_path / "fast", 32, 3, workers=0, progress=False, fast_decode=True)
+    published = build_cache(idx, tmp_path / "pub", 32, 3, workers=0, progress=False)
+    assert (fast.decode, published.decode) == ("fast", "published")
+    big = idx.ids.index("a/img_000.jpg")  # 500x375 JPEG: decoded at 1/8 scale by the fast path
+    assert (fast.images[big] != published.images[big]).any()
+    assert (np.asarray(published.images) == direct(idx, 32, 3)[0]).all()
+    ds = PoolDataset(idx, 32, 3, indices=[big], fast_decode=True)
+    assert (ds[0][0].permute(1, 2, 0).numpy() == fast.images[big]).all()
+    # a cache built one way is never reused for the other
+    with pytest.raises(InputError, match="decode"):
+        build_cache(idx, tmp_path / "fast", 32, 3, workers=0, progress=False)
+    with pytest.raises(InputError, match="decode"):
+        build_cache(idx, tmp_path / "pub", 32, 3, workers=0, progress=False, fast_decode=True)
 
 
 def make_shards(folder):

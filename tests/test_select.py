@@ -42,11 +42,13 @@ def save_base_teacher(path, num_classes=10, seed=0):
     return model.eval()
 
 
-def direct_scores(model, paths, blocks=(3, 7), head=0):
-    """SPEC §1 written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs."""
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)
-                     .permute(2, 0, 1) for p in paths])
-    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+def direct_scores(model, paths, blocks=(3, 7), head=0, resize=None):
+    """SPEC §1 written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs.
+    resize=s: the published wild-image transform, torchvision Resize((s, s)) on the PIL image first."""
+    from torchvision import transforms
+    steps = [transforms.Resize((resize, resize))] if resize else []
+    tf = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     captured = {}
     hooks = [model.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: captured.__setitem__(b, o))
              for b in blocks]
@@ -176,3 +178,33 @@ def test_tar_shard_pool_scores_like_the_folder(scored, tmp_path):
     scores = {k: torch.load(tmp / "sel" / f"{k}.pth", weights_only=True) for k in ("value_out", "value_blk3", "value_blk7")}
     value = 0.05 * (scores["value_blk3"] + scores["value_blk7"]) + 0.9 * scores["value_out"]
     assert [int(i.split("sample")[1][:3]) for i in ids] == torch.argsort(value)[:10].tolist()
+
+
+def test_default_decoding_scores_equal_the_published_transform(tmp_path):
+    """Photos of other sizes than the teacher's: our decode + resize (cache and on-the-fly) score exactly
+    like PIL convert('RGB') + torchvision Resize((32, 32)) + ToTensor + Normalize; --fast_decode does not."""
+    from fixtures import encode, smooth_rgb, write_bytes
+    sizes = [(500, 375), (333, 500), (64, 64), (1024, 768), (100, 37), (17, 40)]
+    for i, (w, h) in enumerate(sizes):
+        write_bytes(tmp_path / "pool" / f"img{i}.jpg", encode(smooth_rgb(w, h, 10 + i), "JPEG", quality=90))
+    paths = [str(tmp_path / "pool" / f"img{i}.jpg") for i in range(len(sizes))]
+    teacher = save_base_teacher(tmp_path / "teacher.pth")
+    expected = direct_scores(teacher, paths, resize=32)
+    common = ["--data_imagenet", str(tmp_path / "pool"), "--teacher", "deit_base_patch4_32_teacher",
+              "--teacher_dir", str(tmp_path / "teacher.pth"), "--num_select", "3", "--attnprobe_sel"]
+    runs = {"cache": [], "on_the_fly": ["--no_cache"], "fast": ["--fast_decode"]}
+    got = {}
+    for name, flags in runs.items():
+        run_select(*common, "--selected_file", str(tmp_path / name), *flags)
+        got[name] = {k: torch.load(tmp_path / name / f"{k}.pth", weights_only=True)
+                     for k in ("value_out", "value_blk3", "value_blk7", "pred_out")}
+    assert (tmp_path / "cache" / "pool_cache_32px_3ch").is_dir() and (tmp_path / "fast" / "pool_cache_32px_3ch_fast").is_dir()
+    for name in ("cache", "on_the_fly"):
+        for key in ("value_out", "value_blk3", "value_blk7"):
+            assert torch.allclose(got[name][key], expected[key], atol=1e-4), (name, key)
+        assert torch.equal(got[name]["pred_out"], expected["pred_out"]), name
+    # the reduced-scale decoding is measurably another computation (else this test could not fail)
+    assert (got["fast"]["value_out"] - expected["value_out"]).abs().max() > 1e-4
+    # scores of one decoding are never reused for the other
+    proc = run_select(*common, "--selected_file", str(tmp_path / "cache"), "--fast_decode", check=False)
+    assert proc.returncode == 2 and "image decoding (--fast_decode)" in proc.stderr
