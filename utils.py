@@ -115,8 +115,21 @@ def cli_main(main):
             print("interrupted: finished work is saved; run the same command again to continue",
                   file=sys.stderr)
             sys.exit(130)
+        finally:
+            _leave_process_group()
 
     return wrapper
+
+
+def _leave_process_group():
+    # a process group still alive at interpreter exit can abort the process ("terminate called
+    # without an active exception") after its error line was printed: leave it first
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
 
 
 # ---- devices and torchrun ----------------------------------------------------------------
