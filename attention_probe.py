@@ -8,6 +8,12 @@ and its own `qkv` weights: O(B·N·d_head) extra work, no weight copies, no seco
     out.logits      # (B, num_classes)
     out.probes[3]   # (B, N - num_prefix_tokens): softmax(q_cls · Kᵀ / sqrt(d_head)) without prefix columns
     out.features    # (L, B, N, C): token outputs of the feature blocks, before the final norm
+
+With extras=True the same pass also returns what signals.py scores (no second forward):
+    out.pre_logits      # (B, C): the head's input
+    out.block_cls_norm  # (B, depth): L2 norm of the CLS token after each block
+    out.block_tok_norm  # (B, depth): mean L2 norm of the patch tokens after each block
+    out.head_rows       # (B, depth, heads, N - prefix): every head's CLS row, read from each block's qkv output
 """
 from dataclasses import dataclass, field
 
@@ -23,6 +29,10 @@ class ProbeOutput:
     logits: torch.Tensor
     probes: dict = field(default_factory=dict)   # block index -> (B, N - prefix) attention row
     features: torch.Tensor = None                # (L, B, N, C) or None
+    pre_logits: torch.Tensor = None              # (B, C), extras only
+    block_cls_norm: torch.Tensor = None          # (B, depth), extras only
+    block_tok_norm: torch.Tensor = None          # (B, depth), extras only
+    head_rows: torch.Tensor = None               # (B, depth, heads, N - prefix), extras only
 
 
 def cls_attention_row(block, x, head=0, num_prefix_tokens=1):
@@ -45,11 +55,25 @@ def cls_attention_row(block, x, head=0, num_prefix_tokens=1):
     return logits.float().softmax(dim=-1)[:, num_prefix_tokens:]
 
 
-def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_blocks=()):
+def cls_rows_from_qkv(attn, qkv, num_prefix_tokens=1):
+    """Every head's CLS attention row from a block's qkv output (B, N, 3·width) -> (B, heads, N - prefix).
+
+    The qkv projection is computed by the block anyway: reading its output costs O(B·N·width).
+    """
+    B, N, _ = qkv.shape
+    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)   # layout [q | k | v], heads inside
+    q = attn.q_norm(qkv[:, 0, 0])                                 # (B, heads, hd): CLS queries
+    k = attn.k_norm(qkv[:, :, 1])                                 # (B, N, heads, hd)
+    logits = torch.einsum("bhd,bnhd->bhn", q, k) * attn.scale     # (B, heads, N)
+    return logits.float().softmax(dim=-1)[..., num_prefix_tokens:]
+
+
+def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_blocks=(), extras=False):
     """One forward pass of a timm VisionTransformer that also returns probe rows and block features.
 
     Walks timm's own modules in the order of `VisionTransformer.forward_features`; the blocks
-    themselves run unchanged (fused attention stays on).
+    themselves run unchanged (fused attention stays on). extras=True adds the fields signals.py
+    needs; logits and probe rows are the same numbers either way.
     """
     depth = len(model.blocks)
     for b in (*probe_blocks, *feature_blocks):
@@ -62,15 +86,34 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
-    probes, features = {}, []
-    for i, block in enumerate(model.blocks):
-        if i in probe_blocks:
-            probes[i] = cls_attention_row(block, x, head, prefix)
-        x = block(x)
-        if i in feature_blocks:
-            features.append(x)
-    logits = model.forward_head(model.norm(x))
-    return ProbeOutput(logits, probes, torch.stack(features) if features else None)
+    probes, features, qkv_out, cls_norm, tok_norm = {}, [], {}, [], []
+    hooks = [blk.attn.qkv.register_forward_hook(lambda m, i, o, j=j: qkv_out.__setitem__(j, o))
+             for j, blk in enumerate(model.blocks)] if extras else []
+    try:
+        for i, block in enumerate(model.blocks):
+            if i in probe_blocks:
+                probes[i] = cls_attention_row(block, x, head, prefix)
+            x = block(x)
+            if i in feature_blocks:
+                features.append(x)
+            if extras:
+                cls_norm.append(x[:, 0].float().norm(dim=-1))
+                tok_norm.append(x[:, prefix:].float().norm(dim=-1).mean(dim=1))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = ProbeOutput(None, probes, torch.stack(features) if features else None)
+    if not extras:
+        out.logits = model.forward_head(model.norm(x))
+        return out
+    # forward_head(x) == head(forward_head(x, pre_logits=True)): the same ops, split to keep the head input
+    out.pre_logits = model.forward_head(model.norm(x), pre_logits=True)
+    out.logits = model.head(out.pre_logits)
+    out.block_cls_norm = torch.stack(cls_norm, dim=1)                        # (B, depth)
+    out.block_tok_norm = torch.stack(tok_norm, dim=1)                        # (B, depth)
+    out.head_rows = torch.stack([cls_rows_from_qkv(blk.attn, qkv_out[j], prefix)
+                                 for j, blk in enumerate(model.blocks)], dim=1)   # (B, depth, heads, N - prefix)
+    return out
 
 
 def probe_uniformity(probe):

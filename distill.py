@@ -443,7 +443,7 @@ def _trim_log(path, last_epoch):
         atomic_write_text(path, "".join(keep))
 
 
-_SAME_RUN_KEYS = ("teacher", "student", "num_select", "attnprobe_sel", "random", "attnprobe_dist", "per_class",
+_SAME_RUN_KEYS = ("teacher", "student", "num_select", "attnprobe_sel", "random", "rule", "attnprobe_dist", "per_class",
                   "lr_S", "batch_size", "robust", "seed", "epochs")
 
 
