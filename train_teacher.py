@@ -55,8 +55,11 @@ def warmup_cosine(epoch, base_lr, epochs, warmup):
     return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
 
 
-def train_teacher(args):
-    """Train and save the teacher; returns the final test metrics."""
+def train_teacher(args, on_epoch=None):
+    """Train and save the teacher; returns the final test metrics.
+
+    on_epoch: optional callable given each epoch's record dict (rank 0), e.g. for a progress line.
+    """
     if args.epochs <= 0:
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)
@@ -107,6 +110,8 @@ def train_teacher(args):
         if rank == 0:
             engine.log_line(log_path, record)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            if on_epoch is not None:
+                on_epoch(record)
     if rank == 0:
         atomic_torch_save({"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"], "acc5": stats["acc5"],
                            "mean": list(mean), "std": list(std), "arch": args.model, "nb_classes": num_classes,
