@@ -557,18 +557,22 @@ def select_from_scores(args, pool_index, seed=0):
     """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth."""
     blocks = sorted(args.probe_blocks)
     out = args.selected_file
-    scores = load_scores(out, blocks if args.attnprobe_sel else [])
+    rule_name = getattr(args, "rule", "published")
+    probe = args.attnprobe_sel if rule_name == "published" else signals.rule_uses_probe(rule_name)
+    scores = load_scores(out, blocks if probe else [])
     n = len(scores["value_out"])
     if n != len(pool_index):
         raise InputError(f"score files in {out} cover {n} images but the pool has {len(pool_index)}")
     pred = scores["pred_out"].long()
     usable = torch.isfinite(scores["value_out"]) & (pred >= 0)
-    rule_name = getattr(args, "rule", "published")
     if rule_name == "published":
         value = combined_value(scores, args.attnprobe_sel, args.attnlier, args.outlier, blocks)
     else:   # an opt-in rule of signals.RULES, from the same single scoring pass
         scores.update(load_signals(out, signals.rule_needs(rule_name)))
-        value = signals.rule_value(rule_name, scores, usable)
+        try:
+            value = signals.rule_value(rule_name, scores, usable, blocks)
+        except ValueError as e:
+            raise InputError(f"--rule {rule_name}: {e} (score files in {out})") from None
     chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, seed)
     probs_path = os.path.join(out, "probs_out.npy")
     if os.path.exists(probs_path):

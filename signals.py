@@ -148,7 +148,15 @@ RULES = {
     "feat_norm": [("feat_norm", -1)],
     "knn": [("knn", +1)],
     "confidence+feat_norm": [("value_out", +1), ("feat_norm", -1)],
+    # the signal study's choice (README "Beyond the paper": mismatch 0.2 pool, seed-0 teacher): a FLAT
+    # published probe (high Σ value_blk, the paper's sign reversed) plus large block-2 patch-token norms
+    "flatprobe+tok_norm_b2": [("probe_pub", -1), ("tok_norm_b2", -1)],
 }
+
+
+def rule_uses_probe(rule):
+    """True when a rule reads the published probe files value_blk{b}.pth."""
+    return any(col == "probe_pub" for col, _ in RULES[rule])
 
 
 def rule_needs(rule):
@@ -162,8 +170,10 @@ def rule_needs(rule):
     return sorted(need)
 
 
-def rule_value(rule, scores, usable):
+def rule_value(rule, scores, usable, probe_blocks=()):
     """The value a named rule ranks by (LOW = keep), from the loaded score dict."""
-    if rule not in RULES:
-        raise KeyError(rule)
-    return combine(columns(scores), RULES[rule], usable)
+    cols = columns(scores, probe_blocks)
+    missing = [c for c, _ in RULES[rule] if c not in cols]
+    if missing:
+        raise ValueError(f"rule {rule} needs {', '.join(missing)}, which these scores do not have")
+    return combine(cols, RULES[rule], usable)

@@ -184,6 +184,14 @@ def test_rule_selects_by_its_signals(scored):
     sel = torch.load(tmp / "sel" / "selection.pt", weights_only=True)
     assert sel["indices"].tolist() == np.argsort(z, kind="stable")[:8].tolist()
     assert sel["rule"] == "signal rule confidence+feat_norm"
+    # the study's rule: a flat published probe (high Σ value_blk) and large block-2 patch-token norms kept
+    assert run_script_inprocess("select_data.py", *common, "--num_select", "8",
+                                "--rule", "flatprobe+tok_norm_b2") == 0
+    p = sum(torch.load(tmp / "sel" / f"value_blk{b}.pth", weights_only=True).double().numpy() for b in (3, 7))
+    t = torch.load(tmp / "sel" / "sig_tok_norm.pth", weights_only=True)[:, 2].double().numpy()
+    z = -(p - p.mean()) / p.std(ddof=1) - (t - t.mean()) / t.std(ddof=1)
+    sel = torch.load(tmp / "sel" / "selection.pt", weights_only=True)
+    assert sel["indices"].tolist() == np.argsort(z, kind="stable")[:8].tolist()
     # --per_class still applies on top of a rule
     assert run_script_inprocess("select_data.py", *common, "--num_select", "8", "--rule", "knn",
                                 "--per_class", "1") == 0
