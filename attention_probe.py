@@ -86,9 +86,11 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
-    probes, features, qkv_out, cls_norm, tok_norm = {}, [], {}, [], []
-    hooks = [blk.attn.qkv.register_forward_hook(lambda m, i, o, j=j: qkv_out.__setitem__(j, o))
-             for j, blk in enumerate(model.blocks)] if extras else []
+    probes, features, head_rows, cls_norm, tok_norm = {}, [], {}, [], []
+    # each block's CLS rows are read from its qkv output as it is made: nothing (B, N, 3·width) is kept
+    hooks = [blk.attn.qkv.register_forward_hook(
+        lambda m, i, o, j=j, attn=blk.attn: head_rows.__setitem__(j, cls_rows_from_qkv(attn, o, prefix)))
+        for j, blk in enumerate(model.blocks)] if extras else []
     try:
         for i, block in enumerate(model.blocks):
             if i in probe_blocks:
@@ -111,8 +113,7 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     out.logits = model.head(out.pre_logits)
     out.block_cls_norm = torch.stack(cls_norm, dim=1)                        # (B, depth)
     out.block_tok_norm = torch.stack(tok_norm, dim=1)                        # (B, depth)
-    out.head_rows = torch.stack([cls_rows_from_qkv(blk.attn, qkv_out[j], prefix)
-                                 for j, blk in enumerate(model.blocks)], dim=1)   # (B, depth, heads, N - prefix)
+    out.head_rows = torch.stack([head_rows[j] for j in range(depth)], dim=1)   # (B, depth, heads, N - prefix)
     return out
 
 
