@@ -220,3 +220,31 @@ def test_distillation_takes_the_rule():
     args = distill.get_args_parser().parse_args(["--rule", "confidence+feat_norm"])
     assert args.rule == "confidence+feat_norm"
     assert "rule" in distill._SAME_RUN_KEYS
+
+
+# ---- signal_study: the pre-registered choice ---------------------------------------------------------
+
+def test_study_fixes_signs_on_the_selection_pool_and_prefers_fewer_terms():
+    import signal_study as st
+    rng = np.random.default_rng(0)
+    relevant = rng.random(400) < 0.3
+    noise = lambda: torch.from_numpy(rng.normal(size=400))                      # noqa: E731
+    rel = torch.from_numpy(relevant).double()
+    cols = {c: noise() for c in st.BASE if c not in ("value_out", "feat_norm")}
+    cols["value_out"] = noise() - 3.0 * rel          # low for in-domain: kept as is
+    cols["feat_norm"] = noise() + 0.5 * rel          # high for in-domain: sign flipped
+    cols.update({"cls_norm_b0": noise(), "tok_norm_b1": noise() + 0.2 * rel, "probe_b0_h0": noise(),
+                 "flip_kl": noise() - 9.0 * rel})
+    signs, cands, picked = st.candidates(cols, relevant)
+    assert signs["value_out"] == 1 and signs["feat_norm"] == -1
+    assert picked["best_block_norm"] == "tok_norm_b1"
+    usable = torch.ones(400, dtype=torch.bool)
+    source = np.where(relevant, "in", "other")
+    res = {st.rule_name(t): st.evaluate(signals.combine(cols, t, usable), usable, relevant, source) for t in cands}
+    res["published"] = res["value_out"]
+    chosen = st.choose({st.SELECTION_POOL: {st.SELECTION_SEED: res}}, cands)
+    best = max(res[st.rule_name(t)]["auroc"] for t in cands if "flip_kl" not in st.rule_name(t))
+    assert "flip_kl" not in st.rule_name(chosen)      # needs a second forward: not eligible
+    assert res[st.rule_name(chosen)]["auroc"] >= best - st.SIMPLER_WITHIN
+    assert all(len(t) >= len(chosen) for t in cands if res[st.rule_name(t)]["auroc"] >= best - st.SIMPLER_WITHIN
+               and "flip_kl" not in st.rule_name(t))
