@@ -1,4 +1,4 @@
-"""Throughput of our fast paths against a faithful re-enactment of the published algorithm.
+"""Throughput of our fast paths against a faithful re-enactment of the published algorithm (reference.py).
 
     python benchmark.py --json bench.json                          # GPU: batch 1024 scoring, 256 / 1024 training
     python benchmark.py --compile --cuda_graphs --json bench.json  # + torch.compile and CUDA-graph variants
@@ -35,19 +35,18 @@ import traceback
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 
 import data
 import engine
 import models
 import pool
 import select_data
-from losses import NoiseAdaptation, csloss
+from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
+from losses import NoiseAdaptation
+from reference import PATCHATTN, PublishedNoise, PublishedScorer, PublishedView, published_step_loss
+from utils import amp_dtype
 
-PROBE_BLOCKS = (3, 7)
-FEATURE_BLOCKS = (3, 7, 11)
 TEACHER_ACC = 0.7630            # published CIFAR-100 teacher accuracy (noise adaptation)
-PATCHATTN = 1.0
 LR_S, WEIGHT_DECAY = 7.5e-4, 0.025
 
 # end-to-end estimate of a CIFAR-100 reproduction (SPEC §1, §6)
@@ -108,7 +107,7 @@ def resolve_sizes(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    cores = pool._default_workers()
+    cores = pool.default_workers()
     args.cores = cores
     if args.cache_workers is None:
         args.cache_workers = cores if full else min(2, cores)
@@ -204,143 +203,15 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-# ---- the published algorithm, re-enacted on a timm model ----------------------------------
-
-class PublishedView:
-    """The published TeacherVisionTransformer.forward on a timm model: (logits, features (L, B, N, C)).
-
-    The published model appends the outputs of blocks 3, 7, 11 to a list in every forward and
-    concatenates them; here forward hooks do the same. A context manager, so the hooks never
-    stay on a model that our code (or torch.compile) uses afterwards.
-    """
-
-    def __init__(self, model, feature_blocks=FEATURE_BLOCKS):
-        self.model, self.feature_blocks = model, tuple(feature_blocks)
-        self._feats, self._hooks = [], []
-
-    def __enter__(self):
-        self._hooks = [self.model.blocks[b].register_forward_hook(lambda m, i, o: self._feats.append(o))
-                       for b in self.feature_blocks]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._feats = [], []
-
-    def __call__(self, x):
-        self._feats = []
-        logits = self.model(x)
-        feats, self._feats = self._feats, []
-        B, N, C = feats[0].shape
-        return logits, torch.cat(feats, dim=0).view(len(feats), B, N, C)
-
-
-class PublishedScorer:
-    """identify_attnlier + identify_outlier of the published code, for one batch of normalised images.
-
-    Pass 1: forward with hooks on blocks[b].attn capturing its input; for each probe block the qkv
-    weight is repeated per image, (B, 3C, C), and applied with bmm; all heads' full attention
-    matrices (B, heads, N, N) are formed and head `head`'s CLS row kept; cosine with uniform (csloss).
-    Pass 2: another full forward for the logits -> cross-entropy against the argmax.
-    """
-
-    def __init__(self, model, probe_blocks=PROBE_BLOCKS, head=0):
-        self.model, self.probe_blocks, self.head = model, tuple(probe_blocks), head
-        self._inputs = {b: [] for b in self.probe_blocks}
-        self._hooks, self._capture = [], False
-
-    def _keep(self, b, inp):
-        if self._capture:  # published: the hooks exist during identify_attnlier only, not in pass 2
-            self._inputs[b].append(inp)
-
-    def __enter__(self):
-        self._hooks = [self.model.blocks[b].attn.register_forward_hook(
-            lambda m, inp, out, b=b: self._keep(b, inp)) for b in self.probe_blocks]
-        self._view = PublishedView(self.model).__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._view.__exit__()
-        self._hooks = []
-
-    @torch.no_grad()
-    def __call__(self, x):
-        out = {}
-        self._capture = True
-        try:
-            self._view(x)                                                  # pass 1: logits unused
-        finally:
-            self._capture = False
-        for b in self.probe_blocks:
-            attn = self.model.blocks[b].attn
-            h = self._inputs[b][0][0]                                      # (B, N, C): norm1 output
-            B, N, C = h.shape
-            heads, hd = attn.num_heads, attn.head_dim
-            uniform = (torch.ones(B, N - 1) / (N - 1)).float().to(x.device)
-            # (B, 3C, C): a copy of the weight per image, a temporary as in the published expression
-            qkv = torch.bmm(h, attn.qkv.weight.unsqueeze(0).repeat(B, 1, 1).transpose(1, 2)) + attn.qkv.bias
-            qkv = qkv.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)   # (3, B, heads, N, hd)
-            q, k = qkv[0], qkv[1]
-            a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)   # (B, heads, N, N)
-            out[f"value_blk{b}"] = csloss(a[:, self.head, 0, 1:], uniform).detach().clone()
-            self._inputs[b].clear()
-        logits, _ = self._view(x)                                          # pass 2
-        pred = logits.max(1)[1]
-        out["value_out"] = F.cross_entropy(logits, pred, reduction="none").detach().clone()
-        out["pred_out"] = pred
-        return out
-
-
-def published_scores(model, x, probe_blocks=PROBE_BLOCKS, head=0):
-    """Published scores of a normalised float batch x (B, C, H, W) -> dict of (B,) tensors."""
-    with PublishedScorer(model, probe_blocks, head) as scorer:
-        return scorer(x)
-
-
-def published_kdloss(y, teacher_scores, T=4.0):
-    p = F.log_softmax(y / T, dim=1)
-    q = F.softmax(teacher_scores / T, dim=1)
-    return F.kl_div(p, q, reduction="none").sum() / y.shape[0] * T * T
-
-
-def published_pd_loss(feature_T, feature_S):
-    """Full (L, B, N, N) Gram matrices of token-normalised features, then their CLS rows."""
-    L, B, N, _ = feature_T.shape
-    ft, fs = F.normalize(feature_T, p=2, dim=2), F.normalize(feature_S, p=2, dim=2)
-    gt, gs = ft @ ft.transpose(-2, -1), fs @ fs.transpose(-2, -1)
-    diff = gt[:, :, 0, 1:] - gs[:, :, 0, 1:]
-    return (diff * diff).view(-1, 1).sum(0).squeeze() / (L * B * (N - 1))
-
-
-class PublishedNoise:
-    """The published noise layer: θ lives on the CPU, Q is built row by row in Python, then copied over."""
-
-    def __init__(self, num_classes, acc, device):
-        self.theta = torch.nn.Parameter(torch.zeros(num_classes, num_classes - 1))
-        self.acc, self.num_classes, self.device = torch.tensor([acc]), num_classes, device
-
-    def matrix(self):
-        c = self.num_classes
-        sm = torch.softmax(self.theta, dim=1) * (1 - self.acc)            # (C, C-1)
-        q = torch.zeros(c, c)
-        for i in range(c):
-            q[i] = torch.cat([sm[i][:i], self.acc, sm[i][i:]])
-        return q.to(self.device)
-
-
 # ---- section (a): scoring -----------------------------------------------------------------
 
 def section_scoring(args, device, teacher, res):
     B = args.score_batch
-    in_chans, size = models.input_spec(teacher)
-    mean, std = data.resolve_mean_std(None, None, in_chans)
+    in_chans, size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
     g = torch.Generator(device="cpu").manual_seed(1)
     u8 = torch.randint(0, 256, (B, in_chans, size, size), dtype=torch.uint8, generator=g).to(device)
     x = data.normalize(u8, mean, std)                   # published: the loader hands normalised floats
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = amp_dtype("auto", device)
     amp_name = "bf16" if amp else "fp32"
     rows = []
 
@@ -358,7 +229,7 @@ def section_scoring(args, device, teacher, res):
     def ours(fn, *extra):
         def run(n):
             for _ in range(n):
-                fn(teacher, u8, mean, std, PROBE_BLOCKS, 0, amp, *extra)
+                fn(teacher.model, u8, mean, std, PROBE_BLOCKS, 0, amp, *extra)
         return run
     # ours first: on the CPU the peak is RSS growth, which memory freed by an earlier run would hide
     record("ours", f"ours: select_data.score_images, 1 pass, {amp_name}", ours(select_data.score_images), 1)
@@ -371,7 +242,7 @@ def section_scoring(args, device, teacher, res):
         compiled = torch.compile(select_data.score_images, dynamic=False)
         record("ours_compiled", f"ours + torch.compile, {amp_name}", ours(compiled), 3)
 
-    with PublishedScorer(teacher) as scorer:
+    with PublishedScorer(teacher.model) as scorer:
         def run_published(n):
             for _ in range(n):
                 scorer(x)
@@ -404,10 +275,9 @@ def _rate(rows, name):
 
 def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
     """run(n): n steps of engine.train_one_epoch exactly as distill.py wires it."""
-    in_chans, size = models.input_spec(teacher)
-    mean, std = data.resolve_mean_std(None, None, in_chans)
+    in_chans, size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
     on_gpu = device.type == "cuda"
-    amp = torch.bfloat16 if on_gpu else None
+    amp = amp_dtype("auto", device)
     torch.manual_seed(0)
     student = models.create(args.student, args.num_classes).to(device)
     noise = NoiseAdaptation(args.num_classes, TEACHER_ACC).to(device)
@@ -415,7 +285,7 @@ def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
                               **({"fused": True} if on_gpu else {}))
     opt_n = torch.optim.Adam(noise.parameters(), lr=1e-3)
     train_module = engine.StudentWithFeatures(student, noise, FEATURE_BLOCKS)
-    teacher_module = engine.TeacherWithFeatures(teacher, FEATURE_BLOCKS)
+    teacher_module = engine.TeacherWithFeatures(teacher.model, FEATURE_BLOCKS)
     if variant != "eager":
         # a fresh compile cache, as in a real run, which only ever sees this one batch shape
         torch._dynamo.reset()
@@ -445,23 +315,9 @@ def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
     return run
 
 
-def published_step_loss(s_view, t_view, noise_matrix, x, patchattn=PATCHATTN):
-    """The published train() loss for one batch: KD + NA + patchattn · PD (views are PublishedView)."""
-    out_s, feat_s = s_view(x)
-    out_t, feat_t = t_view(x)
-    out_t, feat_t = out_t.detach(), feat_t.detach()
-    pred = out_t.data.max(1)[1]
-    preds_t = pred.cpu().numpy()                        # published: host copy every step (robust weights)
-    del preds_t
-    loss = published_kdloss(out_s, out_t)
-    adapted = F.softmax(out_s, dim=1) @ noise_matrix()
-    loss = loss + F.nll_loss(torch.log(adapted), pred)
-    return loss + patchattn * published_pd_loss(feat_t, feat_s)
-
-
 def published_train_runner(args, device, teacher, batch, pool_batches=4):
     """run(n): n published training steps on normalised float batches already on the device."""
-    in_chans, size = models.input_spec(teacher)
+    in_chans, size = teacher.in_chans, teacher.img_size
     torch.manual_seed(0)
     student = models.create(args.student, args.num_classes).to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=LR_S, weight_decay=WEIGHT_DECAY, foreach=True)
@@ -485,7 +341,7 @@ def published_train_runner(args, device, teacher, batch, pool_batches=4):
         opt.step()
         opt_n.step()
 
-    s_view, t_view = PublishedView(student), PublishedView(teacher)
+    s_view, t_view = PublishedView(student), PublishedView(teacher.model)
     k = [0]
 
     def run(n):
@@ -577,11 +433,11 @@ def published_decode(paths, size=32):
     try:
         import torchvision.transforms as T
         tf = T.Compose([T.Resize((size, size)), T.ToTensor(),
-                        T.Normalize(mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD)])
+                        T.Normalize(mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)])
     except ImportError:  # same work without torchvision
         def tf(img):
             a = torch.from_numpy(np.asarray(img.resize((size, size), Image.BILINEAR), np.float32) / 255)
-            return data.normalize((a.permute(2, 0, 1) * 255).to(torch.uint8), models.IMAGENET_MEAN, models.IMAGENET_STD)
+            return data.normalize((a.permute(2, 0, 1) * 255).to(torch.uint8), data.IMAGENET_MEAN, data.IMAGENET_STD)
     for p in paths:
         with open(p, "rb") as f:
             img = Image.open(f).convert("RGB")
@@ -742,7 +598,7 @@ def main(args):
     if {"a", "b"} & set(args.sections):
         try:
             torch.manual_seed(0)
-            teacher = models.create(args.teacher, args.num_classes).to(device).eval().requires_grad_(False)
+            teacher = models.Teacher.of(models.create(args.teacher, args.num_classes).to(device), args.teacher)
         except Exception as e:  # sections a and b report it; c still runs
             traceback.print_exc()
             teacher_error = f"teacher {args.teacher}: {type(e).__name__}: {e}"

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 import pool
 from utils import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 DATASETS = ("cifar10", "cifar100", "mnist", "fashionmnist", "tinyimagenet", "imagenet", "folder")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}   # fixed-format datasets
+# every named task's class count (folder datasets may hold fewer classes than their full task)
+DATASET_CLASSES = {**NUM_CLASSES, "tinyimagenet": 200, "imagenet": 1000}
 
 # --------------------------------------------------------------------------- CIFAR pickles
 
@@ -190,7 +191,7 @@ def read_idx(root, train: bool):
 # --------------------------------------------------------------------------- ImageFolder
 
 def is_image_file(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(pool.IMG_EXTENSIONS) and not name.startswith(".")
 
 
 def find_classes(root):
@@ -242,7 +243,7 @@ def list_image_folder(root, class_to_idx=None, classes=None):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(f)]
     if not samples:
-        raise InputError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise InputError(f"no images ({' '.join(pool.IMG_EXTENSIONS)}) under {root}")
     return samples, list(classes)
 
 
@@ -533,17 +534,6 @@ def random_crop_flip(x, padding, generator=None):
     """Per-image random crop (zero padding) + horizontal flip with p=0.5, vectorised."""
     dy, dx, flip = draw_crop_flip(x.shape[0], padding, x.device, generator)
     return apply_crop_flip(x, padding, dy, dx, flip)
-
-
-def random_crop_flip_reference(x, padding, dy, dx, flip):
-    """Slow per-image version of apply_crop_flip, for tests only."""
-    H, W = x.shape[2:]
-    out = []
-    for b in range(x.shape[0]):
-        p = F.pad(x[b], (padding, padding, padding, padding))
-        c = p[:, int(dy[b]):int(dy[b]) + H, int(dx[b]):int(dx[b]) + W]
-        out.append(c.flip(-1) if bool(flip[b]) else c)
-    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------- normalisation

@@ -212,6 +212,7 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
     for the energy. Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
     import pool as pool_mod
     import select_data
+    from utils import amp_dtype
     scores_dir = os.path.join(pool_dir, f"scores_seed{teacher_info['seed']}")
     shutil.rmtree(scores_dir, ignore_errors=True)     # never resume another run's scores
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
@@ -220,11 +221,12 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
             # inside pool/: rebuilt with the pool, so never a stale cache of another pool
             "--cache_dir", os.path.join(pool_dir, "pool", "cache")]
     sargs = select_data.get_args_parser().parse_args(argv)
-    teacher, _, in_chans, img_size, mean, std = select_data.load_teacher(sargs, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    t = select_data.load_teacher(sargs, device)
+    teacher, mean, std = t.model, t.mean, t.std
+    amp = amp_dtype("auto", device)
     with quiet(os.path.join(pool_dir, "scoring.log")):
-        select_data.run_selection(sargs, teacher, in_chans, img_size, mean, std, device, cfg["workers"], amp)
-    cache_dir = select_data.default_cache_dir(sargs, img_size, in_chans)
+        select_data.run_selection(sargs, t, device)
+    cache_dir = select_data.default_cache_dir(sargs, t)
     cache = pool_mod.open_cache(cache_dir)
     # energy = -logsumexp(logits): probs_out.npy holds softmax only, so a second (cheap) pass
     energy = torch.empty(cache.n)

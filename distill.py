@@ -5,10 +5,12 @@
         --output_dir output/cifar100 --nb_classes 100 --lr_S 8.5e-4 --attnprobe_sel --attnprobe_dist
     torchrun --nproc_per_node 4 DFND_DeiT-train.py ...    # DistributedDataParallel, --batch_size is global
 
-Runs selection first when the score files are missing (select_data's functions), then trains the
-student with KD + noise adaptation (+ patchattn · probe distillation with --attnprobe_dist).
+Takes a Selection from stage 1 (select_data.run_selection: scores are computed when missing, else
+reused; or --selection_file), then trains the student on it with KD + noise adaptation
+(+ patchattn · probe distillation with --attnprobe_dist).
 Writes output_dir/student/{checkpoint.pth (best test acc1), last.pth (resume point)},
-output_dir/log.txt (one JSON line per epoch) and output_dir/args.json. Rerunning the same
+output_dir/log.txt (one JSON line per epoch), output_dir/args.json, and with --pos_num
+output_dir/labelset_index_dict.pth (the labeled train images added). Rerunning the same
 command resumes from last.pth.
 """
 import argparse
@@ -25,15 +27,14 @@ import engine
 import models
 import pool
 import select_data
+from attention_probe import FEATURE_BLOCKS
+from data import DATASET_CLASSES
 from losses import NoiseAdaptation
-from utils import (InputError, RunLock, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   init_distributed, resolve_device)
+from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
+                   init_distributed, on_rank0, resolve_device, run_lock)
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10,
-                   "tinyimagenet": 200, "imagenet": 1000}
-FEATURE_BLOCKS = (3, 7, 11)
 
 
 def get_args_parser():
@@ -55,7 +56,7 @@ def get_args_parser():
                    help="default: the published formula int(320000 / num_select * 512) (640000 for 224 px)")
     g.add_argument("--schedule", type=int, nargs="*", default=[200, 300], help="lr ×0.1 at these epochs")
     g.add_argument("--cos", action="store_true", help="cosine learning rate instead of --schedule")
-    g.add_argument("--robust", action="store_true", help="class-weighted KD (class_weights.pth)")
+    g.add_argument("--robust", action="store_true", help="class-weighted KD (the selection's class weights)")
     g.add_argument("--attnprobe_dist", action="store_true", help="add probe distillation (PD) to the loss")
     g.add_argument("--patchattn", type=float, default=1.0, help="weight of PD (default 1.0)")
     g.add_argument("--pd_teacher_blocks", type=int, nargs="+", default=None, help="default 3 7 11")
@@ -118,11 +119,11 @@ def default_student(img_size):
     return {32: "deit_tiny_patch4_32", 28: "deit_tiny_patch4_28"}.get(img_size, "deit_tiny_patch16_224")
 
 
-def resolve_teacher_acc(args, meta):
+def resolve_teacher_acc(args, teacher):
     if args.teacher_acc is not None:
         return args.teacher_acc, "--teacher_acc"
-    if "acc1" in meta:
-        return float(meta["acc1"]) / 100, "the teacher checkpoint"
+    if teacher.accuracy is not None:
+        return teacher.accuracy, "the teacher checkpoint"
     return PUBLISHED_TEACHER_ACC.get(args.dataset, 0.8118), f"the published constant for {args.dataset}"
 
 
@@ -143,19 +144,6 @@ def feature_block_pairs(args, teacher, student):
 
 
 # ---- data -------------------------------------------------------------------------------
-
-def load_selection_file(path):
-    """A selection.pt written by someone else -> {'indices': long (K,), 'pred': long (K,), ...}."""
-    if not os.path.isfile(path):
-        raise InputError(f"--selection_file {path}: no such file")
-    sel = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sel, dict) or "indices" not in sel or "pred" not in sel:
-        raise InputError(f"--selection_file {path} must hold a dict with 'indices' and 'pred' (teacher argmax)")
-    sel["indices"], sel["pred"] = torch.as_tensor(sel["indices"]).long(), torch.as_tensor(sel["pred"]).long()
-    if sel["indices"].shape != sel["pred"].shape or sel["indices"].ndim != 1 or not len(sel["indices"]):
-        raise InputError(f"--selection_file {path}: 'indices' and 'pred' must be non-empty 1-D and equally long")
-    return sel
-
 
 def split_holdout(indices, share, seed):
     """Deterministic split of the selection -> (train indices, holdout positions into `indices`)."""
@@ -193,39 +181,27 @@ class _ImagesOnly(torch.utils.data.Dataset):
         return self.dataset[i][0], 0
 
 
-def training_images(args, selection, img_size, in_chans, positives):
+def training_images(args, selection, teacher, positives):
     """The student's training set: in memory (uint8 tensor) up to 64 px, else a decoding Dataset."""
-    pool_index = pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
-    train_pos, hold_pos = split_holdout(selection["indices"], args.holdout, args.seed)
-    train_idx = selection["indices"][train_pos]
-    hold_idx = selection["indices"][hold_pos]
-    cache_dir = select_data.default_cache_dir(args, img_size, in_chans)
-    source = pool_index
-    if cache_dir and os.path.exists(os.path.join(cache_dir, "meta.json")):
-        try:
-            source = pool.open_cache(cache_dir)
-        except InputError:
-            source = pool_index   # unfinished cache: decode the few selected images directly
+    img_size, in_chans = teacher.img_size, teacher.in_chans
+    train_pos, hold_pos = split_holdout(selection.indices, args.holdout, args.seed)
+    train_idx = selection.indices[train_pos]
+    hold_idx = selection.indices[hold_pos]
+    source = selection.source
     holdout = (pool.load_selected_uint8(source, hold_idx, img_size, in_chans, args.workers),
-               selection["pred"][hold_pos].long())
+               selection.pred[hold_pos].long())
     if img_size <= 64:
         train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, args.workers)
         if positives is not None and len(positives):
             train = torch.cat([train, torch.stack([positives[i][0] for i in range(len(positives))])])
         return train, holdout
-    train = _ImagesOnly(pool.PoolDataset(pool_index, img_size, in_chans, indices=train_idx.numpy()))
+    train = _ImagesOnly(pool.PoolDataset(selection.pool_index, img_size, in_chans, indices=train_idx.numpy()))
     if positives is not None:
         train = torch.utils.data.ConcatDataset([train, _ImagesOnly(positives)])
     return train, holdout
 
 
 # ---- run --------------------------------------------------------------------------------
-
-def amp_dtype(args, device):
-    if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
 
 def _default_student_fitting(state_dict, num_classes):
     """The default student (32, 28 or 224 px) whose patch embedding and positions fit the checkpoint."""
@@ -239,7 +215,7 @@ def _default_student_fitting(state_dict, num_classes):
 
 
 def run_eval_only(args, device):
-    num_classes = args.nb_classes or select_data.infer_num_classes(args.eval_only)
+    num_classes = args.nb_classes or models.infer_num_classes(args.eval_only)
     sd, meta = models.read_checkpoint(args.eval_only)
     name = args.student or meta.get("student") or _default_student_fitting(sd, num_classes)
     student = models.create(name, num_classes)
@@ -252,7 +228,7 @@ def run_eval_only(args, device):
     batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=args.workers,
                                   device=device)
     result = engine.evaluate(student, batches, engine.Augment(mean, std, 0, train=False), device,
-                             amp_dtype(args, device))
+                             amp_dtype(args.amp, device))
     print(json.dumps({"checkpoint": args.eval_only, "student": name, **result}))
     return result
 
@@ -272,22 +248,20 @@ def main(args):
     if args.eval_only:
         return run_eval_only(args, device) if rank == 0 else None
     student_dir = os.path.join(args.output_dir, "student")
-    if rank == 0:
-        check_writable(args.output_dir)
-        lock = RunLock(args.output_dir).__enter__()
-    try:
+    on_rank0(check_writable, args.output_dir)
+    with run_lock(args.output_dir):
         return _run(args, device, rank, world, student_dir)
-    finally:
-        if rank == 0:
-            lock.__exit__()
 
 
 def _run(args, device, rank, world, student_dir):
     say = print if rank == 0 else (lambda *a, **k: None)
-    amp = amp_dtype(args, device)
+    amp = amp_dtype(args.amp, device)
     # everything that can fail on bad input happens before any long work
-    teacher, meta, in_chans, img_size, mean, std = select_data.load_teacher(args, device)
-    args.mean, args.std = list(mean), list(std)   # resolved: saved in args.json and the checkpoints
+    teacher = models.load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device,
+                                  mean=args.mean, std=args.std, img_size=args.img_size)
+    in_chans, img_size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
+    # resolved: saved in args.json and the checkpoints
+    args.nb_classes, args.mean, args.std = teacher.num_classes, list(mean), list(std)
     if args.dataset in DATASET_CLASSES and DATASET_CLASSES[args.dataset] != args.nb_classes:
         say(f"note: --dataset {args.dataset} has {DATASET_CLASSES[args.dataset]} classes; "
             f"the teacher has {args.nb_classes}")
@@ -300,8 +274,8 @@ def _run(args, device, rank, world, student_dir):
     if models.input_spec(student) != (in_chans, img_size):
         raise InputError(f"--student {args.student} takes {models.input_spec(student)} (channels, size) "
                          f"but the teacher takes {(in_chans, img_size)}")
-    t_blocks, s_blocks = feature_block_pairs(args, teacher, student) if args.attnprobe_dist else ((), ())
-    teacher_acc, acc_source = resolve_teacher_acc(args, meta)
+    t_blocks, s_blocks = feature_block_pairs(args, teacher.model, student) if args.attnprobe_dist else ((), ())
+    teacher_acc, acc_source = resolve_teacher_acc(args, teacher)
     resume = _find_resume(args, student_dir)
     ckpt = engine.load_resume(resume) if resume else None
     if ckpt is not None:
@@ -313,19 +287,18 @@ def _run(args, device, rank, world, student_dir):
         f"| {world} process(es) on {device} | amp {amp} | noise-adaptation acc {teacher_acc:.4f} from {acc_source}")
 
     if args.selection_file:   # a rule select_data does not implement: the caller chose the images
-        selection = load_selection_file(args.selection_file)
-        say(f"selection: {len(selection['indices'])} images from {args.selection_file}")
+        selection = select_data.load_selection(args.selection_file, args, teacher)
+        say(f"selection: {len(selection)} images from {args.selection_file}")
     else:
-        selection = select_data.run_selection(args, teacher, in_chans, img_size, mean, std, device, args.workers,
-                                              amp, args.compile, args.seed)
+        selection = select_data.run_selection(args, teacher, device)
     positives = None
     if args.pos_num > 0:
         positives, pos_index = labeled_positives(args, img_size, in_chans)
-        if rank == 0:
+        if rank == 0:   # part of this run's training set: recorded in its folder, not in stage 1's
             atomic_torch_save({"positive_index": pos_index},
-                              os.path.join(args.selected_file, "labelset_index_dict.pth"))
+                              os.path.join(args.output_dir, "labelset_index_dict.pth"))
         say(f"NOT DATA-FREE: adding {len(pos_index)} labeled train images ({args.pos_num} per class)")
-    train_data, (hold_images, hold_pred) = training_images(args, selection, img_size, in_chans, positives)
+    train_data, (hold_images, hold_pred) = training_images(args, selection, teacher, positives)
     epochs = args.epochs or published_epochs(args.num_select, img_size)
     args.epochs_resolved = epochs
     on_gpu = device.type == "cuda"
@@ -363,11 +336,9 @@ def _run(args, device, rank, world, student_dir):
         for name in os.listdir(student_dir):
             if name.startswith(".tmp-"):
                 os.unlink(os.path.join(student_dir, name))
-    class_weights = None
-    if args.robust:
-        class_weights = select_data.load_score_file(os.path.join(args.selected_file, "class_weights.pth")).to(device)
+    class_weights = selection.class_weights.to(device) if args.robust else None
     train_module = engine.StudentWithFeatures(student, noise, s_blocks)
-    teacher_module = engine.TeacherWithFeatures(teacher, t_blocks)
+    teacher_module = engine.TeacherWithFeatures(teacher.model, t_blocks)
     if world > 1:
         train_module = DistributedDataParallel(train_module, device_ids=[device.index] if on_gpu else None)
     if args.compile:

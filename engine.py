@@ -220,23 +220,10 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
         metrics = dict(zip(sorted(metrics), (t / world).tolist()))
     per_rank = getattr(batches, "per_rank", None) or batches.loader.batch_size
     metrics["img_per_s"] = count * per_rank * world / max(seconds, 1e-9)
-    metrics["train_seconds"] = seconds
+    metrics["seconds"] = seconds
     if not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(f"non-finite training metrics at epoch {epoch}: {metrics}")
     return metrics
-
-
-@torch.no_grad()
-def predict(model, batches, augment, device, amp_dtype=None):
-    """Logits of every batch (no augmentation) -> (logits (K, C) float on CPU, labels or None)."""
-    model.eval()
-    outs, labels = [], []
-    for images, y in batches.epoch(0):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outs.append(model(augment(images.to(device, non_blocking=True))).float())
-        if y is not None:
-            labels.append(y)
-    return torch.cat(outs).cpu(), (torch.cat(labels).cpu() if labels else None)
 
 
 @torch.no_grad()

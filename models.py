@@ -1,13 +1,14 @@
 """ViT teachers and students of the paper, registered with timm, and checkpoint loading.
 
-    import models, timm
-    teacher = timm.create_model("deit_base_patch4_32_teacher", num_classes=100)
-    meta = models.load_checkpoint(teacher, "cifar100_teacher.pth")
+    import models
+    teacher = models.load_teacher("deit_base_patch4_32_teacher", None, "cifar100_teacher.pth")
+    teacher.model, teacher.num_classes, teacher.img_size, teacher.mean, teacher.accuracy
 
 All models are timm's own `VisionTransformer` (class token, qkv bias, LayerNorm eps 1e-6,
 MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's own names.
 """
 import os
+from dataclasses import dataclass
 from functools import partial
 
 import timm
@@ -16,10 +17,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import data
 from utils import InputError, safe_torch_load
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # size name -> (embed_dim, num_heads); depth is 12 for all (SPEC §2)
 _SIZES = {"tiny": (128, 2), "small": (192, 2), "base": (384, 3)}
@@ -38,7 +37,7 @@ def _build_vit(embed_dim, num_heads, img_size, in_chans, patch_size=4, **kwargs)
     grey = kwargs["in_chans"] == 1
     model.pretrained_cfg = dict(
         input_size=(kwargs["in_chans"], img_size, img_size),
-        mean=(0.449,) if grey else IMAGENET_MEAN, std=(0.226,) if grey else IMAGENET_STD,
+        mean=data.GRAY_MEAN if grey else data.IMAGENET_MEAN, std=data.GRAY_STD if grey else data.IMAGENET_STD,
         num_classes=model.num_classes)
     return model
 
@@ -148,12 +147,57 @@ def load_checkpoint(model, path):
     return meta
 
 
-def load_teacher(name, num_classes, path, device="cpu"):
-    """Build a frozen teacher in eval mode from a checkpoint -> (model, meta)."""
-    teacher = create(name, num_classes)
-    meta = load_checkpoint(teacher, path)
-    teacher.eval().requires_grad_(False)
-    return teacher.to(device), meta
+@dataclass
+class Teacher:
+    """A frozen teacher and everything the stages need to feed it: what stage 1 scores with and stage 2
+    distills from, so neither re-derives its input size, normalisation or class count."""
+    model: nn.Module          # eval mode, no gradients
+    name: str                 # registered model name (--teacher)
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple               # normalisation of its inputs, one value per channel
+    std: tuple
+    accuracy: float = None    # top-1 test accuracy as a fraction, when the file records 'acc1' (percent)
+    path: str = None          # the checkpoint file (fingerprints hash it)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def of(cls, model, name, mean=None, std=None, path=None, accuracy=None):
+        """Wrap a built model (e.g. random weights in the benchmark); mean/std default to ImageNet's."""
+        in_chans, img_size = input_spec(model)
+        mean, std = data.resolve_mean_std(mean, std, in_chans)
+        return cls(model.eval().requires_grad_(False), name, model.num_classes, in_chans, img_size, mean, std,
+                   accuracy, path)
+
+
+def infer_num_classes(checkpoint):
+    """The class count of a checkpoint, read from its head."""
+    state_dict, _ = read_checkpoint(checkpoint)
+    if "head.weight" not in state_dict:
+        raise InputError(f"{checkpoint} has no 'head.weight': pass --nb_classes")
+    return state_dict["head.weight"].shape[0]
+
+
+def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img_size=None) -> Teacher:
+    """A frozen teacher in eval mode from a checkpoint.
+
+    num_classes None: read from the checkpoint. mean/std None: the checkpoint's (train_teacher.py saves
+    them), else ImageNet's. img_size, when given, must be the model's input size (--img_size).
+    """
+    num_classes = num_classes or infer_num_classes(path)
+    model = create(name, num_classes)
+    meta = load_checkpoint(model, path)
+    in_chans, size = input_spec(model)
+    if img_size not in (None, size):
+        raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
+    mean = mean if mean is not None else meta.get("mean")
+    std = std if std is not None else meta.get("std")
+    accuracy = float(meta["acc1"]) / 100 if "acc1" in meta else None
+    return Teacher.of(model.to(device), name, mean, std, os.fspath(path), accuracy)
 
 
 def input_spec(model):

@@ -405,13 +405,13 @@ def _load(index: PoolIndex, i: int, size: int, in_chans: int):
         return None, str(e) or "bad image"
 
 
-def _clean_reason(reason: str) -> str:
+def clean_reason(reason: str) -> str:
     return " ".join(str(reason).split()) or "bad image"
 
 
 def write_skipped(path, entries):
     """entries: iterable of (id, reason) -> '<id>\\t<reason>' lines (atomic write)."""
-    lines = [f"{i}\t{_clean_reason(r)}\n" for i, r in entries]
+    lines = [f"{i}\t{clean_reason(r)}\n" for i, r in entries]
     atomic_write_text(path, "".join(lines))
 
 
@@ -556,7 +556,7 @@ class _ChunkBuilder:
             arr, reason = _load(self.index, i, s, c)
             if arr is None:
                 mm[j] = 0  # a killed earlier attempt may have left bytes here
-                bad.append([i, _clean_reason(reason)])
+                bad.append([i, clean_reason(reason)])
             else:
                 mm[j] = arr
         mm.flush()
@@ -583,7 +583,7 @@ def _marker_path(cache_dir, k):
     return os.path.join(cache_dir, "chunks", f"{k:07d}.done")
 
 
-def _default_workers():
+def default_workers():
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -609,7 +609,7 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     size, in_chans = int(size), int(in_chans)
     if in_chans not in (1, 3) or size <= 0:
         raise ValueError(f"bad cache geometry size={size} in_chans={in_chans}")
-    workers = _default_workers() if workers is None else int(workers)
+    workers = default_workers() if workers is None else int(workers)
     n = len(index)
     fp = pool_fingerprint(index)
     want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp}

@@ -13,14 +13,17 @@ selected.txt (ids, best first) and class_weights.pth.
 Scores are computed once in resumable chunks and reused while the fingerprint (pool, teacher
 checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
 --rule NAME (default: the published score) ranks by one of signals.RULES instead.
+
+In code, `run_selection(args, teacher, device)` returns a `Selection` (indices, ids, predicted
+classes, class weights, the pool and its cache), the value the next stage trains from.
 """
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +34,9 @@ import models
 import pool
 import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
-from utils import (InputError, RunLock, all_gather_objects, atomic_torch_save, atomic_write_text, barrier,
-                   check_writable, cli_main, file_sha256, init_distributed, rank_world, resolve_device,
-                   safe_torch_load)
+from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
+                   check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world, resolve_device,
+                   run_lock, safe_torch_load)
 
 SCORE_VERSION = 1
 
@@ -114,62 +117,67 @@ def check_selection_args(args):
     check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
 
 
-def infer_num_classes(checkpoint):
-    state_dict, _ = models.read_checkpoint(checkpoint)
-    if "head.weight" not in state_dict:
-        raise InputError(f"{checkpoint} has no 'head.weight': pass --nb_classes")
-    return state_dict["head.weight"].shape[0]
-
-
 def load_teacher(args, device):
-    """Teacher from --teacher/--teacher_dir -> (model, meta, in_chans, img_size, mean, std)."""
-    num_classes = args.nb_classes or infer_num_classes(args.teacher_dir)
-    args.nb_classes = num_classes
-    teacher, meta = models.load_teacher(args.teacher, num_classes, args.teacher_dir, device)
-    in_chans, img_size = models.input_spec(teacher)
-    if args.img_size not in (None, img_size):
-        raise InputError(f"--img_size {args.img_size} does not fit {args.teacher}, which takes {img_size}x{img_size}")
-    mean = args.mean if args.mean is not None else meta.get("mean")
-    std = args.std if args.std is not None else meta.get("std")
-    mean, std = data.resolve_mean_std(mean, std, in_chans)
-    return teacher, meta, in_chans, img_size, mean, std
+    """The teacher of --teacher/--teacher_dir/--nb_classes/--img_size/--mean/--std -> models.Teacher.
+    Sets args.nb_classes when it was read from the checkpoint (args.json records it)."""
+    teacher = models.load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device,
+                                  mean=args.mean, std=args.std, img_size=args.img_size)
+    args.nb_classes = teacher.num_classes
+    return teacher
 
 
-def score_fingerprint(args, pool_index, in_chans, img_size, mean, std):
+def list_pool(args):
+    return pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
+
+
+def score_fingerprint(args, teacher, pool_index):
     return {
         "version": SCORE_VERSION,
         "pool": pool.pool_fingerprint(pool_index),
         "pool_size": len(pool_index),
-        "teacher": args.teacher,
-        "teacher_sha256": file_sha256(args.teacher_dir),
-        "nb_classes": args.nb_classes,
-        "img_size": img_size, "in_chans": in_chans,
-        "mean": list(mean), "std": list(std),
+        "teacher": teacher.name,
+        "teacher_sha256": file_sha256(teacher.path),
+        "nb_classes": teacher.num_classes,
+        "img_size": teacher.img_size, "in_chans": teacher.in_chans,
+        "mean": list(teacher.mean), "std": list(teacher.std),
         "probe_blocks": sorted(args.probe_blocks), "probe_head": args.probe_head,
         # only when on, so that score files made before the flag existed stay valid
         **({"flip_signal": True} if args.flip_signal else {}),
     }
 
 
-def default_cache_dir(args, img_size, in_chans):
+def default_cache_dir(args, teacher):
+    """Where the pool's uint8 cache lives for this teacher's input, or None when images are decoded."""
     if args.no_cache:
         return None
     if args.cache_dir:
         return args.cache_dir
-    if img_size <= 64:
-        return os.path.join(args.selected_file, f"pool_cache_{img_size}px_{in_chans}ch")
+    if teacher.img_size <= 64:
+        return os.path.join(args.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch")
     return None
 
 
-def open_pool_source(args, pool_index, img_size, in_chans, workers):
+def open_pool_source(args, teacher, pool_index):
     """The uint8 cache when used (built once, resumable), else None: images are decoded on the fly."""
-    cache_dir = default_cache_dir(args, img_size, in_chans)
+    cache_dir = default_cache_dir(args, teacher)
     if cache_dir is None:
         return None
     if rank_world()[0] == 0:
-        pool.build_cache(pool_index, cache_dir, img_size, in_chans, workers=workers, force=args.force)
+        pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=args.workers,
+                         force=args.force)
     barrier()
     return pool.open_cache(cache_dir)
+
+
+def existing_cache(args, teacher):
+    """The finished uint8 cache of a run that did not need to score, else None (decode the images)."""
+    cache_dir = default_cache_dir(args, teacher)
+    if cache_dir and os.path.exists(os.path.join(cache_dir, "meta.json")):
+        try:
+            return pool.open_cache(cache_dir)
+        except InputError:
+            return None   # unfinished cache: decode the few selected images directly
+    return None
 
 
 # ---- scoring ----------------------------------------------------------------------------
@@ -220,16 +228,19 @@ def _chunk_path(chunks_dir, c):
     return os.path.join(chunks_dir, f"chunk_{c:06d}.pt")
 
 
-def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args, device, workers,
-               amp_dtype=None, score_fn=None):
-    """Score the whole pool into `out_dir`, chunk by chunk; a killed run resumes at its last chunk.
+def score_pool(args, teacher, pool_index, cache, fingerprint):
+    """Score the whole pool into --selected_file, chunk by chunk; a killed run resumes at its last chunk.
 
     With torchrun each rank scores the strided shard range(rank, chunk, world) of every chunk and
     rank 0 stores the gathered results by pool index: no image is scored twice or left out.
+    `cache` is the pool's uint8 cache, or None to decode the images.
     """
     rank, world = rank_world()
-    n, c = len(pool_index), args.nb_classes
+    out_dir, device = args.selected_file, teacher.device
+    n, c = len(pool_index), teacher.num_classes
     blocks = sorted(args.probe_blocks)
+    # the caller's --amp when its parser has one; select_data.py has none: bf16 on CUDA
+    amp = amp_dtype(getattr(args, "amp", "auto"), device)
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
     feat_path = os.path.join(out_dir, PRELOGITS_FILE)
@@ -245,13 +256,15 @@ def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args
                 os.unlink(meta_path)
             np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
             np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16,
-                                      shape=(n, teacher_feature_dim(teacher))).flush()
+                                      shape=(n, teacher_feature_dim(teacher.model))).flush()
             atomic_write_text(progress, json.dumps(fingerprint))
         for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
             if name.startswith(".tmp-"):
                 os.unlink(os.path.join(chunks_dir, name))
     barrier()
-    score_fn = score_fn or score_images
+    # compile the scorer, not the teacher: probe_forward calls the teacher's submodules one by
+    # one, so a compiled module's own forward would never run
+    score_fn = torch.compile(score_images, dynamic=False) if args.compile else score_images
     num_chunks = (n + args.chunk_size - 1) // args.chunk_size
     todo = [k for k in range(num_chunks) if not os.path.exists(_chunk_path(chunks_dir, k))]
     if len(todo) < num_chunks and rank == 0:
@@ -265,11 +278,10 @@ def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args
                                     *[f"value_blk{b}" for b in blocks])}
         reasons = {}
         flip = bool(fingerprint.get("flip_signal"))
-        for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher_img_size(teacher),
-                                                 teacher_in_chans(teacher), args.score_batch_size,
-                                                 workers, device.type == "cuda"):
-            s = score_fn(teacher, images.to(device, non_blocking=True), mean, std, blocks,
-                         args.probe_head, amp_dtype, True, flip)
+        for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher.img_size, teacher.in_chans,
+                                                 args.score_batch_size, args.workers, device.type == "cuda"):
+            s = score_fn(teacher.model, images.to(device, non_blocking=True), teacher.mean, teacher.std, blocks,
+                         args.probe_head, amp, True, flip)
             part["index"].append(idx)
             part["ok"].append(ok)
             for key in s:
@@ -291,14 +303,6 @@ def score_pool(teacher, pool_index, cache, out_dir, fingerprint, mean, std, args
         atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
         shutil.rmtree(chunks_dir)
     barrier()
-
-
-def teacher_in_chans(model):
-    return models.input_spec(model)[0]
-
-
-def teacher_img_size(model):
-    return models.input_spec(model)[1]
 
 
 def teacher_feature_dim(model):
@@ -386,7 +390,7 @@ WARN_SKIPPED_MAX = 20
 def warn_skipped(skipped, pool_index, skipped_path):
     """One stderr line per skipped image (at most WARN_SKIPPED_MAX), then one summary line."""
     for i, reason in skipped[:WARN_SKIPPED_MAX]:
-        print(f"warning: skipped {pool_index.ids[i]}: {pool._clean_reason(reason)}", file=sys.stderr)
+        print(f"warning: skipped {pool_index.ids[i]}: {pool.clean_reason(reason)}", file=sys.stderr)
     if skipped:
         more = len(skipped) - WARN_SKIPPED_MAX
         print(f"warning: {len(skipped)} unreadable image(s) skipped, never selected"
@@ -524,37 +528,57 @@ def class_weights_from_preds(pred, selected, num_classes):
     return (weights / weights.sum() * num_classes).float()
 
 
-def run_selection(args, teacher, in_chans, img_size, mean, std, device, workers, amp_dtype=None,
-                  compile_model=False, seed=0):
-    """Score (or reuse scores) and select; rank 0 writes the files. Returns the selection dict."""
+@dataclass
+class Selection:
+    """What stage 1 hands stage 2: the chosen pool images and what the teacher said about them."""
+    indices: torch.Tensor           # (K,) long: pool indices, best first
+    ids: list                       # K pool ids (relative paths or shard members) of `indices`
+    pred: torch.Tensor              # (K,) long: the teacher's predicted class of each
+    class_weights: torch.Tensor     # (C,) float: KD weight of each predicted class (--robust)
+    pool_index: pool.PoolIndex      # the pool the indices point into
+    cache: object                   # its uint8 pool.PoolCache when there is one, else None (decode)
+    rule: str                       # how the images were chosen, in words
+    value: torch.Tensor = None      # (K,) combined score of each, when a scoring rule chose them
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def source(self):
+        """Where the images are read from: the cache, else the pool files."""
+        return self.cache if self.cache is not None else self.pool_index
+
+
+def run_selection(args, teacher, device):
+    """Score the pool with `teacher` (or reuse the scores) and select -> Selection, on every rank.
+
+    Rank 0 chooses and writes selection.pt, selected.txt and class_weights.pth; the choice, or the
+    error that stopped it, is shared with every rank, so an error found there ends all of them alike.
+    """
     rank, _ = rank_world()
-    pool_index = pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
+    pool_index = list_pool(args)
     if args.num_select > len(pool_index):
         raise InputError(f"--num_select {args.num_select} is larger than the pool ({pool_index.describe()})")
     if rank == 0:
         os.makedirs(args.selected_file, exist_ok=True)
         print(f"pool: {pool_index.describe()}")
+    cache = None
     # two runs writing one --selected_file would mix their chunks: the second is refused
-    lock = RunLock(args.selected_file, "--selected_file") if rank == 0 else contextlib.nullcontext()
-    with lock:
-        fingerprint = score_fingerprint(args, pool_index, in_chans, img_size, mean, std)
+    with run_lock(args.selected_file, "--selected_file"):
+        fingerprint = score_fingerprint(args, teacher, pool_index)
         if not scores_ready(args.selected_file, fingerprint, args.force):
-            cache = open_pool_source(args, pool_index, img_size, in_chans, workers)
-            # compile the scorer, not the teacher: probe_forward calls the teacher's submodules one by
-            # one, so a compiled module's own forward would never run
-            score_fn = torch.compile(score_images, dynamic=False) if compile_model else None
-            score_pool(teacher, pool_index, cache, args.selected_file, fingerprint, mean, std, args, device,
-                       workers, amp_dtype, score_fn=score_fn)
-        selection = None
-        if rank == 0:
-            selection = select_from_scores(args, pool_index, seed)
-    barrier()
-    return selection if rank == 0 else torch.load(os.path.join(args.selected_file, "selection.pt"),
-                                                  weights_only=True)
+            cache = open_pool_source(args, teacher, pool_index)
+            score_pool(args, teacher, pool_index, cache, fingerprint)
+        chosen = on_rank0(select_from_scores, args, teacher, pool_index)
+    if cache is None:
+        cache = existing_cache(args, teacher)
+    return Selection(chosen["indices"], [pool_index.ids[i] for i in chosen["indices"].tolist()], chosen["pred"],
+                     chosen["class_weights"], pool_index, cache, chosen["rule"], chosen["value"])
 
 
-def select_from_scores(args, pool_index, seed=0):
-    """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth."""
+def select_from_scores(args, teacher, pool_index):
+    """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth.
+    Returns {'indices', 'pred', 'value', 'class_weights', 'rule'}."""
     blocks = sorted(args.probe_blocks)
     out = args.selected_file
     rule_name = getattr(args, "rule", "published")
@@ -573,33 +597,71 @@ def select_from_scores(args, pool_index, seed=0):
             value = signals.rule_value(rule_name, scores, usable, blocks)
         except ValueError as e:
             raise InputError(f"--rule {rule_name}: {e} (score files in {out})") from None
-    chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, seed)
+    chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, args.seed)
     probs_path = os.path.join(out, "probs_out.npy")
     if os.path.exists(probs_path):
-        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), chosen, args.nb_classes)
+        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), chosen, teacher.num_classes)
     else:
-        weights = class_weights_from_preds(pred, chosen, args.nb_classes)
+        weights = class_weights_from_preds(pred, chosen, teacher.num_classes)
     rule = "random" if args.random else ("attention probe" if args.attnprobe_sel else "outlier (confidence)")
     if rule_name != "published":
         rule = f"signal rule {rule_name}"
     if args.per_class:
         rule += f", class-balanced ({args.per_class} per class)"
-    selection = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],
-                 "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
-                 "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
-    atomic_torch_save(selection, os.path.join(out, "selection.pt"))
-    atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in selection["ids"]))
+    record = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],
+              "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
+              "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
+    atomic_torch_save(record, os.path.join(out, "selection.pt"))
+    atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in record["ids"]))
     atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
-    print_summary(selection, value, usable, args.nb_classes)
-    return selection
+    print_summary(record, value, usable, teacher.num_classes)
+    return {"indices": chosen, "pred": record["pred"], "value": record["value"], "class_weights": weights,
+            "rule": rule}
 
 
-def print_summary(selection, value, usable, num_classes):
-    chosen, pred = selection["indices"], selection["pred"]
+def load_selection(path, args, teacher):
+    """A selection.pt chosen by a rule this module does not implement (e.g. demo.py's oracle) -> Selection
+    over the pool of --data_imagenet, with class weights for exactly these images: from the teacher's
+    stored softmax when the score files in --selected_file are this pool's and teacher's, else from
+    the predicted classes. Nothing is written."""
+    if not os.path.isfile(path):
+        raise InputError(f"--selection_file {path}: no such file")
+    sel = safe_torch_load(path, "selection file")
+    if not isinstance(sel, dict) or "indices" not in sel or "pred" not in sel:
+        raise InputError(f"--selection_file {path} must hold a dict with 'indices' and 'pred' (teacher argmax)")
+    indices, pred = torch.as_tensor(sel["indices"]).long(), torch.as_tensor(sel["pred"]).long()
+    if indices.shape != pred.shape or indices.ndim != 1 or not len(indices):
+        raise InputError(f"--selection_file {path}: 'indices' and 'pred' must be non-empty 1-D and equally long")
+    pool_index = list_pool(args)
+    if int(indices.min()) < 0 or int(indices.max()) >= len(pool_index):
+        raise InputError(f"--selection_file {path}: indices must lie in [0, {len(pool_index)}), the pool "
+                         f"({pool_index.describe()})")
+    probs_path = os.path.join(args.selected_file, "probs_out.npy")
+    meta_path = os.path.join(args.selected_file, "scores_meta.json")
+    if os.path.exists(probs_path) and _saved_fingerprint(meta_path) == score_fingerprint(args, teacher, pool_index):
+        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), indices, teacher.num_classes)
+    else:
+        weights = class_weights_from_preds(pred, torch.arange(len(pred)), teacher.num_classes)
+    value = sel.get("value")
+    return Selection(indices, [pool_index.ids[i] for i in indices.tolist()], pred, weights, pool_index,
+                     existing_cache(args, teacher), str(sel.get("rule", f"from {path}")),
+                     torch.as_tensor(value).float() if value is not None else None)
+
+
+def _saved_fingerprint(meta_path):
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def print_summary(record, value, usable, num_classes):
+    chosen, pred = record["indices"], record["pred"]
     counts = torch.bincount(pred, minlength=num_classes)
     q = torch.quantile(value[usable].float()[:2_000_000], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
     print(f"selection: {len(chosen)} of {int(usable.sum())} usable images ({int((~usable).sum())} skipped), "
-          f"rule: {selection['rule']}")
+          f"rule: {record['rule']}")
     print("score quantiles (0/10/50/90/100%): " + " ".join(f"{v:.4f}" for v in q))
     shown = ", ".join(f"{c}:{int(counts[c])}" for c in counts.argsort(descending=True)[:10].tolist() if counts[c])
     print(f"predicted classes covered: {int((counts > 0).sum())}/{num_classes}; most frequent: {shown}")
@@ -612,11 +674,9 @@ def main(args):
         args.score_batch_size = args.batch_size
     device = resolve_device(args.device)
     init_distributed(device)
-    teacher, _, in_chans, img_size, mean, std = load_teacher(args, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    teacher = load_teacher(args, device)
     t0 = time.time()
-    run_selection(args, teacher, in_chans, img_size, mean, std, device, args.workers, amp,
-                  args.compile, args.seed)
+    run_selection(args, teacher, device)
     if rank_world()[0] == 0:
         print(f"done in {time.time() - t0:.1f}s; files in {args.selected_file}")
 

@@ -21,7 +21,7 @@ import torch
 import data
 import engine
 import models
-from utils import InputError, atomic_torch_save, check_writable, cli_main, init_distributed, resolve_device
+from utils import InputError, amp_dtype, atomic_torch_save, check_writable, cli_main, init_distributed, resolve_device
 
 
 def get_args_parser():
@@ -64,7 +64,7 @@ def train_teacher(args, on_epoch=None):
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
-    amp = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
+    amp = amp_dtype(args.amp, device)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     probe = models.create(args.model, 2)
     in_chans, img_size = models.input_spec(probe)

@@ -126,6 +126,13 @@ def resolve_device(name=None):
     return torch.device(name)
 
 
+def amp_dtype(flag, device):
+    """The autocast dtype of every script: bf16 with --amp bf16, or with 'auto' on CUDA; else None (fp32)."""
+    if flag == "bf16" or (flag == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def init_distributed(device):
     """Join the torchrun process group when WORLD_SIZE > 1 -> (rank, world_size)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -142,10 +149,6 @@ def rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def is_main_process():
-    return rank_world()[0] == 0
 
 
 def barrier():
@@ -172,6 +175,31 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run on rank 0 only; its result is returned on every rank. If it raises,
+    every rank raises: an InputError as the same InputError (one `error:` line and exit 2 from each
+    rank), anything else as itself on rank 0 and a RuntimeError naming it on the others. No rank
+    is left waiting for a result that will never come."""
+    rank, world = rank_world()
+    if world == 1:
+        return fn(*args, **kwargs)
+    if rank == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            broadcast_object(("error", isinstance(e, InputError), str(e), type(e).__name__))
+            raise
+        broadcast_object(("ok", result))
+        return result
+    box = broadcast_object(None)
+    if box[0] == "ok":
+        return box[1]
+    _, is_input, message, kind = box
+    if is_input:
+        raise InputError(message)
+    raise RuntimeError(f"rank 0 failed ({kind}: {message})")
 
 
 def file_sha256(path, limit=None):
@@ -228,6 +256,23 @@ class RunLock:
         del RunLock._held[self.key]
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+@contextlib.contextmanager
+def run_lock(folder, flag="--output_dir"):
+    """The one way scripts lock a run folder: a RunLock held by rank 0 (the rank that writes). A refusal
+    ends every rank with the same error, before any of them starts work."""
+    lock = RunLock(folder, flag)
+    on_rank0(_enter, lock)
+    try:
+        yield
+    finally:
+        if rank_world()[0] == 0:
+            lock.__exit__()
+
+
+def _enter(lock):
+    lock.__enter__()   # returns nothing: the lock (an open file) stays on rank 0
 
 
 def check_writable(folder, flag="--output_dir"):

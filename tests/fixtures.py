@@ -32,7 +32,8 @@ def register_test_models():
     from functools import partial
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
-    import models  # noqa: F401  (the paper's names, for the mean/std convention)
+    import data
+    import models  # noqa: F401  (registers the paper's names)
     if timm.list_models(MICRO):
         return
 
@@ -41,7 +42,7 @@ def register_test_models():
             kwargs.pop(key, None)
         model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4,
                                   qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
-        model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+        model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD,
                                     num_classes=model.num_classes)
         return model
     register_model(test_micro_patch8_32)
@@ -299,3 +300,17 @@ def snapshot(*roots):
                 st = os.stat(p)
                 out[p] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+# ---- slow reference versions of fast code (tests only) -------------------------------------
+
+def random_crop_flip_reference(x, padding, dy, dx, flip):
+    """Per-image version of data.apply_crop_flip: pad, crop at (dy, dx), flip where `flip`."""
+    import torch.nn.functional as F
+    H, W = x.shape[2:]
+    out = []
+    for b in range(x.shape[0]):
+        p = F.pad(x[b], (padding, padding, padding, padding))
+        c = p[:, int(dy[b]):int(dy[b]) + H, int(dx[b]):int(dx[b]) + W]
+        out.append(c.flip(-1) if bool(flip[b]) else c)
+    return torch.stack(out)

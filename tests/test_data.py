@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data  # noqa: E402
+import fixtures  # noqa: E402
 from utils import InputError  # noqa: E402
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -271,7 +272,7 @@ def test_crop_flip_matches_reference():
         dy, dx, flip = data.draw_crop_flip(64, padding, generator=g)
         out = data.apply_crop_flip(x, padding, dy, dx, flip)
         assert out.dtype == torch.uint8 and out.shape == x.shape
-        assert torch.equal(out, data.random_crop_flip_reference(x, padding, dy, dx, flip))
+        assert torch.equal(out, fixtures.random_crop_flip_reference(x, padding, dy, dx, flip))
         assert torch.equal(out, data.apply_crop_flip(x, padding, dy.int(), dx.int(), flip.to(torch.uint8)))
 
 

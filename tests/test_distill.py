@@ -189,7 +189,9 @@ def test_224px_pipeline_with_pos_num(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NOT DATA-FREE" in proc.stdout
-    assert torch.load(tmp_path / "sel" / "labelset_index_dict.pth", weights_only=True)["positive_index"] == \
+    # the labeled images are part of this run: recorded in its folder; stage 1's folder is not written
+    assert torch.load(tmp_path / "out" / "labelset_index_dict.pth", weights_only=True)["positive_index"] == \
         [0, 1, 4, 5, 8, 9]
+    assert not (tmp_path / "sel" / "labelset_index_dict.pth").exists()
     epochs = [r for r in read_log(tmp_path / "out" / "log.txt") if "epoch" in r]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["train_loss"])

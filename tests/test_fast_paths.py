@@ -1,5 +1,5 @@
-"""The fast paths agree with the slow ones: bf16 and compiled scoring, the benchmark's re-enactment
-of the published algorithm, and the statistics of the batched on-device augmentation."""
+"""The fast paths agree with the slow ones: bf16 and compiled scoring, the re-enactment of the
+published algorithm (reference.py), and the statistics of the batched on-device augmentation."""
 import json
 import os
 import subprocess
@@ -15,8 +15,11 @@ sys.path.insert(0, REPO)
 import benchmark  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
+import fixtures  # noqa: E402
 import models  # noqa: E402
+import reference  # noqa: E402
 import select_data  # noqa: E402
+from attention_probe import FEATURE_BLOCKS  # noqa: E402
 from losses import NoiseAdaptation  # noqa: E402
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
@@ -75,7 +78,7 @@ def test_published_reenactment_matches_one_pass(name, head):
     teacher = models.create(name, 100).eval().requires_grad_(False)
     images = uint8_images(4 if "base" in name else 8)
     ours = select_data.score_images(teacher, images, MEAN, STD, (3, 7), head)
-    published = benchmark.published_scores(teacher, data.normalize(images, MEAN, STD), (3, 7), head)
+    published = reference.published_scores(teacher, data.normalize(images, MEAN, STD), (3, 7), head)
     for key in ("value_out", "value_blk3", "value_blk7"):
         assert published[key].shape == ours[key].shape
         assert torch.allclose(published[key], ours[key], atol=1e-4, rtol=0), key
@@ -90,16 +93,16 @@ def test_published_training_loss_matches_engine():
     teacher = models.create("deit_tiny_patch4_32_teacher", 10).eval().requires_grad_(False)
     student = models.create("deit_tiny_patch4_32", 10).eval()   # eval: no dropout either way
     noise = NoiseAdaptation(10, 0.7630)
-    published_noise = benchmark.PublishedNoise(10, 0.7630, torch.device("cpu"))
+    published_noise = reference.PublishedNoise(10, 0.7630, torch.device("cpu"))
     with torch.no_grad():
         noise.theta.normal_()
         published_noise.theta.copy_(noise.theta)
     x = data.normalize(uint8_images(6), MEAN, STD)
-    blocks = benchmark.FEATURE_BLOCKS
+    blocks = FEATURE_BLOCKS
     ours = engine.distill_losses(engine.TeacherWithFeatures(teacher, blocks),
                                  engine.StudentWithFeatures(student, noise, blocks), x, None, patchattn=1.0)
-    with benchmark.PublishedView(student) as s_view, benchmark.PublishedView(teacher) as t_view:
-        published = benchmark.published_step_loss(s_view, t_view, published_noise.matrix, x, patchattn=1.0)
+    with reference.PublishedView(student) as s_view, reference.PublishedView(teacher) as t_view:
+        published = reference.published_step_loss(s_view, t_view, published_noise.matrix, x, patchattn=1.0)
     assert torch.allclose(published, ours["loss"], atol=1e-5, rtol=1e-5)
 
 
@@ -125,7 +128,7 @@ def test_random_crop_flip_statistics():
     out = data.random_crop_flip(images, padding, g)
     dy, dx, flip = decode_crop_flip(out, size, padding)
     # the decoded parameters reproduce every output exactly (so the statistics below are real)
-    assert torch.equal(out, data.random_crop_flip_reference(images, padding, dy, dx, flip))
+    assert torch.equal(out, fixtures.random_crop_flip_reference(images, padding, dy, dx, flip))
     k = 2 * padding + 1
     assert dy.min() >= 0 and dy.max() < k and dx.min() >= 0 and dx.max() < k
     # flip rate 0.5: the binomial sd at n = 20000 is 0.0035

@@ -32,11 +32,33 @@ def test_published_teacher_format_loads(tmp_path):
     torch.manual_seed(0)
     src = _plain_base()
     torch.save({"model": src.state_dict()}, tmp_path / "t.pth")
-    teacher, meta = models.load_teacher("deit_base_patch4_32_teacher", 10, tmp_path / "t.pth")
+    teacher = models.load_teacher("deit_base_patch4_32_teacher", 10, tmp_path / "t.pth")
     x = torch.randn(2, 3, 32, 32)
     # plain timm uses LayerNorm eps 1e-6 too, so the outputs match exactly
-    assert torch.allclose(teacher(x), src.eval()(x), atol=1e-5)
-    assert meta == {}
+    assert torch.allclose(teacher.model(x), src.eval()(x), atol=1e-5)
+    # the published file carries no accuracy or normalisation: ImageNet's statistics
+    assert teacher.accuracy is None and teacher.mean == (0.485, 0.456, 0.406) and teacher.std == (0.229, 0.224, 0.225)
+    assert (teacher.in_chans, teacher.img_size, teacher.num_classes) == (3, 32, 10)
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_teacher_carries_its_file_and_input_spec(tmp_path):
+    """Our teacher format: class count read from the head, accuracy and normalisation from the file;
+    explicit mean/std win, and an --img_size the model does not take is refused."""
+    model = timm.create_model("deit_tiny_patch4_28_teacher", num_classes=7)
+    torch.save({"model": model.state_dict(), "acc1": 87.5, "mean": [0.3], "std": [0.2]}, tmp_path / "t.pth")
+    teacher = models.load_teacher("deit_tiny_patch4_28_teacher", None, tmp_path / "t.pth")
+    assert (teacher.num_classes, teacher.in_chans, teacher.img_size) == (7, 1, 28)
+    assert teacher.accuracy == 0.875 and teacher.mean == (0.3,) and teacher.std == (0.2,)
+    assert teacher.path == str(tmp_path / "t.pth") and teacher.device == torch.device("cpu")
+    own = models.load_teacher("deit_tiny_patch4_28_teacher", None, tmp_path / "t.pth", mean=[0.5], std=[0.25])
+    assert own.mean == (0.5,) and own.std == (0.25,)
+    with pytest.raises(InputError, match=r"--img_size 32 does not fit deit_tiny_patch4_28_teacher.*28x28"):
+        models.load_teacher("deit_tiny_patch4_28_teacher", None, tmp_path / "t.pth", img_size=32)
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}},
+               tmp_path / "headless.pth")
+    with pytest.raises(InputError, match="no 'head.weight': pass --nb_classes"):
+        models.load_teacher("deit_tiny_patch4_28_teacher", None, tmp_path / "headless.pth")
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "module", "orig_mod", "safetensors"])

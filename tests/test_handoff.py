@@ -1,0 +1,170 @@
+"""The hand-off between the stages: a Selection carries what distillation trains from (its class
+weights included, also for --selection_file), and an error that only rank 0 finds ends every rank."""
+import fcntl
+import json
+import os
+import socket
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import distill
+import fixtures as fx
+import models
+import select_data
+from test_robustness import argv, distill_flags, run, select_flags
+
+S, D = "select_data.py", "DFND_DeiT-train.py"
+fx.register_test_models()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the children (fixtures.CHILD_ENV): identical float results
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("handoff")
+    w = SimpleNamespace(base=base, cifar=base / "cifar", pool=base / "pool")
+    fx.write_cifar(w.cifar, n_train=2, n_test=16)
+    fx.write_pool(w.pool, 24, size=32)
+    w.teacher = fx.write_teacher(base / "micro.pth", name=fx.MICRO)
+    return w
+
+
+def test_run_selection_returns_what_it_writes(world, tmp_path):
+    """The Selection handed to stage 2 is the one in selection.pt / selected.txt / class_weights.pth."""
+    args = select_data.get_args_parser().parse_args(argv(select_flags(world, tmp_path / "sel",
+                                                                      **{"--attnprobe_sel": True})))
+    teacher = select_data.load_teacher(args, torch.device("cpu"))
+    assert isinstance(teacher, models.Teacher) and args.nb_classes == teacher.num_classes == 10
+    sel = select_data.run_selection(args, teacher, torch.device("cpu"))
+    saved = torch.load(tmp_path / "sel" / "selection.pt", weights_only=True)
+    assert torch.equal(sel.indices, saved["indices"]) and torch.equal(sel.pred, saved["pred"])
+    assert sel.ids == (tmp_path / "sel" / "selected.txt").read_text().split("\n")[:-1] == saved["ids"]
+    assert sel.rule == saved["rule"] == "attention probe"
+    assert torch.equal(sel.class_weights, torch.load(tmp_path / "sel" / "class_weights.pth", weights_only=True))
+    pred_out = torch.load(tmp_path / "sel" / "pred_out.pth", weights_only=True)
+    assert torch.equal(sel.pred, pred_out[sel.indices])
+    assert len(sel) == 8 and len(sel.pool_index) == 24
+    # 32 px: the images come from the uint8 cache that was scored, in pool order
+    assert sel.cache is not None and sel.source is sel.cache and list(sel.cache.ids) == sel.pool_index.ids
+
+
+def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, capsys):
+    """--selection_file --robust: the class weights are those of the file's images, never the
+    class_weights.pth of whatever selection was written into --selected_file before."""
+    sel_dir = tmp_path / "sel"
+    assert run(S, select_flags(world, sel_dir)) == 0                  # selection X + its class_weights.pth
+    stale = torch.load(sel_dir / "class_weights.pth", weights_only=True)
+    chosen_x = torch.load(sel_dir / "selection.pt", weights_only=True)["indices"]
+    # selection Y: the 8 images rule X ranked last, with the teacher's predictions
+    value = torch.load(sel_dir / "value_out.pth", weights_only=True)
+    pred = torch.load(sel_dir / "pred_out.pth", weights_only=True)
+    chosen_y = torch.argsort(value, descending=True, stable=True)[:8]
+    assert not set(chosen_x.tolist()) & set(chosen_y.tolist())
+    torch.save({"indices": chosen_y, "pred": pred[chosen_y], "rule": "worst"}, tmp_path / "y.pt")
+    probs = np.load(sel_dir / "probs_out.npy", mmap_mode="r")
+    right = select_data.class_weights_from_probs(probs, chosen_y, 10)
+    assert not torch.allclose(right, stale)       # the stale file would change the loss
+
+    flags = distill_flags(world, tmp_path, **{"--selected_file": sel_dir, "--selection_file": tmp_path / "y.pt",
+                                              "--robust": True, "--holdout": 0, "--output_dir": tmp_path / "o1"})
+    # end to end: with the stale file, and without any class_weights.pth, the same training (the
+    # published flow read class_weights.pth: the stale weights, or an error without the file)
+    assert run(D, flags) == 0, capsys.readouterr().err
+    os.unlink(sel_dir / "class_weights.pth")
+    assert run(D, {**flags, "--output_dir": tmp_path / "o2"}) == 0, capsys.readouterr().err
+    logs = [[json.loads(line) for line in open(tmp_path / o / "log.txt")] for o in ("o1", "o2")]
+    assert logs[0][0]["train_kd"] == logs[1][0]["train_kd"] and logs[0][0]["train_loss"] == logs[1][0]["train_loss"]
+    assert not (sel_dir / "class_weights.pth").exists()            # stage 2 writes nothing into stage 1's folder
+
+    # the Selection itself: this file's images, weights from the stored softmax of exactly these
+    args = distill.get_args_parser().parse_args(argv(flags))
+    teacher = models.load_teacher(fx.MICRO, 10, world.teacher)
+    got = select_data.load_selection(args.selection_file, args, teacher)
+    assert torch.equal(got.indices, chosen_y) and torch.allclose(got.class_weights, right)
+    assert got.ids == [got.pool_index.ids[i] for i in chosen_y.tolist()] and got.rule == "worst"
+
+    # without score files for this pool and teacher: weights from the file's predicted classes
+    fresh = {**flags, "--selected_file": tmp_path / "empty"}
+    os.makedirs(tmp_path / "empty")
+    got = select_data.load_selection(args.selection_file, distill.get_args_parser().parse_args(
+        argv(fresh)), teacher)
+    assert torch.allclose(got.class_weights, select_data.class_weights_from_preds(pred[chosen_y], torch.arange(8), 10))
+
+
+def _hold_lock(folder):
+    """Hold `folder`/.lock as another run would -> a function that releases it."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write("pid 424242")
+    f.flush()
+    return f.close
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["num_select", "locked"])
+@pytest.mark.parametrize("script", [S, D])
+def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
+    """2-process gloo run, errors only rank 0 can find: --num_select above the usable pool (known
+    after scoring) and a run folder locked by another run (rank 0 holds the lock). Both ranks print
+    the same `error:` line and exit 2; none waits at a barrier or dies of a lost peer."""
+    ids = fx.write_pool(tmp_path / "pool", 15, size=32, broken=5)
+    teacher = fx.write_teacher(tmp_path / "t.pth")      # a registered name: the children build it
+    fx.write_cifar(tmp_path / "cifar", n_train=2, n_test=8)
+    flags = {"--data_imagenet": tmp_path / "pool", "--teacher": fx.TEACHER, "--teacher_dir": teacher,
+             "--num_select": 12 if case == "num_select" else 8, "--selected_file": tmp_path / "sel",
+             "--workers": 0, "--device": "cpu"}
+    if script == D:
+        flags.update({"--data_cifar": tmp_path / "cifar", "--output_dir": tmp_path / "out", "--epochs": 1,
+                      "--batch_size": 8})
+    release = _hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
+    port = _free_port()
+    procs, files = [], []
+    for rank in range(2):   # what torchrun sets for each of its processes
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        files += [open(tmp_path / f"out{rank}.txt", "w"), open(tmp_path / f"err{rank}.txt", "w")]
+        procs.append(fx.start_script(script, *argv(flags), env=env, stdout=files[-2], stderr=files[-1]))
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank was still waiting 180 s after the error")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+        release()
+    errs = [(tmp_path / f"err{rank}.txt").read_text() for rank in range(2)]
+    last = [[line for line in e.splitlines() if line.strip()][-1] for e in errs]
+    assert codes == [2, 2], errs
+    assert last[0] == last[1], last
+    assert all("Traceback" not in e for e in errs)
+    assert not (tmp_path / "sel" / "selection.pt").exists()
+    if case == "locked":
+        folder, flag = (tmp_path / "sel", "--selected_file") if script == S else (tmp_path / "out", "--output_dir")
+        assert last[0] == f"error: {folder} is in use by another run (pid 424242); wait for it or choose another {flag}"
+        assert not (tmp_path / "sel" / "value_out.pth").exists()            # nothing scored
+        return
+    assert last[0].startswith("error: --num_select 12 is larger than the usable pool (10 images"), last[0]
+    assert len(ids["broken"]) == 5
+    if script == D:
+        assert sorted(os.listdir(tmp_path / "out")) == [".lock"]   # no student/, log or args
