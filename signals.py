@@ -151,6 +151,9 @@ RULES = {
     # the signal study's choice (README "Beyond the paper": mismatch 0.2 pool, seed-0 teacher): a FLAT
     # published probe (high Σ value_blk, the paper's sign reversed) plus large block-2 patch-token norms
     "flatprobe+tok_norm_b2": [("probe_pub", -1), ("tok_norm_b2", -1)],
+    # POST HOC, not the study's choice: the probe's useful sign flips between teacher seeds, this pair does
+    # not (it beat the published rule on every pool and seed of the study); needs its own confirmation
+    "confidence+tok_norm_b2": [("value_out", +1), ("tok_norm_b2", -1)],
 }
 
 
