@@ -13,7 +13,7 @@ With extras=True the same pass also returns what signals.py scores (no second fo
     out.pre_logits      # (B, C): the head's input
     out.block_cls_norm  # (B, depth): L2 norm of the CLS token after each block
     out.block_tok_norm  # (B, depth): mean L2 norm of the patch tokens after each block
-    out.head_rows       # (B, depth, heads, N - prefix): every head's CLS row, read from each block's qkv output
+    out.head_rows       # (B, depth, heads, N - prefix): every head's CLS row of every block
 """
 from dataclasses import dataclass, field
 
@@ -55,17 +55,31 @@ def cls_attention_row(block, x, head=0, num_prefix_tokens=1):
     return logits.float().softmax(dim=-1)[:, num_prefix_tokens:]
 
 
-def cls_rows_from_qkv(attn, qkv, num_prefix_tokens=1):
-    """Every head's CLS attention row from a block's qkv output (B, N, 3·width) -> (B, heads, N - prefix).
+def cls_rows_all_heads(block, x, num_prefix_tokens=1):
+    """Every head's attention of the CLS token over the tokens of `x` -> (B, heads, N - prefix).
 
-    The qkv projection is computed by the block anyway: reading its output costs O(B·N·width).
+    x: (B, N, C) input of `block`. Without qk-norm the keys are never formed: q_h·(W_k,h n + b_k,h)
+    = n·(W_k,hᵀ q_h) + q_h·b_k,h, so each row costs O(B·N·C) per head instead of the O(B·N·C·width)
+    of a key projection (the block's own qkv output is not reachable without a hook, and hooks stop
+    torch.compile from tracing the scorer in one graph).
     """
-    B, N, _ = qkv.shape
-    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)   # layout [q | k | v], heads inside
-    q = attn.q_norm(qkv[:, 0, 0])                                 # (B, heads, hd): CLS queries
-    k = attn.k_norm(qkv[:, :, 1])                                 # (B, N, heads, hd)
-    logits = torch.einsum("bhd,bnhd->bhn", q, k) * attn.scale     # (B, heads, N)
-    return logits.float().softmax(dim=-1)[..., num_prefix_tokens:]
+    attn = block.attn
+    heads, hd, width = attn.num_heads, attn.head_dim, attn.num_heads * attn.head_dim
+    h = block.norm1(x)                                                    # (B, N, C)
+    w, b = attn.qkv.weight, attn.qkv.bias                                 # (3·width, C), (3·width,)
+    B, N, C = h.shape
+    q = F.linear(h[:, 0], w[:width], None if b is None else b[:width])    # (B, width): CLS queries
+    q = attn.q_norm(q.reshape(B, heads, hd))                              # (B, heads, hd)
+    wk, bk = w[width:2 * width], None if b is None else b[width:2 * width]
+    if isinstance(attn.k_norm, torch.nn.Identity):
+        u = torch.einsum("bhd,hdc->bhc", q, wk.reshape(heads, hd, C))     # (B, heads, C)
+        logits = torch.einsum("bnc,bhc->bhn", h, u)                       # (B, heads, N)
+        if bk is not None:
+            logits = logits + torch.einsum("bhd,hd->bh", q, bk.reshape(heads, hd))[..., None]
+    else:                                                                 # qk-norm: the keys must be formed
+        k = attn.k_norm(F.linear(h, wk, bk).reshape(B, N, heads, hd))     # (B, N, heads, hd)
+        logits = torch.einsum("bhd,bnhd->bhn", q, k)
+    return (logits * attn.scale).float().softmax(dim=-1)[..., num_prefix_tokens:]
 
 
 def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_blocks=(), extras=False):
@@ -86,24 +100,18 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
-    probes, features, head_rows, cls_norm, tok_norm = {}, [], {}, [], []
-    # each block's CLS rows are read from its qkv output as it is made: nothing (B, N, 3·width) is kept
-    hooks = [blk.attn.qkv.register_forward_hook(
-        lambda m, i, o, j=j, attn=blk.attn: head_rows.__setitem__(j, cls_rows_from_qkv(attn, o, prefix)))
-        for j, blk in enumerate(model.blocks)] if extras else []
-    try:
-        for i, block in enumerate(model.blocks):
-            if i in probe_blocks:
-                probes[i] = cls_attention_row(block, x, head, prefix)
-            x = block(x)
-            if i in feature_blocks:
-                features.append(x)
-            if extras:
-                cls_norm.append(x[:, 0].float().norm(dim=-1))
-                tok_norm.append(x[:, prefix:].float().norm(dim=-1).mean(dim=1))
-    finally:
-        for h in hooks:
-            h.remove()
+    probes, features, head_rows, cls_norm, tok_norm = {}, [], [], [], []
+    for i, block in enumerate(model.blocks):
+        if i in probe_blocks:
+            probes[i] = cls_attention_row(block, x, head, prefix)
+        if extras:
+            head_rows.append(cls_rows_all_heads(block, x, prefix))
+        x = block(x)
+        if i in feature_blocks:
+            features.append(x)
+        if extras:
+            cls_norm.append(x[:, 0].float().norm(dim=-1))
+            tok_norm.append(x[:, prefix:].float().norm(dim=-1).mean(dim=1))
     out = ProbeOutput(None, probes, torch.stack(features) if features else None)
     if not extras:
         out.logits = model.forward_head(model.norm(x))
@@ -113,7 +121,7 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     out.logits = model.head(out.pre_logits)
     out.block_cls_norm = torch.stack(cls_norm, dim=1)                        # (B, depth)
     out.block_tok_norm = torch.stack(tok_norm, dim=1)                        # (B, depth)
-    out.head_rows = torch.stack([head_rows[j] for j in range(depth)], dim=1)   # (B, depth, heads, N - prefix)
+    out.head_rows = torch.stack(head_rows, dim=1)                             # (B, depth, heads, N - prefix)
     return out
 
 

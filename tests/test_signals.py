@@ -16,10 +16,16 @@ from attention_probe import probe_forward
 from tests.fixtures import MICRO, run_script_inprocess, write_pool, write_teacher
 
 
-def _tiny(reg_tokens=0, seed=0):
+def _tiny(reg_tokens=0, seed=0, qk_norm=False):
     torch.manual_seed(seed)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, qkv_bias=True,
-                             reg_tokens=reg_tokens, num_classes=5).eval()
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, qkv_bias=True,
+                              reg_tokens=reg_tokens, qk_norm=qk_norm, num_classes=5).eval()
+    if qk_norm:   # LayerNorms start as identity maps: give them weights so the test can tell
+        for blk in model.blocks:
+            for norm in (blk.attn.q_norm, blk.attn.k_norm):
+                torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+                torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    return model
 
 
 def _reference(model, x):
@@ -39,7 +45,8 @@ def _reference(model, x):
         attn = b.attn
         B, N, C = norm1[j].shape
         qkv = attn.qkv(norm1[j]).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)  # (B, heads, N, N)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])                                        # (B, heads, N, hd)
+        a = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)             # (B, heads, N, N)
         row = a[:, :, 0, p:]                                                                 # (B, heads, M)
         uni.append(F.cosine_similarity(row, torch.full_like(row, 1.0), dim=-1))
     return {"energy": -torch.log(torch.exp(logits).sum(1)),
@@ -50,9 +57,9 @@ def _reference(model, x):
             "probe_heads": torch.stack(uni, 1)}, logits
 
 
-@pytest.mark.parametrize("reg_tokens", [0, 1])
-def test_signals_match_independent_computation(reg_tokens):
-    model = _tiny(reg_tokens)
+@pytest.mark.parametrize("reg_tokens,qk_norm", [(0, False), (1, False), (0, True)])
+def test_signals_match_independent_computation(reg_tokens, qk_norm):
+    model = _tiny(reg_tokens, qk_norm=qk_norm)
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         got = signals.batch_signals(probe_forward(model, x, probe_blocks=(1, 3), extras=True))
@@ -77,7 +84,6 @@ def test_extras_leave_logits_and_probe_rows_bit_identical():
     for b in (1, 3):
         assert torch.equal(plain.probes[b], extra.probes[b])
     assert plain.pre_logits is None and extra.pre_logits.shape == (5, 32)
-    assert not any(b.attn.qkv._forward_hooks for b in model.blocks)   # the hooks are gone
 
 
 def _knn_brute(feats, pred, value_out, k, frac, cap):
