@@ -3,18 +3,18 @@
     python demo.py                         # default: mismatch pool, one seed, <= 20 min on 2 CPU cores
     python demo.py --pool far-ood          # 10-class teacher, held-out images + made images
     python demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
-    python demo.py --seeds 0 1 2           # 3 seeds, each its own teacher and students: mean ± sd (~1 h on 2 cores)
+    python demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
     python demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
 
-Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its classes
-from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out train images [30000, 60000) plus
-made images; a manifest (source, true class) is read for evaluation only. Every rule selects the
-same number of images (the number of in-domain images in the pool) through select_data's functions;
-every student is trained by distill.main and tested on the official test images of the teacher's
-classes. Writes <out>/results.json, results_<pool>.json, results.md and PNG pictures; with several seeds
-every column is the mean over seeds, with its sample sd (ddof=1) and the per-seed values.
-Progress on the terminal: one line per teacher epoch, per seed's scoring, per finished student (with the
-time left), and a line each minute while no student finishes.
+Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its
+classes from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out
+train images [30000, 60000) plus made images; a manifest (source, true class) is read for evaluation
+only. Every rule selects the same number of images (the number of in-domain images in the pool)
+through select_data's functions; every student is trained by distill.main and tested on the official
+test images of the teacher's classes. Writes <out>/results.json, results_<pool>.json, results.md and
+PNG pictures; with several seeds every column is the mean over seeds, with its sample sd (ddof=1) and
+the per-seed values. Progress on the terminal: one line per teacher epoch, per seed's scoring, per
+finished student (with the time left), and a line each minute while no student finishes.
 """
 import argparse
 import contextlib
