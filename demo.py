@@ -3,14 +3,18 @@
     python demo.py                         # default: mismatch pool, one seed, <= 20 min on 2 CPU cores
     python demo.py --pool far-ood          # 10-class teacher, held-out images + made images
     python demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
+    python demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
     python demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
 
-Protocol, fixed before any rule was scored: the teacher (train_teacher.py) learns its classes from
-Fashion-MNIST train images [0, 30000); pools hold only held-out train images [30000, 60000) plus
-made images; a manifest (source, true class) is read for evaluation only. Every rule selects the
-same number of images (the number of in-domain images in the pool) through select_data's functions;
-every student is trained by distill.main and tested on the official test images of the teacher's
-classes. Writes <out>/results.json, results_<pool>.json, results.md and PNG pictures.
+Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its
+classes from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out
+train images [30000, 60000) plus made images; a manifest (source, true class) is read for evaluation
+only. Every rule selects the same number of images (the number of in-domain images in the pool)
+through select_data's functions; every student is trained by distill.main and tested on the official
+test images of the teacher's classes. Writes <out>/results.json, results_<pool>.json, results.md and
+PNG pictures; with several seeds every column is the mean over seeds, with its sample sd (ddof=1) and
+the per-seed values. Progress on the terminal: one line per teacher epoch, per seed's scoring, per
+finished student (with the time left), and a line each minute while no student finishes.
 """
 import argparse
 import contextlib
@@ -19,6 +23,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 
 # OpenMP threads that spin while waiting collapse on a shared 2-core machine (measured: 55 vs 202 img/s);
@@ -66,7 +71,8 @@ def get_args_parser():
     p.add_argument("--relevant_share", type=float, default=None,
                    help="share of in-domain images in the pool (default 0.2 mismatch, 0.25 far-ood)")
     p.add_argument("--pool_size", type=int, default=None, help="pool images (default: the preset's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds (default: the preset's); each seed trains its own teacher and students")
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     p.add_argument("--teacher_epochs", type=int, default=None)
     p.add_argument("--student_epochs", type=int, default=None)
@@ -81,7 +87,8 @@ def get_args_parser():
     p.add_argument("--jobs", type=int, default=None, help="students trained at once (CPU: processes of 1 thread)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: cores)")
     p.add_argument("--workers", type=int, default=None, help="pool-cache decoding processes (default: cores)")
-    p.add_argument("--reuse", action="store_true", help="reuse a finished teacher of the same settings in --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished teachers of the same settings and seed in --out")
     return p
 
 
@@ -143,41 +150,62 @@ def quiet(log_path):
 
 # ------------------------------------------------------------------------------------------ teacher
 
-def get_teacher(cfg, fm, classes, out, device, reuse):
-    """Export the teacher's ImageFolder tree and train it with train_teacher -> info dict."""
+def teacher_data(cfg, fm, classes, out):
+    """The teacher's ImageFolder tree (train + test images), exported once and shared by every seed's teacher."""
+    data_dir = os.path.join(out, f"teacher_{len(classes)}cls_data")
+    stamp = {k: cfg[k] for k in ("max_teacher_train", "max_val", "data")}
+    stamp.update(classes=list(classes), data_root=os.path.abspath(cfg["data_root"]))
+    stamp_path = os.path.join(data_dir, "export.json")
+    if os.path.exists(stamp_path) and json.load(open(stamp_path)).get("stamp") == stamp:
+        return data_dir, json.load(open(os.path.join(data_dir, "sources.json"))), 0.0
+    t0 = time.time()
+    print(f"teacher data: exporting the images of {len(classes)} classes to {data_dir}", flush=True)
+    with quiet(os.path.join(out, f"teacher_{len(classes)}cls_export.log")):
+        sources = dp.export_teacher_data(data_dir, fm, classes, cfg["max_teacher_train"], cfg["max_val"])
+    with open(stamp_path, "w") as f:      # written last: a stamp means a complete export
+        json.dump({"stamp": stamp}, f)
+    return data_dir, sources, time.time() - t0
+
+
+def get_teacher(cfg, fm, classes, out, device, reuse, seed):
+    """Train the teacher of seed `seed` with train_teacher (in <out>/teacher_<C>cls_seed<S>/) -> info dict."""
     import train_teacher
-    tdir = os.path.join(out, f"teacher_{len(classes)}cls")
+    tdir = os.path.join(out, f"teacher_{len(classes)}cls_seed{seed}")
     stamp = {k: cfg[k] for k in ("teacher", "teacher_epochs", "teacher_batch", "teacher_lr", "teacher_warmup",
                                  "max_teacher_train", "max_val", "data")}
-    stamp.update(classes=list(classes), device=str(device))
+    stamp.update(classes=list(classes), device=str(device), seed=seed)
     ckpt = os.path.join(tdir, "teacher.pth")
     info_path = os.path.join(tdir, "teacher.json")
     if reuse and os.path.exists(info_path):
         info = json.load(open(info_path))
-        if info.get("stamp") == stamp and os.path.exists(ckpt):
-            print(f"teacher: reusing {ckpt} (test acc1 {info['acc1']:.2f})")
+        if info.get("stamp") == stamp and os.path.exists(ckpt) and os.path.exists(info["data"]):
+            print(f"teacher seed {seed}: reusing {ckpt} (test acc1 {info['acc1']:.2f})", flush=True)
             return info
-    t0 = time.time()
+    data_dir, sources, t_export = teacher_data(cfg, fm, classes, out)
     os.makedirs(tdir, exist_ok=True)
-    data_dir = os.path.join(tdir, "data")
-    with quiet(os.path.join(tdir, "export.log")):
-        sources = dp.export_teacher_data(data_dir, fm, classes, cfg["max_teacher_train"], cfg["max_val"])
-    t_export = time.time() - t0
     argv = ["--dataset", "fashionmnist", "--data", data_dir, "--model", cfg["teacher"],
             "--nb_classes", str(len(classes)), "--output", ckpt, "--epochs", str(cfg["teacher_epochs"]),
             "--batch_size", str(cfg["teacher_batch"]), "--lr", str(cfg["teacher_lr"]), "--workers", "0",
             "--mean", str(FMNIST_MEAN), "--std", str(FMNIST_STD), "--device", str(device.type),
-            "--warmup_epochs", str(cfg["teacher_warmup"]), "--label_smoothing", "0"]
-    print(f"teacher: {cfg['teacher']} on {len(sources['train'])} train images of {len(classes)} classes, "
-          f"{cfg['teacher_epochs']} epochs (log {tdir}/train.log)", flush=True)
+            "--warmup_epochs", str(cfg["teacher_warmup"]), "--label_smoothing", "0", "--seed", str(seed),
+            "--resume", "no"]   # a teacher not reused is trained anew (--reuse keeps finished ones)
+    print(f"teacher seed {seed}: {cfg['teacher']} on {len(sources['train'])} train images of {len(classes)} "
+          f"classes, {cfg['teacher_epochs']} epochs (full log {tdir}/train.log)", flush=True)
+    term = sys.stdout          # the terminal, captured before quiet() redirects stdout to the log file
+
+    def progress(rec):
+        term.write(f"  teacher seed {seed} epoch {rec['epoch'] + 1}/{cfg['teacher_epochs']}: test acc1 "
+                   f"{rec['test_acc1']:.2f}%, train loss {rec['train_loss']:.3f}, {rec['epoch_seconds']:.0f}s\n")
+        term.flush()
+
     t1 = time.time()
     with quiet(os.path.join(tdir, "train.log")):
-        stats = train_teacher.train_teacher(train_teacher.get_args_parser().parse_args(argv))
-    info = {"checkpoint": ckpt, "data": data_dir, "classes": list(classes), "acc1": stats["acc1"],
+        stats = train_teacher.train_teacher(train_teacher.get_args_parser().parse_args(argv), on_epoch=progress)
+    info = {"checkpoint": ckpt, "data": data_dir, "classes": list(classes), "acc1": stats["acc1"], "seed": seed,
             "train_images": len(sources["train"]), "val_images": len(sources["val"]),
             "export_seconds": t_export, "train_seconds": time.time() - t1, "stamp": stamp}
     json.dump(info, open(info_path, "w"), indent=1)
-    print(f"teacher: test acc1 {stats['acc1']:.2f}% on {len(sources['val'])} test images "
+    print(f"teacher seed {seed}: test acc1 {stats['acc1']:.2f}% on {len(sources['val'])} test images "
           f"({info['train_seconds']:.0f}s)", flush=True)
     return info
 
@@ -185,14 +213,18 @@ def get_teacher(cfg, fm, classes, out, device, reuse):
 # ------------------------------------------------------------------------------------------ scoring
 
 def score_pool(cfg, teacher_info, pool_dir, num_select, device):
-    """Score the pool once with select_data (probe + confidence), then one extra pass for the energy."""
+    """Score the pool with one seed's teacher through select_data (probe + confidence), then one extra pass
+    for the energy. Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
     import pool as pool_mod
     import select_data
     from utils import amp_dtype
-    scores_dir = os.path.join(pool_dir, "scores")
+    scores_dir = os.path.join(pool_dir, f"scores_seed{teacher_info['seed']}")
+    shutil.rmtree(scores_dir, ignore_errors=True)     # never resume another run's scores
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
             "--teacher_dir", teacher_info["checkpoint"], "--num_select", str(num_select),
-            "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type)]
+            "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type),
+            # inside pool/: rebuilt with the pool, so never a stale cache of another pool
+            "--cache_dir", os.path.join(pool_dir, "pool", "cache")]
     sargs = select_data.get_args_parser().parse_args(argv)
     t = select_data.load_teacher(sargs, device)
     teacher, mean, std = t.model, t.mean, t.std
@@ -262,7 +294,9 @@ def student_argv(cfg, rule, teacher_info, pool_dir, sc, num_select, per_class, s
             "--output_dir", run_dir, "--student", cfg["student"], "--epochs", str(epochs),
             "--batch_size", str(cfg["student_batch"]), "--lr_S", str(cfg["lr_S"]), "--cos", "--holdout", "0",
             "--eval_every", str(epochs), "--workers", "0", "--seed", str(seed), "--device", str(device.type),
-            "--resume", "no", "--log_every", "1000"]
+            "--resume", "no", "--log_every", "1000",
+            # explicit: the published weight of probe distillation, whatever distill's default is
+            "--patchattn", "0.8"]
     if rule == "random":
         argv += ["--random"]
     if rule.startswith("probe"):
@@ -284,64 +318,117 @@ def run_student(job):
             "seconds": time.time() - t0}
 
 
-def run_students(jobs, n_parallel):
-    if n_parallel <= 1:
-        return [run_student(j) for j in jobs]
+def run_students(jobs, n_parallel, heartbeat=60.0):
+    """Train every student; prints one line per finished student (rule, seed, acc1, minutes, time left)
+    and, while none finishes, a line every `heartbeat` seconds. Returns the results in job order."""
+    t0 = time.time()
+    outs = [None] * len(jobs)
+    n_parallel = max(1, min(n_parallel, len(jobs)))
+
+    def report(k, o):
+        outs[k] = o
+        done = [x for x in outs if x is not None]
+        left = len(jobs) - len(done)
+        eta = left * np.mean([x["seconds"] for x in done]) / n_parallel
+        j = jobs[k]
+        print(f"  student {len(done)}/{len(jobs)}: {j['rule']:16s} seed {j['seed']}: acc1 "
+              f"{o['final']['final_acc1']:.2f}% (selection precision {j['precision']:.3f}), "
+              f"{o['seconds'] / 60:.1f} min" + (f"; ~{eta / 60:.0f} min left" if left else ""), flush=True)
+
+    if n_parallel == 1:
+        for k, j in enumerate(jobs):
+            report(k, run_student(j))
+        return outs
     import concurrent.futures as cf
     import multiprocessing as mp
     # spawn: fresh interpreters, no OpenMP state inherited from a forked parent
     with cf.ProcessPoolExecutor(n_parallel, mp_context=mp.get_context("spawn")) as ex:
-        return list(ex.map(run_student, [dict(j, threads=1) for j in jobs]))
+        futures = {ex.submit(run_student, dict(j, threads=1)): k for k, j in enumerate(jobs)}
+        pending = set(futures)
+        while pending:
+            finished, pending = cf.wait(pending, timeout=heartbeat, return_when=cf.FIRST_COMPLETED)
+            for f in sorted(finished, key=futures.get):
+                report(futures[f], f.result())
+            if not finished:
+                print(f"  ... {sum(o is not None for o in outs)}/{len(jobs)} students done, "
+                      f"{(time.time() - t0) / 60:.1f} min in the student phase", flush=True)
+    return outs
+
+
+def spread(values):
+    """mean, sample standard deviation (ddof=1; None for one value) and the values themselves."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None), [float(x) for x in v]
+
+
+def add_spread(target, field, values):
+    """target[field] = mean over seeds, target[field_per_seed] = the values, target[field_sd] (> 1 seed)."""
+    mean, sd, vals = spread(values)
+    target[field] = mean
+    target[f"{field}_per_seed"] = vals
+    if sd is not None:
+        target[f"{field}_sd"] = sd
 
 
 # ------------------------------------------------------------------------------------------ one pool
 
-def run_pool(cfg, kind, share, name, fm, teacher_info, out, device):
+def run_pool(cfg, kind, share, name, fm, teachers, out, device):
+    """teachers: {seed: teacher info}. The pool is the same for every seed; each seed's teacher scores it,
+    its rules select from those scores and its students distil from that teacher."""
     t_pool = time.time()
     pool_dir = os.path.join(out, name)
-    classes = teacher_info["classes"]
-    print(f"\n== pool {name}: {kind}, relevant share {share:g}", flush=True)
+    seeds = list(cfg["seeds"])
+    first = teachers[seeds[0]]
+    classes = first["classes"]
+    print(f"\n== pool {name}: {kind}, relevant share {share:g}: writing {cfg['pool_size']} images", flush=True)
     manifest = dp.build_pool(os.path.join(pool_dir, "pool"), kind, fm, classes, share, cfg["pool_size"])
     relevant = manifest["relevant"]
-    # no teacher image is in the pool (by Fashion-MNIST train index)
-    teacher_src = set(json.load(open(os.path.join(teacher_info["data"], "sources.json")))["train"])
+    # no teacher image is in the pool (by Fashion-MNIST train index); every seed's teacher has the same data
+    teacher_src = set(json.load(open(os.path.join(first["data"], "sources.json")))["train"])
     held = manifest["source_index"][manifest["source"] == "heldout"]
     overlap = len(teacher_src.intersection(held.tolist()))
     if overlap:
         raise RuntimeError(f"{overlap} pool images are teacher training images")
     num_select = int(relevant.sum())
     per_class = num_select // len(classes)
-    t0 = time.time()
-    sc = score_pool(cfg, teacher_info, pool_dir, num_select, device)
+    true_teacher = np.array([classes.index(c) if c in classes else -1 for c in manifest["fmnist_label"]])
+    epochs = cfg["student_epochs"] or max(1, round(cfg["student_samples"] / num_select))
     import pool as pool_mod
     if pool_mod.list_pool(os.path.join(pool_dir, "pool", "images")).ids != manifest["id"].tolist():
         raise RuntimeError("pool order differs from the manifest order")
-    score_seconds = time.time() - t0
-    scores = sc["scores"]
-    pred = scores["pred_out"].long()
-    usable = torch.isfinite(scores["value_out"]) & (pred >= 0)
-    true_teacher = np.array([classes.index(c) if c in classes else -1 for c in manifest["fmnist_label"]])
-    epochs = cfg["student_epochs"] or max(1, round(cfg["student_samples"] / num_select))
-    print(f"pool: {len(relevant)} images, {num_select} in-domain; every rule selects {num_select}; "
-          f"scoring {score_seconds:.0f}s; students: {cfg['student']}, {epochs} epochs", flush=True)
 
-    selections, jobs = {}, []
-    for seed in cfg["seeds"]:
+    scored, selections, jobs, score_seconds = {}, {}, [], {}
+    for seed in seeds:
+        t0 = time.time()
+        print(f"pool: scoring {len(relevant)} images with teacher seed {seed}...", flush=True)
+        sc = score_pool(cfg, teachers[seed], pool_dir, num_select, device)
+        score_seconds[seed] = time.time() - t0
+        scored[seed] = sc
+        pred = sc["scores"]["pred_out"].long()
+        usable = torch.isfinite(sc["scores"]["value_out"]) & (pred >= 0)
+        line = []
         for rule in cfg["rules"]:
             t1 = time.time()
             value = rule_value(rule, sc, relevant)
             chosen = select_rule(rule, value, usable, num_select, pred, per_class, seed)
-            argv, sel_dir, run_dir = student_argv(cfg, rule, teacher_info, pool_dir, sc, num_select, per_class,
+            argv, sel_dir, run_dir = student_argv(cfg, rule, teachers[seed], pool_dir, sc, num_select, per_class,
                                                   seed, epochs, device)
             if rule in ("oracle", "energy"):        # rules select_data does not know: hand distill the indices
                 path = os.path.join(sel_dir, "precomputed_selection.pt")
                 torch.save({"indices": chosen, "pred": pred[chosen], "rule": rule}, path)
                 argv += ["--selection_file", path]
-            selections[(rule, seed)] = dict(chosen=chosen, value=value, sel_dir=sel_dir,
+            precision = float(relevant[chosen.numpy()].mean())
+            selections[(rule, seed)] = dict(chosen=chosen, value=value, sel_dir=sel_dir, precision=precision,
                                             select_seconds=time.time() - t1)
-            jobs.append(dict(argv=argv, run_dir=run_dir, rule=rule, seed=seed))
-    print(f"training {len(jobs)} students ({cfg['jobs']} at a time)...", flush=True)
+            jobs.append(dict(argv=argv, run_dir=run_dir, rule=rule, seed=seed, precision=precision))
+            line.append(f"{rule} {precision:.3f}")
+        print(f"pool: seed {seed} scored in {score_seconds[seed]:.0f}s; selection precision: " + ", ".join(line),
+              flush=True)
+    print(f"pool: {len(relevant)} images, {num_select} in-domain; every rule selects {num_select}; training "
+          f"{len(jobs)} students ({cfg['student']}, {epochs} epochs, {cfg['jobs']} at a time)...", flush=True)
+    t_students = time.time()
     outs = run_students(jobs, cfg["jobs"])
+    student_seconds = time.time() - t_students
 
     res = {}
     for job, o in zip(jobs, outs):
@@ -353,39 +440,49 @@ def run_pool(cfg, kind, share, name, fm, teacher_info, out, device):
                 raise RuntimeError(f"{rule}: distill's selection differs from the demo's")
         idx = s["chosen"].numpy()
         counts = np.bincount(true_teacher[idx][relevant[idx]], minlength=len(classes))
-        r = res.setdefault(rule, {"per_seed": []})
-        r["per_seed"].append({"seed": seed, "selection_precision": float(relevant[idx].mean()),
-                              "student_acc1": o["final"]["final_acc1"], "classes_covered": int((counts > 0).sum()),
-                              "class_counts": counts.tolist(), "seconds": s["select_seconds"] + o["seconds"],
-                              "student": o["final"]})
-        print(f"  {rule:17s} seed {seed}: precision {relevant[idx].mean():.3f}, student acc1 "
-              f"{o['final']['final_acc1']:.2f}, classes {int((counts > 0).sum())}/{len(classes)} "
-              f"({o['seconds']:.0f}s)", flush=True)
-    rng_score = np.random.default_rng(0).permutation(len(relevant)).astype(np.float64)
-    ref = selections.get(("outlier", cfg["seeds"][0]))
-    for rule, r in res.items():
-        value = selections[(rule, cfg["seeds"][0])]["value"]
+        value = s["value"]
+        # random's AUROC scores a random order of the pool: chance
+        # (its own stream: default_rng(seed) alone is the stream build_pool shuffles the pool with)
+        order = np.random.default_rng([seed, 101]).permutation(len(relevant)).astype(np.float64)
+        row = {"seed": seed, "teacher_acc1": teachers[seed]["acc1"], "selection_precision": s["precision"],
+               "auroc": dp.auroc(order if value is None else value.numpy(), relevant),
+               "student_acc1": o["final"]["final_acc1"], "classes_covered": int((counts > 0).sum()),
+               "class_counts": counts.tolist(), "seconds": s["select_seconds"] + o["seconds"], "student": o["final"]}
+        ref = selections.get(("outlier", seed))
         if ref is not None:   # how much of DFND's selection a rule shares: tells selection from loss effects
-            a, b = set(selections[(rule, cfg["seeds"][0])]["chosen"].tolist()), set(ref["chosen"].tolist())
-            r["jaccard_with_outlier"] = len(a & b) / len(a | b)
+            a, b = set(s["chosen"].tolist()), set(ref["chosen"].tolist())
+            row["jaccard_with_outlier"] = len(a & b) / len(a | b)
+        res.setdefault(rule, {"per_seed": []})["per_seed"].append(row)
+    for rule, r in res.items():
         ps = r["per_seed"]
-        r.update(selection_precision=float(np.mean([p["selection_precision"] for p in ps])),
-                 student_acc1=float(np.mean([p["student_acc1"] for p in ps])),
-                 student_acc1_per_seed=[p["student_acc1"] for p in ps],
-                 auroc=dp.auroc(rng_score if value is None else value.numpy(), relevant),
-                 classes_covered=int(min(p["classes_covered"] for p in ps)),
-                 class_counts=ps[0]["class_counts"],
-                 seconds=float(sum(p["seconds"] for p in ps)))
-    images = sc["cache"].images[..., 0]
-    s = scores
-    diag = {"confidence (value_out)": dp.auroc(s["value_out"].numpy(), relevant),
-            "attention probe alone (sum of value_blk)": dp.auroc(sum(s[f"value_blk{b}"] for b in sc["blocks"])
-                                                                 .numpy(), relevant),
-            **{f"value_blk{b}": dp.auroc(s[f"value_blk{b}"].numpy(), relevant) for b in sc["blocks"]},
-            "combined probe score": res.get("probe", {}).get("auroc"),
-            "energy": dp.auroc(s["energy"].numpy(), relevant),
-            "pixel statistics (4 features, logistic regression)": dp.pixel_baseline_auroc(images, relevant)}
-    per_source = {}
+        for field in ("selection_precision", "auroc", "classes_covered", "jaccard_with_outlier", "student_acc1"):
+            if field in ps[0]:
+                add_spread(r, field, [p[field] for p in ps])
+        r.update(class_counts=ps[0]["class_counts"], seconds=float(sum(p["seconds"] for p in ps)))
+
+    images = scored[seeds[0]]["cache"].images[..., 0]
+    diag_per_seed = []
+    for seed in seeds:
+        s = scored[seed]["scores"]
+        blocks = scored[seed]["blocks"]
+        diag_per_seed.append({
+            "confidence (value_out)": dp.auroc(s["value_out"].numpy(), relevant),
+            "attention probe alone (sum of value_blk)": dp.auroc(sum(s[f"value_blk{b}"] for b in blocks).numpy(),
+                                                                 relevant),
+            **{f"value_blk{b}": dp.auroc(s[f"value_blk{b}"].numpy(), relevant) for b in blocks},
+            "combined probe score": dp.auroc(rule_value("probe", scored[seed], relevant).numpy(), relevant),
+            "energy": dp.auroc(s["energy"].numpy(), relevant)})
+    diag, diag_sd = {}, {}
+    for key in diag_per_seed[0]:
+        mean, sd, _ = spread([d[key] for d in diag_per_seed])
+        diag[key] = mean
+        if sd is not None:
+            diag_sd[key] = sd
+    # the pixel classifier does not use the teacher: one value
+    diag["pixel statistics (4 features, logistic regression)"] = dp.pixel_baseline_auroc(images, relevant)
+    sc = scored[seeds[0]]
+    s = sc["scores"]
+    per_source = {}   # of the first seed's teacher
     for src in np.unique(manifest["source"]):
         m = manifest["source"] == src
         if src == "heldout":
@@ -400,13 +497,23 @@ def run_pool(cfg, kind, share, name, fm, teacher_info, out, device):
                  "sources": {k: int(v) for k, v in zip(*np.unique(manifest["source"], return_counts=True))},
                  "teacher_classes": [data.FASHION_CLASSES[c] for c in classes],
                  "overlap_with_teacher_train": overlap}
-    result = {"preset": cfg["preset"], "data": cfg["data"], "teacher_acc1": teacher_info["acc1"],
-              "teacher": cfg["teacher"], "student": cfg["student"], "student_epochs": epochs,
-              "seeds": cfg["seeds"], "pool": pool_info, **{r: res[r] for r in cfg["rules"]},
-              "auroc_diagnostics": diag, "per_source": per_source,
-              "timing": {"scoring_seconds": score_seconds, "pool_seconds": time.time() - t_pool}}
+    result = {"preset": cfg["preset"], "data": cfg["data"], "teacher": cfg["teacher"], "student": cfg["student"],
+              "student_epochs": epochs, "seeds": seeds,
+              "sd": "sample standard deviation over seeds (ddof=1); *_per_seed lists follow `seeds`",
+              "teacher_checkpoints": [teachers[seed]["checkpoint"] for seed in seeds]}
+    add_spread(result, "teacher_acc1", [teachers[seed]["acc1"] for seed in seeds])
+    result.update({"pool": pool_info, **{r: res[r] for r in cfg["rules"]},
+                   "auroc_diagnostics": diag, "auroc_diagnostics_per_seed": diag_per_seed,
+                   "per_source_teacher_seed": seeds[0], "per_source": per_source,
+                   "timing": {"scoring_seconds": float(sum(score_seconds.values())),
+                              "student_phase_seconds": student_seconds}})
+    if diag_sd:
+        result["auroc_diagnostics_sd"] = diag_sd
+    print(f"pool: drawing pictures (teacher seed {seeds[0]})...", flush=True)
+    t_pic = time.time()
     with quiet(os.path.join(pool_dir, "pictures.log")):
         result["pictures"] = draw_pictures(pool_dir, out, name, manifest, sc, selections, cfg)
+    result["timing"].update(pictures_seconds=time.time() - t_pic, pool_seconds=time.time() - t_pool)
     return result
 
 
@@ -578,35 +685,53 @@ def draw_pictures(pool_dir, out, name, manifest, sc, selections, cfg):
 
 # ------------------------------------------------------------------------------------------ report
 
+def fmt_spread(x, field, digits, value_digits=None):
+    """'mean' for one seed; 'mean ± sd (v1, v2, ...)' over several (sd: sample, ddof=1)."""
+    f = f"{{:.{digits}f}}"
+    if f"{field}_sd" not in x:
+        return f.format(x[field])
+    fv = f"{{:.{digits if value_digits is None else value_digits}f}}"
+    vals = ", ".join(fv.format(v) for v in x[f"{field}_per_seed"])
+    return f"{f.format(x[field])} ± {f.format(x[field + '_sd'])} ({vals})"
+
+
 def markdown(results, cfg, total_seconds, machine):
     lines = [f"# Attention Probe on Fashion-MNIST in the wild — preset `{cfg['preset']}`", "",
              f"Machine: {machine}. Total wall time: {total_seconds / 60:.1f} min. Data: {cfg['data']}.", ""]
     for name, r in results.items():
         p = r["pool"]
+        multi = len(r["seeds"]) > 1
         lines += [f"## Pool `{name}`", "",
                   f"{p['size']} images ({', '.join(f'{k}: {v}' for k, v in p['sources'].items())}); "
                   f"{p['in_domain']} in-domain (relevant share {p['relevant_share']:g}); every rule keeps "
                   f"{p['num_select']}; balanced rules keep {p['per_class']} per predicted class first.",
+                  f"Seeds {r['seeds']}: each seed trains its own teacher and students (the pool is the same). "
                   f"Teacher `{r['teacher']}` ({len(p['teacher_classes'])} classes: "
-                  f"{', '.join(p['teacher_classes'])}): test acc1 **{r['teacher_acc1']:.2f}%**. Students "
-                  f"`{r['student']}`, {r['student_epochs']} epochs, seeds {r['seeds']}; acc1 = last epoch on the "
-                  "official test images of the teacher's classes.", "",
+                  f"{', '.join(p['teacher_classes'])}): test acc1 **{fmt_spread(r, 'teacher_acc1', 2)} %**. Students "
+                  f"`{r['student']}`, {r['student_epochs']} epochs; acc1 = last epoch on the official test images "
+                  "of the teacher's classes."
+                  + (" Cells: mean ± sample sd (ddof=1) over the seeds, then the per-seed values." if multi else ""),
+                  "",
                   "| rule | selection precision | AUROC of its score | teacher classes covered | Jaccard with outlier "
                   "| student acc1 (%) | seconds |",
                   "|---|---|---|---|---|---|---|"]
         for rule in cfg["rules"]:
             x = r[rule]
-            accs = ", ".join(f"{a:.2f}" for a in x["student_acc1_per_seed"])
-            lines.append(f"| {rule} | {x['selection_precision']:.3f} | {x['auroc']:.3f} | "
-                         f"{x['classes_covered']}/{len(p['teacher_classes'])} {x['class_counts']} | "
-                         f"{x.get('jaccard_with_outlier', float('nan')):.3f} | "
-                         f"{x['student_acc1']:.2f}" + (f" ({accs})" if len(x["student_acc1_per_seed"]) > 1 else "")
-                         + f" | {x['seconds']:.0f} |")
+            covered = fmt_spread(x, "classes_covered", 1 if multi else 0, 0)
+            lines.append(f"| {rule} | {fmt_spread(x, 'selection_precision', 3)} | {fmt_spread(x, 'auroc', 3)} | "
+                         f"{covered} of {len(p['teacher_classes'])} {x['class_counts']}"
+                         + (f" (seed {r['seeds'][0]})" if multi else "") + " | "
+                         + (fmt_spread(x, "jaccard_with_outlier", 3) if "jaccard_with_outlier" in x else "–") + " | "
+                         + f"{fmt_spread(x, 'student_acc1', 2)} | {x['seconds']:.0f} |")
         lines += ["", "AUROC (in-domain vs the rest, low score = in-domain):", "",
                   "| signal | AUROC |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in r["auroc_diagnostics"].items() if v is not None]
-        lines += ["", "Per source: mean score, and AUROC of in-domain vs that source (>0.5: the signal ranks "
-                  "in-domain images first):", "",
+        sd = r.get("auroc_diagnostics_sd", {})
+        for k, v in r["auroc_diagnostics"].items():
+            if v is not None:
+                per = [f"{d[k]:.3f}" for d in r["auroc_diagnostics_per_seed"]] if k in sd else []
+                lines.append(f"| {k} | {v:.3f}" + (f" ± {sd[k]:.3f} ({', '.join(per)})" if per else "") + " |")
+        lines += ["", f"Per source (teacher seed {r['per_source_teacher_seed']}): mean score, and AUROC of in-domain "
+                  "vs that source (>0.5: the signal ranks in-domain images first):", "",
                   "| source | n | value_out | probe sum | combined | energy | AUROC value_out | AUROC probe sum "
                   "| AUROC combined | AUROC energy |", "|---|---|---|---|---|---|---|---|---|---|"]
         for k, v in r["per_source"].items():
@@ -614,8 +739,9 @@ def markdown(results, cfg, total_seconds, machine):
             lines.append(f"| {k} | {v['n']} | {v['value_out']:.3f} | {v['probe_sum']:.4f} | {v['combined']:.3f} | "
                          f"{v['energy']:.3f} | " + " | ".join(f"{a[x]:.3f}" if x in a else "–" for x in
                                                            ("value_out", "probe_sum", "combined", "energy")) + " |")
-        lines += ["", "Pictures: " + ", ".join(f"[{k}]({v})" for k, v in r["pictures"].items()), ""]
-    lines += ["Notes: random's AUROC scores its random order (chance); balanced rules share the score (and AUROC) "
+        lines += ["", f"Pictures (teacher seed {r['seeds'][0]}): "
+                  + ", ".join(f"[{k}]({v})" for k, v in r["pictures"].items()), ""]
+    lines += ["Notes: random's AUROC scores a random order (chance); balanced rules share the score (and AUROC) "
               "of their plain rule. `seconds` is each rule's own selection + distillation wall time"
               + (f" (summed over seeds); with {cfg['jobs']} students trained at once these overlap." if cfg["jobs"] > 1
                  else " (summed over seeds)."), ""]
@@ -644,11 +770,13 @@ def main(argv=None):
     results, teachers = {}, {}
     for kind, share in cfg["pools"]:
         classes = tuple(dp.MISMATCH_CLASSES) if kind == "mismatch" else tuple(range(10))
-        if classes not in teachers:
-            teachers[classes] = get_teacher(cfg, fm, classes, out, device, args.reuse)
+        for seed in cfg["seeds"]:      # one teacher per seed: the spread includes the teacher's
+            if (classes, seed) not in teachers:
+                teachers[(classes, seed)] = get_teacher(cfg, fm, classes, out, device, args.reuse, seed)
         name = pool_name(kind, share, cfg)
-        results[name] = run_pool(cfg, kind, share, name, fm, teachers[classes], out, device)
-        results[name]["timing"]["teacher_seconds"] = teachers[classes]["train_seconds"]
+        by_seed = {seed: teachers[(classes, seed)] for seed in cfg["seeds"]}
+        results[name] = run_pool(cfg, kind, share, name, fm, by_seed, out, device)
+        results[name]["timing"]["teacher_seconds"] = float(sum(t["train_seconds"] for t in by_seed.values()))
         with open(os.path.join(out, f"results_{name}.json"), "w") as f:
             json.dump(results[name], f, indent=1)
     total = time.time() - t0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fashion-MNIST in the wild, end to end (see README.md, "The demo"):
 #   ./demo.sh                          default preset: mismatch pool, one seed, <= 20 min on 2 CPU cores
+#   ./demo.sh --seeds 0 1 2            3 seeds (a teacher and 7 students each): mean ± sd of every column
 #   ./demo.sh --pool far-ood           held-out images + made images, 10-class teacher
 #   ./demo.sh --full --device cuda     both pools, relevant share 0.2 and 0.6, 2 seeds (one GPU)
 # Results: $OUT (default runs/demo)/results.md, results.json, results_<pool>.json, figures/*.png

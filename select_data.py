@@ -6,10 +6,13 @@
 
 Writes into --selected_file, one entry per pool image in the pool's sorted order: value_out.pth,
 pred_out.pth, value_blk{b}.pth (the published file names), probs_out.npy (teacher softmax, fp16),
-skipped.txt (unreadable images: never selected), scores_meta.json (fingerprint), and for the
-selection: selection.pt, selected.txt (ids, best first) and class_weights.pth.
+the extra signals of the same pass under their own names (signals.py: sig_<name>.pth,
+prelogits_out.npy; --flip_signal adds a flipped forward of each batch), skipped.txt (unreadable
+images: never selected), scores_meta.json (fingerprint), and for the selection: selection.pt,
+selected.txt (ids, best first) and class_weights.pth.
 Scores are computed once in resumable chunks and reused while the fingerprint (pool, teacher
 checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
+--rule NAME (default: the published score) ranks by one of signals.RULES instead.
 
 In code, `run_selection(args, teacher, device)` returns a `Selection` (indices, ids, predicted
 classes, class weights, the pool and its cache), the value the next stage trains from.
@@ -29,6 +32,7 @@ from tqdm import tqdm
 import data
 import models
 import pool
+import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
 from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
                    check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world, resolve_device,
@@ -55,6 +59,11 @@ def add_selection_args(parser):
     g.add_argument("--random", action="store_true", help="select uniformly at random (baseline)")
     g.add_argument("--attnlier", type=float, default=0.05, help="weight of the probe scores (default 0.05)")
     g.add_argument("--outlier", type=float, default=0.9, help="weight of the confidence score (default 0.9)")
+    g.add_argument("--rule", default="published", choices=["published", *signals.RULES],
+                   help="ranking score: 'published' (default: confidence, plus the probe with --attnprobe_sel) "
+                        "or an opt-in rule of signals.RULES")
+    g.add_argument("--flip_signal", action="store_true",
+                   help="also score each image flipped (signals flip_agree, flip_kl): doubles the teacher compute")
     g.add_argument("--per_class", type=int, default=None,
                    help="class-balanced: best N per teacher-predicted class, then fill from the global order")
     g.add_argument("--probe_blocks", type=int, nargs="+", default=list(PROBE_BLOCKS), help="0-based (default 3 7)")
@@ -103,6 +112,8 @@ def check_selection_args(args):
         raise InputError(f"--per_class must be positive, got {args.per_class}")
     if args.random and args.attnprobe_sel:
         raise InputError("--random and --attnprobe_sel exclude each other")
+    if args.random and args.rule != "published":
+        raise InputError(f"--random and --rule {args.rule} exclude each other")
     if os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
         raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
     for path in args.data_imagenet:
@@ -139,6 +150,8 @@ def score_fingerprint(args, teacher, pool_index):
         "mean": list(teacher.mean), "std": list(teacher.std),
         "probe_blocks": sorted(args.probe_blocks), "probe_head": args.probe_head,
         "decode": pool.decode_mode(args.fast_decode),
+        # only when on, so that score files made before the flag existed stay valid
+        **({"flip_signal": True} if args.flip_signal else {}),
     }
 
 
@@ -196,21 +209,28 @@ def iter_batches(pool_index, cache, indices, img_size, in_chans, batch_size, wor
 
 
 @torch.no_grad()
-def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None):
+def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None, extras=True, flip=False):
     """Teacher scores of a uint8 batch (B,C,H,W) -> dict of per-image tensors on the batch's device.
 
     value_out = cross-entropy against the teacher's own argmax = -log max softmax;
-    value_blk{b} = cosine(probe row, uniform).
+    value_blk{b} = cosine(probe row, uniform). extras: the signals of signals.py from the same
+    forward (sig_<name>) and the pre-logits feature; flip: one more forward of the flipped batch.
     """
     x = data.normalize(images, mean, std)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = probe_forward(teacher, x, probe_blocks=probe_blocks, head=head)
+        out = probe_forward(teacher, x, probe_blocks=probe_blocks, head=head, extras=extras)
+        logits_flip = teacher(x.flip(-1)) if flip else None
     logits = out.logits.float()
     log_probs = logits.log_softmax(dim=1)
     best, pred = log_probs.max(dim=1)
     scores = {"value_out": -best, "pred_out": pred, "probs": log_probs.exp()}
     for b in probe_blocks:
         scores[f"value_blk{b}"] = probe_uniformity(out.probes[b].float())
+    if extras:
+        scores.update({f"sig_{k}": v for k, v in signals.batch_signals(out).items()})
+        scores["prelogits"] = out.pre_logits.float()
+    if flip:
+        scores.update({f"sig_{k}": v for k, v in signals.flip_signals(logits, logits_flip).items()})
     return scores
 
 
@@ -233,6 +253,7 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
     amp = amp_dtype(getattr(args, "amp", "auto"), device)
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
+    feat_path = os.path.join(out_dir, PRELOGITS_FILE)
     if rank == 0:
         os.makedirs(chunks_dir, exist_ok=True)
         progress = os.path.join(chunks_dir, "fingerprint.json")
@@ -244,6 +265,8 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
             if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
                 os.unlink(meta_path)
             np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
+            np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16,
+                                      shape=(n, teacher_feature_dim(teacher.model))).flush()
             atomic_write_text(progress, json.dumps(fingerprint))
         for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
             if name.startswith(".tmp-"):
@@ -264,15 +287,17 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
         part = {key: [] for key in ("index", "ok", "value_out", "pred_out", "probs",
                                     *[f"value_blk{b}" for b in blocks])}
         reasons = {}
+        flip = bool(fingerprint.get("flip_signal"))
         for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher.img_size, teacher.in_chans,
                                                  args.score_batch_size, args.workers, device.type == "cuda",
                                                  args.fast_decode):
             s = score_fn(teacher.model, images.to(device, non_blocking=True), teacher.mean, teacher.std, blocks,
-                         args.probe_head, amp)
+                         args.probe_head, amp, True, flip)
             part["index"].append(idx)
             part["ok"].append(ok)
             for key in s:
-                part[key].append(s[key].cpu() if key != "probs" else s[key].half().cpu())
+                part.setdefault(key, []).append(s[key].half().cpu() if key in ("probs", "prelogits")
+                                                else s[key].cpu())
             for i, good, reason in zip(idx.tolist(), ok.tolist(), why):
                 if not good:
                     reasons[i] = reason
@@ -280,30 +305,48 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
         part = {key: torch.cat(v) if v else torch.empty(0) for key, v in part.items()}
         gathered = all_gather_objects((part, reasons))
         if rank == 0:
-            _store_chunk(gathered, chunks_dir, probs_path, k, n, c)
+            _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path)
         barrier()
     bar.close()
     if rank == 0:
         _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, pool_index)
+        _assemble_signals(chunks_dir, out_dir, num_chunks, n, device)
         atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
         shutil.rmtree(chunks_dir)
     barrier()
 
 
-def _store_chunk(gathered, chunks_dir, probs_path, k, n, c):
+def teacher_feature_dim(model):
+    """Width of the pre-logits feature (the head's input)."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+PRELOGITS_FILE = "prelogits_out.npy"
+
+
+def _write_rows(path, index, rows):
+    memmap = np.load(path, mmap_mode="r+")
+    memmap[index.numpy()] = rows.numpy()
+    memmap.flush()   # the chunk file written after this marks these rows as written
+    del memmap
+
+
+def _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path=None):
     parts = [p for p, _ in gathered]
     reasons = {i: r for _, rs in gathered for i, r in rs.items()}
     index = torch.cat([p["index"] for p in parts])
     order = index.argsort()
-    merged = {key: torch.cat([p[key] for p in parts])[order] for key in parts[0]}
+    keys = dict.fromkeys(key for p in parts for key in p)   # a rank without images has only the fixed keys
+    merged = {key: torch.cat([p[key] for p in parts if key in p])[order] for key in keys}
     ok = merged["ok"].bool()
     probs = merged.pop("probs")
+    feats = merged.pop("prelogits", None)
     if len(index):
         probs[~ok] = 0
-        memmap = np.load(probs_path, mmap_mode="r+")
-        memmap[merged["index"].numpy()] = probs.numpy()
-        memmap.flush()   # the chunk file below marks these rows as written
-        del memmap
+        _write_rows(probs_path, merged["index"], probs)
+        if feats is not None and feat_path is not None:
+            feats[~ok] = 0
+            _write_rows(feat_path, merged["index"], feats)
     merged["reasons"] = reasons
     atomic_torch_save(merged, _chunk_path(chunks_dir, k))
 
@@ -327,6 +370,29 @@ def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, poo
     skipped_path = os.path.join(out_dir, "skipped.txt")
     pool.write_skipped(skipped_path, [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
     warn_skipped(sorted(skipped), pool_index, skipped_path)
+
+
+def _assemble_signals(chunks_dir, out_dir, num_chunks, n, device):
+    """The extra signals (signals.py) as sig_<name>.pth beside the published files, nan for skipped
+    images; then the transductive kNN signal from the stored pre-logits (a pass over features, not images)."""
+    full = {}
+    for k in range(num_chunks):
+        part = torch.load(_chunk_path(chunks_dir, k), weights_only=True)
+        idx, ok = part["index"], part["ok"].bool()
+        for key in part:
+            if key.startswith("sig_"):
+                if key not in full:
+                    full[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
+                full[key][idx[ok]] = part[key][ok].float()
+    for key, value in full.items():
+        atomic_torch_save(value, os.path.join(out_dir, signals.signal_file(key[4:])))
+    feat_path = os.path.join(out_dir, PRELOGITS_FILE)
+    if full and os.path.exists(feat_path):
+        value_out = load_score_file(os.path.join(out_dir, "value_out.pth"))
+        pred = load_score_file(os.path.join(out_dir, "pred_out.pth"))
+        knn = signals.knn_distance(np.load(feat_path, mmap_mode="r"), pred, value_out,
+                                   device=device if device.type == "cuda" else "cpu")
+        atomic_torch_save(knn, os.path.join(out_dir, signals.signal_file("knn")))
 
 
 WARN_SKIPPED_MAX = 20
@@ -361,6 +427,22 @@ def load_scores(out_dir, blocks):
                              "(rescore with --force or change --probe_blocks)")
         scores[f"value_blk{b}"] = load_score_file(path)
     return scores
+
+
+def load_signals(out_dir, names):
+    """The stored extra signals a rule needs; a missing file is a one-line error."""
+    out = {}
+    for name in names:
+        path = os.path.join(out_dir, signals.signal_file(name))
+        if not os.path.exists(path):
+            how = "--flip_signal and --force" if name in signals.FLIP_SIGNALS else "--force"
+            raise InputError(f"{path} is missing: these score files were made without signal '{name}' "
+                             f"(rescore with {how})")
+        value = safe_torch_load(path, "signal file (use --force to rescore)")
+        if not torch.is_tensor(value):
+            raise InputError(f"{path} is not a signal tensor; use --force to rescore")
+        out[name] = value
+    return out
 
 
 def scores_ready(out_dir, fingerprint, force):
@@ -511,13 +593,22 @@ def select_from_scores(args, teacher, pool_index):
     Returns {'indices', 'pred', 'value', 'class_weights', 'rule'}."""
     blocks = sorted(args.probe_blocks)
     out = args.selected_file
-    scores = load_scores(out, blocks if args.attnprobe_sel else [])
+    rule_name = getattr(args, "rule", "published")
+    probe = args.attnprobe_sel if rule_name == "published" else signals.rule_uses_probe(rule_name)
+    scores = load_scores(out, blocks if probe else [])
     n = len(scores["value_out"])
     if n != len(pool_index):
         raise InputError(f"score files in {out} cover {n} images but the pool has {len(pool_index)}")
     pred = scores["pred_out"].long()
     usable = torch.isfinite(scores["value_out"]) & (pred >= 0)
-    value = combined_value(scores, args.attnprobe_sel, args.attnlier, args.outlier, blocks)
+    if rule_name == "published":
+        value = combined_value(scores, args.attnprobe_sel, args.attnlier, args.outlier, blocks)
+    else:   # an opt-in rule of signals.RULES, from the same single scoring pass
+        scores.update(load_signals(out, signals.rule_needs(rule_name)))
+        try:
+            value = signals.rule_value(rule_name, scores, usable, blocks)
+        except ValueError as e:
+            raise InputError(f"--rule {rule_name}: {e} (score files in {out})") from None
     chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, args.seed)
     probs_path = os.path.join(out, "probs_out.npy")
     if os.path.exists(probs_path):
@@ -525,6 +616,8 @@ def select_from_scores(args, teacher, pool_index):
     else:
         weights = class_weights_from_preds(pred, chosen, teacher.num_classes)
     rule = "random" if args.random else ("attention probe" if args.attnprobe_sel else "outlier (confidence)")
+    if rule_name != "published":
+        rule = f"signal rule {rule_name}"
     if args.per_class:
         rule += f", class-balanced ({args.per_class} per class)"
     record = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],

@@ -90,7 +90,10 @@ def _resume_state(args, last_path):
 
 
 def train_teacher(args, on_epoch=None):
-    """Train and save the teacher; returns the final test metrics. on_epoch(record) after each epoch."""
+    """Train and save the teacher; returns the final test metrics.
+
+    on_epoch: optional callable given each epoch's record dict (rank 0), e.g. for a progress line.
+    """
     if args.epochs <= 0:
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)

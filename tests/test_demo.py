@@ -70,10 +70,25 @@ def test_auroc_and_pixel_baseline():
     assert dp.pixel_features(bright).shape == (100, 4)
 
 
-def test_tiny_preset_results(tmp_path):
+def test_add_spread_mean_sample_sd_and_values():
+    r = {}
+    demo.add_spread(r, "acc", [60.0, 62.0, 67.0])
+    assert r["acc"] == pytest.approx(63.0) and r["acc_per_seed"] == [60.0, 62.0, 67.0]
+    assert r["acc_sd"] == pytest.approx(np.sqrt((9 + 1 + 16) / 2))       # ddof=1, not the population sd
+    one = {}
+    demo.add_spread(one, "acc", [61.5])
+    assert one == {"acc": 61.5, "acc_per_seed": [61.5]}                    # no sd from one seed
+    assert demo.fmt_spread(one, "acc", 2) == "61.50"
+    assert demo.fmt_spread(r, "acc", 2) == f"63.00 ± {r['acc_sd']:.2f} (60.00, 62.00, 67.00)"
+
+
+def test_tiny_preset_two_seeds_progress_and_spread(tmp_path, capsys):
+    import re
     out = tmp_path / "demo"
-    demo.main(["--tiny", "--out", str(out), "--threads", "1", "--device", "cpu"])
+    demo.main(["--tiny", "--seeds", "0", "1", "--out", str(out), "--threads", "1", "--device", "cpu"])
+    printed = capsys.readouterr().out
     r = json.load(open(out / "results.json"))
+    assert r["seeds"] == [0, 1]
     assert 0 <= r["teacher_acc1"] <= 100
     assert r["pool"]["overlap_with_teacher_train"] == 0 and r["pool"]["num_select"] == r["pool"]["in_domain"]
     for rule in demo.RULES:
@@ -87,3 +102,37 @@ def test_tiny_preset_results(tmp_path):
     assert (out / "results_mismatch.json").exists() and (out / "results.md").exists()
     for path in r["pictures"].values():
         assert (out / path).stat().st_size > 0 and path.endswith(".png")
+    # one teacher per seed, in its own folder; the per-seed teacher acc1 is that teacher's
+    teacher_acc = []
+    for seed in (0, 1):
+        tdir = out / f"teacher_6cls_seed{seed}"
+        info = json.load(open(tdir / "teacher.json"))
+        assert (tdir / "teacher.pth").exists() and info["seed"] == seed
+        teacher_acc.append(info["acc1"])
+        # the per-epoch progress line reached the terminal, not only the log file
+        assert re.search(rf"teacher seed {seed} epoch 1/1: test acc1 [\d.]+%.*\d+s", printed), printed
+    assert r["teacher_checkpoints"] == [str(out / f"teacher_6cls_seed{s}" / "teacher.pth") for s in (0, 1)]
+    assert r["teacher_acc1_per_seed"] == teacher_acc
+    assert r["teacher_acc1"] == pytest.approx(np.mean(teacher_acc))
+    assert r["teacher_acc1_sd"] == pytest.approx(np.std(teacher_acc, ddof=1))
+    student_lines = re.findall(r"student (\d+)/14: (\w+) +seed (\d): acc1 ([\d.]+)% .*?([\d.]+) min", printed)
+    assert sorted(int(n) for n, *_ in student_lines) == list(range(1, 15))    # one line per student
+    assert "min left" in printed
+    for rule in demo.RULES:
+        x = r[rule]
+        assert [p["seed"] for p in x["per_seed"]] == [0, 1]
+        for field in ("selection_precision", "auroc", "classes_covered", "jaccard_with_outlier", "student_acc1"):
+            values = [p[field] for p in x["per_seed"]]
+            assert x[f"{field}_per_seed"] == values, (rule, field)
+            assert x[field] == pytest.approx(np.mean(values)), (rule, field)
+            assert x[f"{field}_sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-12), (rule, field)
+        # the printed accuracy is the one the results hold
+        got = {int(seed): float(acc) for _, name, seed, acc, _ in student_lines if name == rule}
+        assert got == pytest.approx({p["seed"]: round(p["student_acc1"], 2) for p in x["per_seed"]}, abs=0.006)
+        assert all(p["teacher_acc1"] == teacher_acc[i] for i, p in enumerate(x["per_seed"]))
+    assert r["oracle"]["selection_precision_per_seed"] == [1.0, 1.0]
+    assert r["outlier"]["jaccard_with_outlier_per_seed"] == [1.0, 1.0]
+    for key, per in zip(r["auroc_diagnostics_sd"], zip(*[d.values() for d in r["auroc_diagnostics_per_seed"]])):
+        assert r["auroc_diagnostics_sd"][key] == pytest.approx(np.std(per, ddof=1), abs=1e-12)
+    md = (out / "results.md").read_text()
+    assert "mean ± sample sd (ddof=1)" in md and f"{r['outlier']['student_acc1_sd']:.2f}" in md

@@ -1,0 +1,182 @@
+"""Selection signals beyond the paper's, all from the one teacher pass that select_data already makes.
+
+    out = probe_forward(teacher, x, probe_blocks, head, extras=True)
+    sig = batch_signals(out)                           # per-image tensors, stored as sig_<name>.pth
+    sig.update(flip_signals(out.logits, teacher(x.flip(-1))))   # optional: a second forward of the batch
+    knn = knn_distance(pre_logits, pred, value_out)    # after the pass, on the stored pre-logits
+
+Every signal is stored in its natural units (an energy is an energy, a norm a norm); which way is
+"in the teacher's domain" is the rule's business (RULES: sign +1 = a LOW value means keep, like
+the published value_out). Multi-column signals (per block, per head) are (N, depth[, heads]).
+"""
+import numpy as np
+import torch
+
+from attention_probe import probe_uniformity
+
+# stored per-image signals: name -> what it is (all (N,) unless noted)
+SIGNALS = {
+    "energy": "-logsumexp(logits) (low = in-domain, Liu et al. 2020)",
+    "maxlogit": "largest logit",
+    "feat_norm": "L2 norm of the pre-logits feature (the head's input)",
+    "cls_norm": "(N, depth): L2 norm of the CLS token after each block",
+    "tok_norm": "(N, depth): mean L2 norm of the patch tokens after each block",
+    "probe_heads": "(N, depth, heads): cosine(CLS row, uniform) of every head of every block",
+    "flip_agree": "1 if the prediction of the horizontally flipped image is the same, else 0 (--flip_signal)",
+    "flip_kl": "KL(softmax(x) || softmax(flip(x))) (--flip_signal)",
+    "knn": "1 - mean cosine to the k nearest images of the confident core of the predicted class",
+}
+FLIP_SIGNALS = ("flip_agree", "flip_kl")
+KNN_K, KNN_CORE_FRAC, KNN_CORE_MAX = 10, 0.1, 2048
+
+
+def signal_file(name):
+    return f"sig_{name}.pth"
+
+
+@torch.no_grad()
+def batch_signals(out):
+    """Per-image signals of one probe_forward(..., extras=True) output -> dict of CPU-able tensors."""
+    logits = out.logits.float()
+    return {"energy": -torch.logsumexp(logits, dim=1),
+            "maxlogit": logits.max(dim=1).values,
+            "feat_norm": out.pre_logits.float().norm(dim=-1),
+            "cls_norm": out.block_cls_norm.float(),
+            "tok_norm": out.block_tok_norm.float(),
+            "probe_heads": probe_uniformity(out.head_rows.float())}   # (B, depth, heads)
+
+
+@torch.no_grad()
+def flip_signals(logits, logits_flip):
+    """Agreement of the teacher with itself under a horizontal flip (needs the flipped batch's logits)."""
+    logp, logq = logits.float().log_softmax(1), logits_flip.float().log_softmax(1)
+    return {"flip_agree": (logp.argmax(1) == logq.argmax(1)).float(),
+            "flip_kl": (logp.exp() * (logp - logq)).sum(1)}
+
+
+@torch.no_grad()
+def knn_distance(features, pred, value_out, usable=None, k=KNN_K, core_frac=KNN_CORE_FRAC,
+                 core_max=KNN_CORE_MAX, chunk=8192, device="cpu"):
+    """Transductive: distance of each image to the confident core of its predicted class.
+
+    features: (N, C) pre-logits (array or tensor, fp16 is fine); pred: (N,) teacher argmax;
+    value_out: (N,) published confidence score (low = confident). The core of class c is its
+    `core_frac` most confident usable images (at most `core_max`, at least 1). Each image gets
+    1 - mean cosine similarity to its k nearest core images of its own predicted class, itself
+    excluded. Unusable images get +inf. Cost: N x core_max x C multiply-adds, in chunks.
+    """
+    n = len(pred)
+    pred = torch.as_tensor(pred).long()
+    value_out = torch.as_tensor(value_out).double()
+    usable = torch.isfinite(value_out) & (pred >= 0) if usable is None else torch.as_tensor(usable).bool()
+    dist = torch.full((n,), float("inf"))
+    for c in pred[usable].unique().tolist():
+        members = (usable & (pred == c)).nonzero().squeeze(1)
+        n_core = max(1, min(core_max, int(round(core_frac * len(members)))))
+        core = members[torch.argsort(value_out[members], stable=True)[:n_core]]
+        core_f = _unit(features, core, device)                                 # (M, C)
+        kk = min(k, n_core)
+        for a in range(0, len(members), chunk):
+            idx = members[a:a + chunk]
+            sim = _unit(features, idx, device) @ core_f.T                      # (b, M)
+            sim[idx.to(device)[:, None] == core.to(device)[None, :]] = float("-inf")   # not itself
+            top = sim.topk(min(kk + 1, n_core), dim=1).values                  # one extra for the self slot
+            top = torch.where(torch.isfinite(top), top, torch.nan)[:, :kk]     # a lone core image: no neighbour
+            d = 1 - top.nanmean(dim=1)
+            dist[idx] = torch.nan_to_num(d, nan=2.0).float().cpu()             # 2 = the largest cosine distance
+    return dist
+
+
+def _unit(features, idx, device):
+    rows = np.asarray(features[np.asarray(idx.numpy())], dtype=np.float32) if not torch.is_tensor(features) \
+        else features[idx].float()
+    x = torch.as_tensor(rows, device=device)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# ---- columns and rules --------------------------------------------------------------------------
+
+def columns(scores, probe_blocks=()):
+    """Flatten stored signals into named 1-D columns: cls_norm_b3, probe_b7_h1, ...; value_out and
+    the published probe sum (probe_pub = Σ value_blk{b}) included when present."""
+    cols = {}
+    if "value_out" in scores:
+        cols["value_out"] = scores["value_out"].double()
+    if probe_blocks and all(f"value_blk{b}" in scores for b in probe_blocks):
+        cols["probe_pub"] = sum(scores[f"value_blk{b}"].double() for b in probe_blocks)
+    for name, v in scores.items():
+        if name not in SIGNALS:
+            continue
+        v = v.double()
+        if v.ndim == 1:
+            cols[name] = v
+        elif name == "probe_heads":                                    # (N, depth, heads)
+            for b in range(v.shape[1]):
+                for h in range(v.shape[2]):
+                    cols[f"probe_b{b}_h{h}"] = v[:, b, h]
+        else:                                                          # (N, depth)
+            for b in range(v.shape[1]):
+                cols[f"{name}_b{b}"] = v[:, b]
+    return cols
+
+
+def zscore(v, usable):
+    """(v - mean) / sd over the usable images; unusable ones stay +inf (never kept)."""
+    u = v[usable]
+    z = (v - u.mean()) / u.std().clamp_min(1e-12)
+    return torch.where(usable, z, torch.full_like(z, float("inf")))
+
+
+def combine(cols, terms, usable):
+    """Σ sign · z(column): the rule's value, LOW = keep. terms: [(column, sign)], sign +1 keeps low values."""
+    if len(terms) == 1:       # one signal needs no z-score: its own order
+        name, sign = terms[0]
+        v = sign * cols[name]
+        return torch.where(usable, v, torch.full_like(v, float("inf")))
+    value = torch.zeros(len(usable), dtype=torch.float64)
+    for name, sign in terms:
+        value += sign * zscore(cols[name], usable).where(usable, torch.zeros(()))
+    return torch.where(usable, value, torch.full_like(value, float("inf")))
+
+
+# Opt-in selection rules of select_data.py --rule: name -> [(column, sign)]; sign +1 = low value kept.
+# "published" (the default) is select_data.combined_value and not listed here.
+RULES = {
+    "confidence": [("value_out", +1)],
+    "energy": [("energy", +1)],
+    "maxlogit": [("maxlogit", -1)],
+    "feat_norm": [("feat_norm", -1)],
+    "knn": [("knn", +1)],
+    "confidence+feat_norm": [("value_out", +1), ("feat_norm", -1)],
+    # the signal study's choice (README "Beyond the paper": mismatch 0.2 pool, seed-0 teacher): a FLAT
+    # published probe (high Σ value_blk, the paper's sign reversed) plus large block-2 patch-token norms
+    "flatprobe+tok_norm_b2": [("probe_pub", -1), ("tok_norm_b2", -1)],
+    # POST HOC, not the study's choice: the probe's useful sign flips between teacher seeds, this pair does
+    # not (it beat the published rule on every pool and seed of the study); needs its own confirmation
+    "confidence+tok_norm_b2": [("value_out", +1), ("tok_norm_b2", -1)],
+}
+
+
+def rule_uses_probe(rule):
+    """True when a rule reads the published probe files value_blk{b}.pth."""
+    return any(col == "probe_pub" for col, _ in RULES[rule])
+
+
+def rule_needs(rule):
+    """Signal names (sig_<name>.pth files) a rule reads."""
+    need = set()
+    for col, _ in RULES[rule]:
+        base = col.split("_b")[0] if col.startswith(("cls_norm_b", "tok_norm_b")) else \
+            "probe_heads" if col.startswith("probe_b") else col
+        if base in SIGNALS:
+            need.add(base)
+    return sorted(need)
+
+
+def rule_value(rule, scores, usable, probe_blocks=()):
+    """The value a named rule ranks by (LOW = keep), from the loaded score dict."""
+    cols = columns(scores, probe_blocks)
+    missing = [c for c, _ in RULES[rule] if c not in cols]
+    if missing:
+        raise ValueError(f"rule {rule} needs {', '.join(missing)}, which these scores do not have")
+    return combine(cols, RULES[rule], usable)
