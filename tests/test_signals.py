@@ -225,7 +225,7 @@ def test_rule_without_its_signal_file_is_one_error(scored, tmp_path, capsys):
 def test_distillation_takes_the_rule():
     args = distill.get_args_parser().parse_args(["--rule", "confidence+feat_norm"])
     assert args.rule == "confidence+feat_norm"
-    assert "rule" in distill._SAME_RUN_KEYS
+    assert "rule" not in distill.RESUME_IGNORES       # a resume with another rule is refused
 
 
 # ---- signal_study: the pre-registered choice ---------------------------------------------------------
