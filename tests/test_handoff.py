@@ -1,6 +1,5 @@
 """The hand-off between the stages: a Selection carries what distillation trains from (its class
 weights included, also for --selection_file), and an error that only rank 0 finds ends every rank."""
-import fcntl
 import json
 import os
 import socket
@@ -101,17 +100,6 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     assert torch.allclose(got.class_weights, select_data.class_weights_from_preds(pred[chosen_y], torch.arange(8), 10))
 
 
-def _hold_lock(folder):
-    """Hold `folder`/.lock as another run would -> a function that releases it."""
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    f.truncate(0)
-    f.write("pid 424242")
-    f.flush()
-    return f.close
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +121,7 @@ def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
     if script == D:
         flags.update({"--data_cifar": tmp_path / "cifar", "--output_dir": tmp_path / "out", "--epochs": 1,
                       "--batch_size": 8})
-    release = _hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
+    release = fx.hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
     port = _free_port()
     procs, files = [], []
     for rank in range(2):   # what torchrun sets for each of its processes

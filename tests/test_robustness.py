@@ -87,16 +87,6 @@ def world(tmp_path_factory):
 
 # ---- 1. bad input: one line, exit 2, nothing written ------------------------------------
 
-def _hold_lock(folder):
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    f.truncate(0)
-    f.write("pid 424242")
-    f.flush()
-    return f.close
-
-
 def _junk_pool(d):
     for rel in ("notes.txt", "labels.csv", "sub/readme.md", ".DS_Store", "sub/.hidden.jpg", "model.pth"):
         fx.write_bytes(d / "junk" / rel, b"not an image")
@@ -153,7 +143,7 @@ BAD_INPUT = {
                                   ["value_out.pth", "not a readable score file"]),
     "select-selected_file_under_a_file": (S, lambda w, d: {"--selected_file": fx.write_bytes(d / "afile", b"x") / "s"},
                                           ["--selected_file", "cannot be written"]),
-    "select-selected_file_in_use": (S, lambda w, d: {"cleanup": _hold_lock(d / "sel")}, ["in use", "pid 424242"]),
+    "select-selected_file_in_use": (S, lambda w, d: {"cleanup": fx.hold_lock(d / "sel")}, ["in use", "pid 424242"]),
     "train-data_missing": (D, lambda w, d: {"--data_cifar": d / "nope"}, ["--data_cifar", "nope"]),
     "train-data_empty": (D, lambda w, d: (d / "empty").mkdir() or {"--data_cifar": d / "empty"}, ["empty"]),
     "train-data_corrupt": (D, lambda w, d: {"--data_cifar": _corrupt_cifar(w, d)}, ["test_batch"]),
@@ -171,7 +161,7 @@ BAD_INPUT = {
                                      ["another pool"]),
     "train-output_dir_under_a_file": (D, lambda w, d: {"--output_dir": fx.write_bytes(d / "afile", b"x") / "o"},
                                       ["--output_dir", "cannot be written"]),
-    "train-output_dir_in_use": (D, lambda w, d: {"cleanup": _hold_lock(d / "out")}, ["in use", "--output_dir"]),
+    "train-output_dir_in_use": (D, lambda w, d: {"cleanup": fx.hold_lock(d / "out")}, ["in use", "--output_dir"]),
     "train-resume_runs_code": (D, lambda w, d: {"--resume": _evil(d)}, ["evil.pth", "refused"]),
     "train-resume_not_a_checkpoint": (D, lambda w, d: {"--resume": _text(d)}, ["notes.pth", "not a readable"]),
     "train-resume_foreign_checkpoint": (D, lambda w, d: {"--resume": w.teacher}, ["not a last.pth"]),
@@ -490,7 +480,7 @@ def test_run_lock_refuses_a_second_run_and_nests_in_one(tmp_path):
         with pytest.raises(BlockingIOError):       # still held after the nested exit
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.close()
-    release = _hold_lock(tmp_path)
+    release = fx.hold_lock(tmp_path)
     with pytest.raises(utils.InputError, match=r"in use by another run \(pid 424242.*--selected_file"):
         RunLock(tmp_path, "--selected_file").__enter__()
     release()
