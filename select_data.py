@@ -687,6 +687,10 @@ def main(args):
     device = resolve_device(args.device)
     init_distributed(device)
     teacher = load_teacher(args, device)
+    if rank_world()[0] == 0:
+        print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
+              + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "
+              f"std {list(teacher.std)} from {teacher.norm_source}")
     t0 = time.time()
     run_selection(args, teacher, device)
     if rank_world()[0] == 0:

@@ -34,7 +34,7 @@ NEEDS_FLIP = ("flip_kl", "flip_agree")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Selection signal study on the demo's pools")
+    p = argparse.ArgumentParser("Selection signal study on the demo's pools", allow_abbrev=False)
     p.add_argument("--out", default="runs/study", help="pools, score folders and the report")
     p.add_argument("--teachers", nargs="+", default=None,
                    help="folders holding teacher_<C>cls_seed<S>/teacher.pth (default: --out)")

@@ -132,3 +132,14 @@ def test_readme_defaults_table_is_the_generated_one():
     assert table == distill.defaults_table(), "README's defaults table is stale: paste distill.defaults_table()"
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in table.splitlines()[2:]}
     assert rows["`--patchattn`"] == "0.8" and rows["`--num_select`"] == "600000" and rows["`--pos_num`"] == "0"
+
+
+def test_every_script_parser_refuses_abbreviations():
+    import ast
+    import glob
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py")):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "ArgumentParser":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "allow_abbrev" in kw and kw["allow_abbrev"].value is False, path

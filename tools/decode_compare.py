@@ -88,7 +88,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--share", type=float, default=0.25, help="selected share of the pool (default 0.25)")
