@@ -5,7 +5,6 @@ Runs on CUDA and skips without it. AP_TEST_DEVICE=cpu runs the same checks on th
 aot_eager instead of inductor), which is how this file itself is tested where there is no GPU.
 tools/gpu_check.sh part 1 runs it on a GPU machine.
 """
-import copy
 import os
 import sys
 
@@ -64,11 +63,12 @@ def test_compiled_scorer_matches_eager_on_device():
 
 def _distill_steps(compiled, steps=3, seed=0):
     """distill.py's step as it runs there (fused AdamW on CUDA, compiled student and teacher modules),
-    on a fixed batch sequence; returns the per-step losses and the final student weights."""
+    on a fixed batch sequence; returns the per-step losses and the student's weight change (flat)."""
     torch.manual_seed(seed)
     teacher = models.create("deit_tiny_patch4_32_teacher", 10).to(DEVICE).eval().requires_grad_(False)
     student = models.create("deit_tiny_patch4_32", 10).to(DEVICE)
     noise = NoiseAdaptation(10, 0.7630).to(DEVICE)
+    before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
     blocks = FEATURE_BLOCKS
     train_module = engine.StudentWithFeatures(student, noise, blocks)
     teacher_module = engine.TeacherWithFeatures(teacher, blocks)
@@ -89,18 +89,22 @@ def _distill_steps(compiled, steps=3, seed=0):
         for opt in opts:
             opt.step()
         losses.append(out["loss"].detach().float().item())
-    return losses, copy.deepcopy(student.state_dict())
+    return losses, torch.cat([p.detach().flatten() for p in student.parameters()]) - before
 
 
 def test_compiled_distill_step_matches_eager_on_device():
-    eager_losses, eager_sd = _distill_steps(compiled=False)
-    comp_losses, comp_sd = _distill_steps(compiled=True)
+    eager_losses, eager_step = _distill_steps(compiled=False)
+    comp_losses, comp_step = _distill_steps(compiled=True)
     assert all(torch.isfinite(torch.tensor(comp_losses)))
     assert eager_losses[0] != eager_losses[-1]          # the steps changed the student
-    for a, b in zip(comp_losses, eager_losses):
-        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (comp_losses, eager_losses)
-    worst = max((comp_sd[k].float() - eager_sd[k].float()).abs().max().item() for k in eager_sd)
-    assert worst < 1e-3, worst
+    # same weights at step 0: only kernel rounding differs
+    assert abs(comp_losses[0] - eager_losses[0]) <= 1e-4 * abs(eager_losses[0]), (comp_losses, eager_losses)
+    # Adam moves a weight by ~lr whatever its gradient's size, so rounding can flip the step of a weight
+    # whose gradient is ~0: compare the whole update, not the worst weight
+    for a, b in zip(comp_losses[1:], eager_losses[1:]):
+        assert abs(a - b) <= 5e-3 * abs(b), (comp_losses, eager_losses)
+    rel = ((comp_step - eager_step).norm() / eager_step.norm()).item()
+    assert eager_step.norm() > 0 and rel < 0.05, rel
 
 
 def test_crop_flip_statistics_on_device():
