@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_every_part_skips_without_cuda(tmp_path):
 @pytest.mark.skipif(not os.environ.get("AP_TEST_GPU_CHECK_SMOKE"),
                     reason="runs every part at tiny sizes (~2 min here): set AP_TEST_GPU_CHECK_SMOKE=1")
 def test_cpu_smoke_runs_every_part(tmp_path):
-    proc = run(tmp_path, "--cpu-smoke", timeout=900)
+    proc = run(tmp_path, "--cpu-smoke", "--tar", str(tmp_path / "back" / "check.tgz"), timeout=900)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "check"
     lines = (out / "summary.txt").read_text().splitlines()
@@ -50,3 +51,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     demo = json.loads((out / "demo_full" / "results.json").read_text())
     assert all(rule in demo for rule in ("random", "outlier", "probe_balanced", "oracle"))
     assert demo["seeds"] == [0, 1]
+    with tarfile.open(tmp_path / "back" / "check.tgz") as tar:   # packed after the last part too
+        names = set(tar.getnames())
+        assert tar.extractfile("check/summary.txt").read().decode().splitlines() == lines
+    assert {"check/bench.json", "check/part2_log.txt", "check/demo_full/results.json"} <= names

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check a GPU machine: the CUDA paths, the real training command, the speed table and the demo.
 #
-#   bash tools/gpu_check.sh OUTDIR [--part N ...] [--cpu-smoke]
+#   bash tools/gpu_check.sh OUTDIR [--part N ...] [--cpu-smoke] [--tar FILE.tgz]
+#
+# --tar: after every part, OUTDIR is packed into FILE.tgz (for a device tool that returns few files).
 #
 # Parts, in order, each under `timeout` (seconds; env-overridable) and logged to OUTDIR/partN.log:
 #   1 cuda tests (GC_T1=90):   tests/test_cuda_paths.py (bf16 vs fp32 scores, inductor scorer vs eager,
@@ -134,11 +136,12 @@ EOF
 fi
 
 # ---- driver ------------------------------------------------------------------------------------
-OUTDIR=${1:?usage: tools/gpu_check.sh OUTDIR [--part N ...] [--cpu-smoke]}; shift
-PARTS=(); SMOKE=0
+OUTDIR=${1:?usage: tools/gpu_check.sh OUTDIR [--part N ...] [--cpu-smoke] [--tar FILE.tgz]}; shift
+PARTS=(); SMOKE=0; TAR=
 while [ $# -gt 0 ]; do
   case $1 in
     --cpu-smoke) SMOKE=1 ;;
+    --tar) TAR=${2:?--tar needs a file}; shift; mkdir -p "$(dirname "$TAR")"; TAR=$(cd "$(dirname "$TAR")" && pwd)/$(basename "$TAR") ;;
     --part) ;;
     [1-4]) PARTS+=("$1") ;;
     *) echo "error: unknown argument $1 (expected --part N ... or --cpu-smoke)" >&2; exit 2 ;;
@@ -163,5 +166,6 @@ for n in "${PARTS[@]}"; do
   case $rc in 0) st=PASS ;; 124|137) st="TIMEOUT (${LIMITS[$n]} s)" ;; *) st="FAIL (rc $rc)" ;; esac
   info=$(cat "$OUTDIR/part$n.result" 2>/dev/null || tail -n 1 "$OUTDIR/part$n.log")
   echo "$head $st in $(( $(date +%s) - t0 )) s: $info" | tee -a "$OUTDIR/summary.txt"
+  if [ -n "$TAR" ]; then tar czf "$TAR.part" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && mv "$TAR.part" "$TAR"; fi
 done
 exit 0
