@@ -31,6 +31,7 @@
 # gloo instead of NCCL. Uses ${PYTHON:-python3}; installs nothing. Fashion-MNIST for part 4: $FMNIST,
 # else data/fashion-mnist, else /usr/share/datasets/fashion-mnist, else generated IDX files (noted).
 set -uo pipefail
+SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
@@ -118,9 +119,10 @@ EOF
     RULES=(--seeds 0 1 --rules random outlier probe_balanced oracle)
     if [ "$SMOKE" = 1 ]; then ARGS=(--tiny --device cpu); else read -ra ARGS <<< "${GC_DEMO_ARGS---teacher_epochs 15 --student_epochs 15}"
       ARGS=(--full --device cuda --pool mismatch --relevant_share 0.2 "${ARGS[@]}"); fi
-    "$PY" demo.py "${ARGS[@]}" "${RULES[@]}" "${DATA[@]}" --out "$DEMO"; rc=$?
-    mkdir -p "$OUTDIR/demo_full"; cp -r "$DEMO"/results*.json "$DEMO"/results.md "$DEMO"/figures "$OUTDIR/demo_full/" 2>/dev/null
-    [ $rc = 0 ] || exit $rc
+    # whatever the demo wrote comes along, also when the timeout stops it (its per-epoch lines are in part4.log)
+    trap 'mkdir -p "$OUTDIR/demo_full"; cp -r "$DEMO"/results*.json "$DEMO"/results.md "$DEMO"/figures \
+      "$OUTDIR/demo_full/" 2>/dev/null' EXIT; trap 'exit 143' TERM
+    "$PY" demo.py "${ARGS[@]}" "${RULES[@]}" "${DATA[@]}" --out "$DEMO" || exit $?
     "$PY" - "$DEMO/results.json" "${FM:-generated data}" > "$OUTDIR/part4.result" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -162,9 +164,9 @@ for n in "${PARTS[@]}"; do
   head="part $n (${NAMES[$n]}):"
   if [ "$CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then echo "$head SKIP ($([ "$CUDA" = 0 ] && echo no CUDA || echo "$CUDA"))" | tee -a "$OUTDIR/summary.txt"; continue; fi
   t0=$(date +%s); rm -f "$OUTDIR/part$n.result"
-  timeout -k 10 "${LIMITS[$n]}" bash "$0" --_part "$n" > "$OUTDIR/part$n.log" 2>&1; rc=$?
+  timeout -k 10 "${LIMITS[$n]}" bash "$SELF" --_part "$n" > "$OUTDIR/part$n.log" 2>&1; rc=$?
   case $rc in 0) st=PASS ;; 124|137) st="TIMEOUT (${LIMITS[$n]} s)" ;; *) st="FAIL (rc $rc)" ;; esac
-  info=$(cat "$OUTDIR/part$n.result" 2>/dev/null || tail -n 1 "$OUTDIR/part$n.log")
+  info=$(cat "$OUTDIR/part$n.result" 2>/dev/null || grep -av -e Terminated -e Killed "$OUTDIR/part$n.log" | tail -n 1)
   echo "$head $st in $(( $(date +%s) - t0 )) s: $info" | tee -a "$OUTDIR/summary.txt"
   if [ -n "$TAR" ]; then tar czf "$TAR.part" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && mv "$TAR.part" "$TAR"; fi
 done
