@@ -161,7 +161,7 @@ def test_select_data_with_ema_scores_the_ema_teacher(teacher_files, capsys):
     assert rc == 2 and "another teacher checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["deit_main", "timm_train", "safetensors"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_distillation_runs_on_each_teacher_file(teacher_files, kind, capsys):
     tmp, files, _, _ = teacher_files
     out = tmp / f"out_{kind}"
