@@ -303,8 +303,8 @@ def _default_student_fitting(state_dict, num_classes):
 
 
 def run_eval_only(args, device):
-    num_classes = args.nb_classes or models.infer_num_classes(args.eval_only)
     sd, meta = models.read_checkpoint(args.eval_only)
+    num_classes = args.nb_classes or models.num_classes_of(sd, args.eval_only)
     name = args.student or meta.get("student") or _default_student_fitting(sd, num_classes)
     student = models.create(name, num_classes)
     models.load_state_dict_strict(student, sd, source=args.eval_only)

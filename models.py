@@ -196,11 +196,10 @@ class Teacher:
                    accuracy, path)
 
 
-def infer_num_classes(checkpoint, ema=False):
-    """The class count of a checkpoint, read from its head."""
-    state_dict, _ = read_checkpoint(checkpoint, ema)
+def num_classes_of(state_dict, source):
+    """The class count of a read checkpoint, from its head."""
     if "head.weight" not in state_dict:
-        raise InputError(f"{checkpoint} has no 'head.weight': pass --nb_classes")
+        raise InputError(f"{source} has no 'head.weight': pass --nb_classes")
     return state_dict["head.weight"].shape[0]
 
 
@@ -210,9 +209,9 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     num_classes None: read from the checkpoint. mean/std None: the checkpoint's (train_teacher.py saves
     them), else ImageNet's. img_size, when given, must be the model's input size (--img_size).
     """
-    num_classes = num_classes or infer_num_classes(path, ema)
-    model = create(name, num_classes)
-    meta = load_checkpoint(model, path, ema)
+    state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
+    model = create(name, num_classes or num_classes_of(state_dict, path))
+    load_state_dict_strict(model, state_dict, source=os.fspath(path))
     in_chans, size = input_spec(model)
     if img_size not in (None, size):
         raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
