@@ -427,7 +427,7 @@ def _run(args, device, rank, world, student_dir):
     log_path = os.path.join(args.output_dir, "log.txt")
     if rank == 0:
         if resume:
-            engine.start_log(log_path, state["epoch"])
+            engine.trim_log(log_path, state["epoch"])
         else:
             moved = _move_old_run(args.output_dir)
             if moved:
@@ -476,7 +476,7 @@ def _run(args, device, rank, world, student_dir):
         record.update(epoch=epoch, n_parameters=n_parameters, epoch_seconds=time.time() - t0)
         state["epoch"] = epoch
         if rank == 0:
-            # log first: a kill before the save leaves a line that the resume drops (start_log), while a kill
+            # log first: a kill before the save leaves a line that the resume drops (trim_log), while a kill
             # between a save and its line would lose the line
             engine.log_line(log_path, record)
             _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record, last=epoch == epochs - 1)
@@ -496,11 +496,7 @@ RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "cu
 
 def _check_resume(saved, args, done_epoch, path):
     """Refuse a resume whose settings would change the run; --epochs may extend a step-schedule run."""
-    changed = engine.changed_settings(saved, vars(args), RESUME_IGNORES)
-    if changed:
-        raise InputError(f"{path} belongs to a run with other settings: " + ", ".join(
-            f"--{k} {saved[k]!r} (now {getattr(args, k)!r})" for k in changed)
-            + "; rerun with the old values to continue it, or pass --resume no (or another --output_dir) to start over")
+    engine.check_same_settings(saved, args, RESUME_IGNORES, path, "--output_dir")
     old = saved.get("epochs_resolved")
     new = args.epochs_resolved
     if old is None or old == new:
@@ -516,19 +512,10 @@ def _check_resume(saved, args, done_epoch, path):
 
 def _move_old_run(output_dir):
     """A fresh start keeps the previous run's log, summary, args and student/ beside it, numbered."""
-    names = [("log.txt", "log.{}.txt"), ("summary.json", "summary.{}.json"), ("args.json", "args.{}.json"),
-             ("student", "student.{}")]
-    present = [(a, b) for a, b in names if os.path.exists(os.path.join(output_dir, a))]
-    if not present or present == [("args.json", "args.{}.json")]:
-        return []
-    n = 1
-    while any(os.path.exists(os.path.join(output_dir, b.format(n))) for _, b in names):
-        n += 1
-    moved = []
-    for a, b in present:
-        os.replace(os.path.join(output_dir, a), os.path.join(output_dir, b.format(n)))
-        moved.append(b.format(n))
-    return moved
+    paths = [os.path.join(output_dir, name) for name in ("log.txt", "summary.json", "args.json", "student")]
+    if not any(os.path.exists(p) for p in paths[:2] + paths[3:]):
+        return []   # nothing of a run to keep (args.json alone is rewritten)
+    return [os.path.basename(p) for p in engine.move_aside(paths)]
 
 
 def _update_best(state, epoch, record):

@@ -304,27 +304,40 @@ def resume_path(flag, last_path):
     return flag
 
 
-def changed_settings(saved, current, ignore=()):
-    """Names of the settings in which a resumed run's saved args differ from this command's."""
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in ignore and k in saved and k in current and saved[k] != current[k])
+def check_same_settings(saved, args, ignore, path, output_flag, why=None):
+    """Refuse to resume `path` when its saved args differ from this command's in a setting not in `ignore`:
+    one error naming each changed flag, its old and new value (and `why[flag]` where given), and the way out."""
+    current = vars(args)
+    changed = sorted(k for k in saved if k not in ignore and k in current and saved[k] != current[k])
+    if changed:
+        raise InputError(f"{path} belongs to a run with other settings: " + ", ".join(
+            f"--{k} {saved[k]!r} (now {current[k]!r})" + ((why or {}).get(k) or "") for k in changed)
+            + f"; rerun with the old values to continue it, or pass --resume no (or another {output_flag}) "
+            "to start over")
 
 
-def start_log(path, resumed_epoch=None):
-    """Prepare a JSON-lines log. Resuming after epoch k keeps exactly the lines of epochs <= k (a killed
-    run may have logged an epoch it did not save); a fresh start moves an old log aside (log.1.txt, ...)
-    so each file describes one run. Returns the path an old log was moved to, or None."""
-    if not os.path.exists(path):
-        return None
-    if resumed_epoch is None:
-        if os.path.getsize(path) == 0:
-            return None
-        stem, ext = os.path.splitext(path)
-        n = 1
-        while os.path.exists(f"{stem}.{n}{ext}"):
-            n += 1
-        os.replace(path, f"{stem}.{n}{ext}")
+def move_aside(paths):
+    """Keep a previous run's files (and folders) beside the new run's: each of `paths` that exists becomes
+    <stem>.<n><ext> (log.txt -> log.1.txt, student -> student.1), with one n free for all of them.
+    Returns the new names."""
+    present = [p for p in paths if os.path.exists(p)]
+
+    def numbered(p, n):
+        stem, ext = os.path.splitext(p)
         return f"{stem}.{n}{ext}"
+    n = 1
+    while any(os.path.exists(numbered(p, n)) for p in paths):
+        n += 1
+    for p in present:
+        os.replace(p, numbered(p, n))
+    return [numbered(p, n) for p in present]
+
+
+def trim_log(path, resumed_epoch):
+    """A resumed run's JSON-lines log keeps exactly the lines of epochs <= resumed_epoch: a killed run may
+    have logged an epoch it did not save, and a kill may have torn a line."""
+    if not os.path.exists(path):
+        return
     with open(path) as f:
         lines = f.readlines()
     keep = []
@@ -337,7 +350,6 @@ def start_log(path, resumed_epoch=None):
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
         atomic_write_text(path, "".join(keep))
-    return None
 
 
 def remove_temp_files(folder, targets=None):

@@ -79,13 +79,9 @@ def _resume_state(args, last_path):
     missing = [k for k in ("model", "optimizer", "epoch", "args") if k not in ckpt]
     if missing:
         raise InputError(f"--resume {path} is not a last.pth of train_teacher.py (no {', '.join(missing)})")
-    changed = engine.changed_settings(ckpt["args"], vars(args), RESUME_IGNORES)
-    if changed:
-        extra = (" (the warm-up + cosine schedule depends on --epochs: a longer run would change the learning "
-                 "rates of the epochs already trained)" if "epochs" in changed else "")
-        raise InputError(f"{path} was trained with other settings: " + ", ".join(
-            f"--{k} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed) + extra +
-            "; rerun with the old values to continue, or pass --resume no (or another --output) to start over")
+    engine.check_same_settings(ckpt["args"], args, RESUME_IGNORES, path, "--output", why={
+        "epochs": " (the warm-up + cosine schedule depends on --epochs: a longer run would change the learning "
+                  "rates of the epochs already trained)"})
     return path, ckpt
 
 
@@ -140,12 +136,12 @@ def train_teacher(args, on_epoch=None):
     if rank == 0:
         print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
               f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
-        moved = engine.start_log(paths["log"], done if resume else None)
-        if moved:
-            print(f"fresh start: the previous log is kept as {moved}")
         if resume:
+            engine.trim_log(paths["log"], done)
             print(f"resumed from {resume} after epoch {done}"
                   + (" (already finished)" if done >= args.epochs - 1 else ""))
+        elif os.path.exists(paths["log"]) and os.path.getsize(paths["log"]):
+            print(f"fresh start: the previous log is kept as {engine.move_aside([paths['log']])[0]}")
         engine.remove_temp_files(os.path.dirname(os.path.abspath(args.output)),
                                  [os.path.basename(p) for p in (args.output, *paths.values())])
         atomic_write_text(paths["args"], json.dumps(vars(args), indent=1, sort_keys=True))
@@ -161,7 +157,7 @@ def train_teacher(args, on_epoch=None):
                   "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
                   "n_parameters": n_parameters, "img_per_s": metrics["img_per_s"], "epoch_seconds": time.time() - t0}
         if rank == 0:
-            # log first: a line without its save is dropped on resume (start_log); the reverse would lose it
+            # log first: a line without its save is dropped on resume (trim_log); the reverse would lose it
             engine.log_line(paths["log"], record)
             engine.save_checkpoint(paths["last"], model=engine.unwrap(model).state_dict(),
                                    optimizer=optimizer.state_dict(), epoch=epoch, stats=stats,
