@@ -309,8 +309,7 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
         barrier()
     bar.close()
     if rank == 0:
-        _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, pool_index)
-        _assemble_signals(chunks_dir, out_dir, num_chunks, n, device)
+        _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device)
         atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
         shutil.rmtree(chunks_dir)
     barrier()
@@ -351,10 +350,13 @@ def _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path=None):
     atomic_torch_save(merged, _chunk_path(chunks_dir, k))
 
 
-def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, pool_index):
-    """Join the chunk files into the published 1-D score files; skipped images get +inf and pred -1."""
+def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device):
+    """Join the chunk files, read once, into the published 1-D score files (skipped images: +inf, pred -1)
+    and the extra signals (signals.py) as sig_<name>.pth (skipped: nan); then the transductive kNN
+    signal from the stored pre-logits (a pass over features, not images)."""
     keys = ["value_out", *[f"value_blk{b}" for b in blocks]]
     full = {key: torch.full((n,), float("inf")) for key in keys}
+    extra = {}
     pred = torch.full((n,), -1, dtype=torch.long)
     skipped = []
     for k in range(num_chunks):
@@ -362,6 +364,10 @@ def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, poo
         idx, ok = part["index"], part["ok"].bool()
         for key in keys:
             full[key][idx[ok]] = part[key][ok].float()
+        for key in (key for key in part if key.startswith("sig_")):
+            if key not in extra:
+                extra[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
+            extra[key][idx[ok]] = part[key][ok].float()
         pred[idx[ok]] = part["pred_out"][ok].long()
         skipped += [(i, part["reasons"].get(i, "unreadable")) for i in idx[~ok].tolist()]
     for key in keys:
@@ -370,27 +376,11 @@ def _assemble_scores(chunks_dir, out_dir, probs_path, num_chunks, n, blocks, poo
     skipped_path = os.path.join(out_dir, "skipped.txt")
     pool.write_skipped(skipped_path, [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
     warn_skipped(sorted(skipped), pool_index, skipped_path)
-
-
-def _assemble_signals(chunks_dir, out_dir, num_chunks, n, device):
-    """The extra signals (signals.py) as sig_<name>.pth beside the published files, nan for skipped
-    images; then the transductive kNN signal from the stored pre-logits (a pass over features, not images)."""
-    full = {}
-    for k in range(num_chunks):
-        part = torch.load(_chunk_path(chunks_dir, k), weights_only=True)
-        idx, ok = part["index"], part["ok"].bool()
-        for key in part:
-            if key.startswith("sig_"):
-                if key not in full:
-                    full[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
-                full[key][idx[ok]] = part[key][ok].float()
-    for key, value in full.items():
+    for key, value in extra.items():
         atomic_torch_save(value, os.path.join(out_dir, signals.signal_file(key[4:])))
     feat_path = os.path.join(out_dir, PRELOGITS_FILE)
-    if full and os.path.exists(feat_path):
-        value_out = load_score_file(os.path.join(out_dir, "value_out.pth"))
-        pred = load_score_file(os.path.join(out_dir, "pred_out.pth"))
-        knn = signals.knn_distance(np.load(feat_path, mmap_mode="r"), pred, value_out,
+    if extra and os.path.exists(feat_path):
+        knn = signals.knn_distance(np.load(feat_path, mmap_mode="r"), pred, full["value_out"],
                                    device=device if device.type == "cuda" else "cpu")
         atomic_torch_save(knn, os.path.join(out_dir, signals.signal_file("knn")))
 
