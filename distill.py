@@ -111,7 +111,7 @@ PUBLISHED_FLAGS = {
                "unset: the published E - 1 epochs; N: N epochs"),
     "schedule": ("200 300", ""),
     "cos": ("off", ""),
-    "pos_num": ("129 (DFND_DeiT-imagenet.py only)",
+    "pos_num": ("129 (only in the published 224-px script)",
                 "one script for both sizes: adding labelled images is opt-in; the 224-px run scripts pass 50 / 129"),
 }
 _UNSET_MEANS = {"data_cifar": "required", "data_imagenet": "required", "teacher_dir": "required",
