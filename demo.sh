@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fashion-MNIST in the wild, end to end (see README.md, "The demo"):
+# Fashion-MNIST in the wild, end to end (see docs/demo.md):
 #   ./demo.sh                          default preset: mismatch pool, one seed, <= 20 min on 2 CPU cores
 #   ./demo.sh --seeds 0 1 2            3 seeds (a teacher and 7 students each): mean ± sd of every column
 #   ./demo.sh --pool far-ood           held-out images + made images, 10-class teacher
@@ -36,4 +36,4 @@ if ! "$PYTHON" -c "import torch, torchvision, timm, numpy, PIL, tqdm, safetensor
   python3 -m venv --system-site-packages .venv && .venv/bin/pip install -r requirements.txt
   PYTHON=.venv/bin/python
 fi
-exec "$PYTHON" demo.py --fmnist "$FMNIST" --out "$OUT" "$@"
+exec "$PYTHON" demo/demo.py --fmnist "$FMNIST" --out "$OUT" "$@"

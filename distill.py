@@ -88,7 +88,7 @@ def get_args_parser():
 # ---- what the published code did -------------------------------------------------------
 
 # Every flag of the published DFND_DeiT-train.py / DFND_DeiT-imagenet.py: its published default and,
-# where ours differs in meaning or default, why. The README's table is generated from this and the parser.
+# where ours differs in meaning or default, why. docs/differences.md's table is generated from this and the parser.
 PUBLISHED_FLAGS = {
     "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`"),
     "data_cifar": ("a path on the authors' machine", ""),

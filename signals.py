@@ -148,7 +148,7 @@ RULES = {
     "feat_norm": [("feat_norm", -1)],
     "knn": [("knn", +1)],
     "confidence+feat_norm": [("value_out", +1), ("feat_norm", -1)],
-    # the signal study's choice (README "Beyond the paper": mismatch 0.2 pool, seed-0 teacher): a FLAT
+    # the signal study's choice (docs/signal_study.md: mismatch 0.2 pool, seed-0 teacher): a FLAT
     # published probe (high Σ value_blk, the paper's sign reversed) plus large block-2 patch-token norms
     "flatprobe+tok_norm_b2": [("probe_pub", -1), ("tok_norm_b2", -1)],
     # POST HOC, not the study's choice: the probe's useful sign flips between teacher seeds, this pair does

@@ -184,7 +184,7 @@ def test_inductor_scorer_matches_eager():
 
 def test_benchmark_script_writes_required_keys(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(REPO, "benchmark.py"), "--quick", "--tiny", "--sections", "a", "b",
+    cmd = [sys.executable, os.path.join(REPO, "benchmark", "benchmark.py"), "--quick", "--tiny", "--sections", "a", "b",
            "--train_batch", "4", "--large_batch", "4", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

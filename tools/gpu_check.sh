@@ -20,7 +20,7 @@
 #   4 demo (GC_T4=240):        demo.py --full cut to the mismatch pool at share 0.2, seeds 0 1, rules random
 #                              outlier probe_balanced oracle, and GC_DEMO_ARGS (default --teacher_epochs 15
 #                              --student_epochs 15). Estimate, from the ~8k img/s of an eager batch-256
-#                              28x28 step on an H200 (README, "--full on one GPU"): teachers 2 x 15 x 18k =
+#                              28x28 step on an H200 (docs/demo.md, "--full on one GPU"): teachers 2 x 15 x 18k =
 #                              0.54 M samples (~70 s), students 8 x 15 x 4k = 0.48 M (~60 s, 4 at once),
 #                              pool/scoring/start-up ~60 s: ~3-3.5 min. The preset's own 40 teacher epochs and
 #                              120k samples per student would be ~2.5x that: GC_DEMO_ARGS="" if time allows.
@@ -98,7 +98,7 @@ EOF
   3)
     if [ "$SMOKE" = 1 ]; then ARGS=(--tiny --device cpu); else read -ra ARGS <<< "${GC_BENCH_ARGS---seconds 1 --cache_images 1024}"
       ARGS=(--device cuda --compile --cuda_graphs "${ARGS[@]}"); fi
-    "$PY" benchmark.py "${ARGS[@]}" --json "$OUTDIR/bench.json" || exit $?
+    "$PY" benchmark/benchmark.py "${ARGS[@]}" --json "$OUTDIR/bench.json" || exit $?
     "$PY" - "$OUTDIR/bench.json" > "$OUTDIR/part3.result" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -122,7 +122,7 @@ EOF
     # whatever the demo wrote comes along, also when the timeout stops it (its per-epoch lines are in part4.log)
     trap 'mkdir -p "$OUTDIR/demo_full"; cp -r "$DEMO"/results*.json "$DEMO"/results.md "$DEMO"/figures \
       "$OUTDIR/demo_full/" 2>/dev/null' EXIT; trap 'exit 143' TERM
-    "$PY" demo.py "${ARGS[@]}" "${RULES[@]}" "${DATA[@]}" --out "$DEMO" || exit $?
+    "$PY" demo/demo.py "${ARGS[@]}" "${RULES[@]}" "${DATA[@]}" --out "$DEMO" || exit $?
     "$PY" - "$DEMO/results.json" "${FM:-generated data}" > "$OUTDIR/part4.result" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -1,10 +1,10 @@
 """Fashion-MNIST in the wild: an honest end-to-end evaluation of attention-probe selection.
 
-    python demo.py                         # default: mismatch pool, one seed, <= 20 min on 2 CPU cores
-    python demo.py --pool far-ood          # 10-class teacher, held-out images + made images
-    python demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
-    python demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
-    python demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
+    python demo/demo.py                         # default: mismatch pool, one seed, <= 20 min on 2 CPU cores
+    python demo/demo.py --pool far-ood          # 10-class teacher, held-out images + made images
+    python demo/demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
+    python demo/demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
+    python demo/demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
 
 Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its
 classes from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out
@@ -29,6 +29,8 @@ import time
 # OpenMP threads that spin while waiting collapse on a shared 2-core machine (measured: 55 vs 202 img/s);
 # sleeping waiters cost little when the machine is free. Must be set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)  # runs as python demo/demo.py: the pipeline modules live at the root
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,22 +1,25 @@
-"""Which signal of the one teacher pass finds the teacher's domain? The pre-registered study of README
-"Beyond the paper": every stored signal and simple z-scored combinations, on every demo pool, per
+"""Which signal of the one teacher pass finds the teacher's domain? The pre-registered study of
+docs/signal_study.md: every stored signal and simple z-scored combinations, on every demo pool, per
 source, over the teachers of seeds 0, 1, 2.
 
-    python signal_study.py --teachers runs/demo3 runs/study --out runs/study     # ~15 min on 2 CPU cores
-    python signal_study.py --out runs/study --train_missing                       # also trains missing teachers
+    python study/signal_study.py --teachers runs/demo3 runs/study --out runs/study     # ~15 min on 2 CPU cores
+    python study/signal_study.py --out runs/study --train_missing                       # also trains missing teachers
 
 Teachers are <folder>/teacher_<C>cls_seed<S>/teacher.pth as demo.py writes them (6 classes for the
 mismatch pools, 10 for far-ood). Each pool and teacher is scored once by select_data.py (--flip_signal);
 the rule is chosen on mismatch 0.2 with the seed-0 teacher only, the rest confirms. Writes
-<out>/signal_study.json (everything) and <out>/signal_study.md (the tables of the README).
+<out>/signal_study.json (everything) and <out>/signal_study.md (the tables of docs/signal_study.md).
 """
 import argparse
 import itertools
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as demo.py: spinning OpenMP waiters collapse on 2 shared cores
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[1:1] = [ROOT, os.path.join(ROOT, "demo")]  # runs as python study/signal_study.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -178,7 +181,7 @@ def run(args):
             for terms in cands:
                 r[rule_name(terms)] = evaluate(signals.combine(cols, terms, usable), usable, relevant, source)
     chosen = choose(results, cands)
-    report = {"protocol": "README: Beyond the paper (pre-registered)", "selection": [SELECTION_POOL, SELECTION_SEED],
+    report = {"protocol": "docs/signal_study.md (pre-registered)", "selection": [SELECTION_POOL, SELECTION_SEED],
               "signs": signs, **picked, "chosen": {"name": rule_name(chosen), "terms": chosen},
               "goals": goals(results, rule_name(chosen)), "posthoc": posthoc(results), "meta": meta,
               "results": {n: {str(s): r for s, r in by.items()} for n, by in results.items()}}

@@ -1,9 +1,9 @@
 """Throughput of our fast paths against a faithful re-enactment of the published algorithm (reference.py).
 
-    python benchmark.py --json bench.json                          # GPU: batch 1024 scoring, 256 / 1024 training
-    python benchmark.py --compile --cuda_graphs --json bench.json  # + torch.compile and CUDA-graph variants
-    python benchmark.py --quick --json /tmp/bench.json             # CPU smoke run: < 2 minutes on 2 cores
-    python benchmark.py --sections c                               # only the JPEG -> uint8 cache build
+    python benchmark/benchmark.py --json bench.json                          # GPU: batch 1024 scoring, 256 / 1024 training
+    python benchmark/benchmark.py --compile --cuda_graphs --json bench.json  # + torch.compile and CUDA-graph variants
+    python benchmark/benchmark.py --quick --json /tmp/bench.json             # CPU smoke run: < 2 minutes on 2 cores
+    python benchmark/benchmark.py --sections c                               # only the JPEG -> uint8 cache build
 
 One run, one device. Sections (each fails alone, as an error row):
   (a) scoring the wild pool: select_data.score_images (one pass, bf16 on CUDA) vs the published
@@ -36,7 +36,8 @@ import numpy as np
 import timm
 import torch
 
-import data
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pipeline modules at the root
+import data  # noqa: E402
 import engine
 import models
 import pool
