@@ -291,8 +291,8 @@ def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
         # a fresh compile cache, as in a real run, which only ever sees this one batch shape
         torch._dynamo.reset()
         mode = "reduce-overhead" if variant == "cuda_graphs" else None
-        train_module = torch.compile(train_module, mode=mode)
-        teacher_module = torch.compile(teacher_module, mode=mode)
+        train_module = torch.compile(train_module, mode=mode, dynamic=False)
+        teacher_module = torch.compile(teacher_module, mode=mode, dynamic=False)
 
     def loss_fn(images, _labels):
         return engine.distill_losses(teacher_module, train_module, images, None, PATCHATTN)
