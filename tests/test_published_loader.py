@@ -8,10 +8,10 @@ DFND_DeiT-imagenet.py; here only for the duration of each test), `Resize((s, s))
 image with bmm, every head's attention, head 0's CLS row, cosine with the uniform vector) and
 identify_outlier (cross-entropy against the argmax). Our select_data.py scores the same folder.
 """
-import contextlib
 import io
 import os
 from functools import partial
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -114,16 +114,10 @@ def ours(tmp_path, root, teacher_name, teacher_file, name, *flags):
             for k in ("value_out", "value_blk3", "value_blk7", "pred_out")}
 
 
-@contextlib.contextmanager
 def published_pil():
     """The published scripts' global PIL setting, only while the re-enactment decodes: our code must not
     depend on it."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    return mock.patch.object(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
 
 
 def assert_same_scores(got, want, names, tol=1e-5):
