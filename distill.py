@@ -129,10 +129,9 @@ PUBLISHED_BEHAVIOURS = [
      "the DataLoader raised: the run stopped", "skipped: scored +inf, never selected, listed with the reason in "
      "`skipped.txt`", "defect: one such file in a wild pool stopped the run", "only where the published run stopped"),
     ("Pool membership", "ImageFolder: images inside class folders, hidden files and folders included, images at "
-     "the top ignored, a class folder without images an error", "images at any depth, the top included; hidden "
-     "files and folders skipped; empty folders ignored (same order as ImageFolder)", "pools without class "
-     "folders (Flickr1M); caches and scores may live inside the pool", "only for pools with hidden or top-level "
-     "images"),
+     "the top ignored", "images at any depth, the top included; hidden files and folders skipped (in "
+     "ImageFolder's order)", "pools without class folders (Flickr1M); caches and scores may live inside the pool",
+     "only for pools with hidden or top-level images"),
     ("Reused score files", "any `value_out.pth`, `pred_out.pth`, `value_blk*.pth` in `--selected_file`, "
      "unchecked", "reused when their fingerprint (pool, teacher file hash, preprocessing, probe, decoding) "
      "matches; published files (no fingerprint) when their length equals the pool's; else an error",
@@ -146,11 +145,10 @@ PUBLISHED_BEHAVIOURS = [
      "only for teachers the constants do not fit"),
     ("Ranking", "`value.topk(num_select, largest=False)` in fp32 on the GPU", "a stable sort in float64; ties "
      "by pool order", "deterministic", "only among equal scores"),
-    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica, scores misaligned with images",
-     "DistributedDataParallel; the pool scored in strided shards gathered by index; each epoch's images split "
-     "evenly over the processes: fewer images than processes left out (up to 64 px) or repeated (224 px)",
-     "defect; speed",
-     "only on more than one GPU"),
+    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica, scores misaligned with images; "
+     "the (L, B, N, C) block features gathered along L", "DistributedDataParallel; the pool scored in strided "
+     "shards gathered by index; each epoch's images split evenly over the processes: fewer images than processes "
+     "left out (up to 64 px) or repeated (224 px)", "defect; speed", "only on more than one GPU"),
     ("Class weights (`--robust`)", "teacher softmax summed per class over one augmented, shuffled pass of the "
      "training set: the selection and, at 224 px, the `--pos_num` images", "the selection's softmax stored by "
      "the scoring pass (resized, not augmented), plus the `--pos_num` images' (Resize, CenterCrop, not "
@@ -166,6 +164,11 @@ PUBLISHED_BEHAVIOURS = [
      "`--teacher_acc`, else the teacher file's `acc1` (`train_teacher.py` files), else the published constant; "
      "Tiny-ImageNet and `folder` 0.8118", "the teacher's own accuracy when it is known", "yes, for teacher files "
      "that record `acc1` (the published ones do not) and for Tiny-ImageNet"),
+    ("`DFND_DeiT-train.py --dataset imagenet` (224 px in the 32-px script)", "ImageNet mean/std for every "
+     "image, test images Resize(256) then CenterCrop(224), 320000 in the epoch formula, no labelled images",
+     "one script for both sizes: every 224-px run as DFND_DeiT-imagenet.py (test images Resize(224) then "
+     "CenterCrop(224), 640000; `--pos_num`, `--mean/--std` as given)", "the published run scripts ran 224 px "
+     "through DFND_DeiT-imagenet.py", "yes, for that command"),
     ("Tiny-ImageNet", "`--dataset tinyimagenet` rejected: `training_tinyimagenet.sh` could not run", "runs: 200 "
      "classes, noise-adaptation 0.8118, test images val Resize(224) then CenterCrop(224), probe geometry of the "
      "teacher, 640000 in the epoch formula", "the published run script's intent", "not comparable: it never ran"),
@@ -192,8 +195,8 @@ PUBLISHED_BEHAVIOURS = [
      "softmax", "timm's VisionTransformer with fused attention", "no fork of the ViT", "float rounding only"),
     ("Training and test precision", "fp32", "bf16 autocast and fused AdamW on a GPU (`--amp off`: fp32); fp32 "
      "on the CPU", "speed", "rounding on a GPU"),
-    ("Last partial batch", "kept (DataLoader `drop_last=False`)", "kept; dropped only with `--cuda_graphs`, "
-     "which needs one batch shape", "", "only with `--cuda_graphs`"),
+    ("Last partial batch", "kept (DataLoader `drop_last=False`)", "kept; dropped only with `--compile "
+     "--cuda_graphs`, which needs one batch shape", "", "only with `--cuda_graphs`"),
     ("Randomness", "nothing seeded (torch, numpy, random): every run differs", "`--seed` seeds the shuffle, "
      "crops, flips, the class-weight perturbation and the holdout, per epoch and process", "reproducible runs "
      "and exact resumes", "other draws from the same distributions"),
@@ -540,7 +543,8 @@ def _run(args, device, rank, world, student_dir):
     on_gpu = device.type == "cuda"
     # the published DataLoader kept the last partial batch; CUDA graphs need one batch shape
     train_batches = engine.make_batches(train_data, batch_size=args.batch_size, shuffle=True,
-                                        drop_last=args.cuda_graphs, seed=args.seed, workers=args.workers, device=device)
+                                        drop_last=args.compile and args.cuda_graphs, seed=args.seed,
+                                        workers=args.workers, device=device)
     test_batches = engine.make_batches(test, batch_size=1024, shuffle=False, drop_last=False,
                                        workers=args.workers, device=device)
     hold_batches = engine.TensorBatches(hold_images, hold_pred, batch_size=1024, shuffle=False, drop_last=False)
@@ -639,8 +643,9 @@ def _run(args, device, rank, world, student_dir):
     return final
 
 
-# settings that cannot change what a resumed run computes; --epochs is checked on its own
-RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "cuda_graphs", "resume", "output_dir",
+# settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
+# partial batch); --epochs is checked on its own
+RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
                   "eval_only", "epochs", "epochs_resolved", "lr_offset"}
 
 
