@@ -36,7 +36,7 @@ import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
 from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
                    changed_keys, check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world,
-                   read_fingerprint, resolve_device, run_lock, safe_torch_load, write_memmap_rows)
+                   read_fingerprint, resolve_device, run_lock, safe_torch_load, system_parser, write_memmap_rows)
 
 SCORE_VERSION = 1
 
@@ -48,7 +48,8 @@ def add_selection_args(parser):
                    "a folder of .tar shards, or .tar shard paths")
     g.add_argument("--teacher", default="deit_base_patch4_32_teacher", help="teacher model name")
     g.add_argument("--teacher_dir", help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
-                   "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors")
+                   "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors; or "
+                   "weights timm loads itself: hf-hub:org/name or a pretrained tag (deit_base_patch16_224.fb_in1k)")
     g.add_argument("--teacher_ema", action="store_true",
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
@@ -76,7 +77,7 @@ def add_selection_args(parser):
     g.add_argument("--mean", type=float, nargs="+", default=None,
                    help="normalisation mean (default: the teacher checkpoint's, else ImageNet's)")
     g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (as --mean)")
-    g.add_argument("--cache_dir", default=None, help="uint8 pool cache (default for inputs <= 64 px: "
+    g.add_argument("--cache_dir", default=None, help=f"uint8 pool cache (default for inputs <= {data.LARGE_INPUT} px: "
                    "<selected_file>/pool_cache_<size>px)")
     g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
     g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~2x "
@@ -88,15 +89,10 @@ def add_selection_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False,
+                                     parents=[system_parser()])
     add_selection_args(parser)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None, help="alias of --score_batch_size")
-    parser.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the teacher pass")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                        help="autocast of the teacher pass (auto: bf16 on CUDA; off: fp32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random selection")
     return parser
 
 
@@ -123,18 +119,10 @@ def check_selection_args(args):
     for path in args.data_imagenet:
         if not os.path.exists(path):
             raise InputError(f"--data_imagenet {path}: no such file or folder")
-    if not os.path.isfile(args.teacher_dir):
-        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file")
+    if not os.path.isfile(args.teacher_dir) and not models.is_pretrained(args.teacher_dir):
+        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file (nor hf-hub:org/name or a timm "
+                         "pretrained tag)")
     check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
-
-
-def load_teacher(args, device):
-    """The teacher of --teacher/--teacher_dir/--nb_classes/--img_size/--mean/--std -> models.Teacher.
-    Sets args.nb_classes when it was read from the checkpoint (args.json records it)."""
-    teacher = models.load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device,
-                                  mean=args.mean, std=args.std, img_size=args.img_size, ema=args.teacher_ema)
-    args.nb_classes = teacher.num_classes
-    return teacher
 
 
 def list_pool(args):
@@ -170,7 +158,7 @@ def default_cache_dir(args, teacher):
         return None
     if args.cache_dir:
         return args.cache_dir
-    if teacher.img_size <= 64:
+    if teacher.img_size <= data.LARGE_INPUT:
         fast = "_fast" if args.fast_decode else ""
         return os.path.join(args.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
     return None
@@ -512,6 +500,11 @@ def class_weights_from_preds(pred, selected, num_classes):
     return (weights / weights.sum() * num_classes).float()
 
 
+def ids_of(pool_index, indices):
+    """The pool ids (relative paths or shard members) of pool indices (K,)."""
+    return [pool_index.ids[i] for i in indices.tolist()]
+
+
 @dataclass
 class Selection:
     """What stage 1 hands stage 2: the chosen pool images and what the teacher said about them."""
@@ -523,6 +516,11 @@ class Selection:
     cache: object                   # its uint8 pool.PoolCache when there is one, else None (decode)
     rule: str                       # how the images were chosen, in words
     value: torch.Tensor = None      # (K,) combined score of each, when a scoring rule chose them
+
+    @classmethod
+    def of(cls, indices, pred, class_weights, pool_index, cache, rule, value=None):
+        """The one way to build a Selection: the ids are read from the pool."""
+        return cls(indices, ids_of(pool_index, indices), pred, class_weights, pool_index, cache, rule, value)
 
     def __len__(self):
         return len(self.indices)
@@ -563,8 +561,8 @@ def run_selection(args, teacher, device):
         chosen = on_rank0(select_from_scores, args, teacher, pool_index)
     if cache is None:
         cache = existing_cache(args, teacher)
-    return Selection(chosen["indices"], [pool_index.ids[i] for i in chosen["indices"].tolist()], chosen["pred"],
-                     chosen["class_weights"], pool_index, cache, chosen["rule"], chosen["value"])
+    return Selection.of(chosen["indices"], chosen["pred"], chosen["class_weights"], pool_index, cache, chosen["rule"],
+                        chosen["value"])
 
 
 def select_from_scores(args, teacher, pool_index):
@@ -599,7 +597,7 @@ def select_from_scores(args, teacher, pool_index):
         rule = f"signal rule {rule_name}"
     if args.per_class:
         rule += f", class-balanced ({args.per_class} per class)"
-    record = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],
+    record = {"indices": chosen, "ids": ids_of(pool_index, chosen),
               "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
               "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
     atomic_torch_save(record, os.path.join(out, "selection.pt"))
@@ -635,9 +633,8 @@ def load_selection(path, args, teacher):
     else:
         weights = class_weights_from_preds(pred, torch.arange(len(pred)), teacher.num_classes)
     value = sel.get("value")
-    return Selection(indices, [pool_index.ids[i] for i in indices.tolist()], pred, weights, pool_index,
-                     existing_cache(args, teacher), str(sel.get("rule", f"from {path}")),
-                     torch.as_tensor(value).float() if value is not None else None)
+    return Selection.of(indices, pred, weights, pool_index, existing_cache(args, teacher),
+                        str(sel.get("rule", f"from {path}")), torch.as_tensor(value).float() if value is not None else None)
 
 
 def print_summary(record, value, usable, num_classes):
@@ -658,7 +655,7 @@ def main(args):
         args.score_batch_size = args.batch_size
     device = resolve_device(args.device)
     init_distributed(device)
-    teacher = load_teacher(args, device)
+    teacher = models.teacher_from_args(args, device)
     if rank_world()[0] == 0:
         print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
               + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "

@@ -259,6 +259,20 @@ def write_memmap_rows(path, index, rows):
     del memmap
 
 
+def system_parser():
+    """The machine's flags, shared by every script's parser as DeiT shares its own: parents=[system_parser()]."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    g = parser.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8,
+                   help="image decoding processes (default 8)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="autocast (auto: bf16 on CUDA; off: fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model passes")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
 # ---- run folders ---------------------------------------------------------------------------
 
 class RunLock:
