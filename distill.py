@@ -443,7 +443,7 @@ def _run(args, device, rank, world, student_dir):
         teacher_module = torch.compile(teacher_module, mode=mode)
     patchattn = args.patchattn if args.attnprobe_dist else 0.0
 
-    def loss_fn(images, _labels):
+    def loss_fn(images, _labels):   # data-free: no labels
         return engine.distill_losses(teacher_module, train_module, images, class_weights, patchattn)
 
     augment = engine.Augment(mean, std, crop_padding(args, img_size))
@@ -458,7 +458,7 @@ def _run(args, device, rank, world, student_dir):
         t0 = time.time()
         metrics = engine.train_one_epoch(loss_fn, train_batches, [opt_s, opt_n], augment, epoch, device,
                                          args.seed, amp, args.log_every, "distill", modules=(student, noise),
-                                         labels_mark_cropped=True)
+                                         crop_flags=True)
         # DeiT's log keys first (train_lr, train_loss, test_loss, test_acc1, test_acc5, epoch, n_parameters)
         record = {"train_lr": lr, **{f"train_{k}": v for k, v in metrics.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:
