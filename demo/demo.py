@@ -251,8 +251,9 @@ def rule_value(rule, sc, relevant):
         return select_data.combined_value(s, False)
     if rule.startswith("probe"):
         return select_data.combined_value(s, True, sc["attnlier"], sc["outlier"], sc["blocks"])
-    if rule == "energy":
-        return s["energy"].double()
+    if rule == "energy":        # signals.RULES' energy rule, on the stored signal
+        import signals
+        return signals.rule_value("energy", s, torch.isfinite(s["energy"]))
     if rule == "oracle":
         return torch.from_numpy(~relevant).double()     # in-domain first: exactly the in-domain images
     raise ValueError(rule)
