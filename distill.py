@@ -38,8 +38,8 @@ PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.81
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student", allow_abbrev=False,
-                                     parents=[system_parser()])
+    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student",
+                                     allow_abbrev=False, parents=[system_parser()])
     parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
                         help="the teacher's task; its test set measures the student")
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
@@ -89,7 +89,8 @@ PUBLISHED_FLAGS = {
     "data_cifar": ("a path on the authors' machine", ""),
     "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards"),
     "teacher": ("deit_base_patch4_32_teacher", ""),
-    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files"),
+    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files; "
+                    "also `hf-hub:org/name` and timm pretrained tags, loaded by timm"),
     "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both"),
     "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000"),
     "selected_file": ("a path on the authors' machine", "created when missing"),

@@ -233,7 +233,7 @@ def _pretrained_file(cfg):
     if hub:
         from huggingface_hub import try_to_load_from_cache
         repo, _, revision = hub.partition("@")
-        for name in (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        for name in (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"):
             path = name and try_to_load_from_cache(repo, name, revision=revision or None)
             if isinstance(path, str):
                 return path

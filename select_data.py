@@ -633,8 +633,9 @@ def load_selection(path, args, teacher):
     else:
         weights = class_weights_from_preds(pred, torch.arange(len(pred)), teacher.num_classes)
     value = sel.get("value")
+    value = torch.as_tensor(value).float() if value is not None else None
     return Selection.of(indices, pred, weights, pool_index, existing_cache(args, teacher),
-                        str(sel.get("rule", f"from {path}")), torch.as_tensor(value).float() if value is not None else None)
+                        str(sel.get("rule", f"from {path}")), value)
 
 
 def print_summary(record, value, usable, num_classes):
