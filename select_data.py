@@ -12,7 +12,6 @@ selection: selection.pt, selected.txt (ids, best first) and class_weights.pth. W
 (sig_<name>.pth, prelogits_out.npy; --flip_signal adds a flipped forward of each batch).
 Scores are computed once in resumable chunks and reused while the fingerprint (pool, teacher
 checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
---rule NAME (default: the published score) ranks by one of signals.RULES instead.
 
 In code, `run_selection(args, teacher, device)` returns a `Selection` (indices, ids, predicted
 classes, class weights, the pool and its cache), the value the next stage trains from.
@@ -236,10 +235,9 @@ def _chunk_path(chunks_dir, c):
 def score_pool(args, teacher, pool_index, cache, fingerprint, store=None):
     """Score the whole pool into --selected_file, chunk by chunk; a killed run resumes at its last chunk.
 
-    With torchrun each rank scores the strided shard range(rank, chunk, world) of every chunk and
-    rank 0 stores the gathered results by pool index: no image is scored twice or left out.
-    `cache` is the pool's uint8 cache, or None to decode the images. `store` (signals.SignalStore)
-    adds the extra signals to the pass; None scores the published files alone.
+    Each rank scores the strided shard range(rank, chunk, world) of every chunk; rank 0 stores the
+    gathered results by pool index. `cache`: the uint8 pool cache, or None to decode the images.
+    `store` (signals.SignalStore) adds the extra signals; None scores the published files alone.
     """
     rank, world = rank_world()
     out_dir, device = args.selected_file, teacher.device
