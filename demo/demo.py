@@ -858,6 +858,7 @@ def main(argv=None):
           f"device {device}, out {out}", flush=True)
     results, teachers = {}, {}
     tdir_root = os.path.abspath(args.teachers) if args.teachers else out
+    os.makedirs(tdir_root, exist_ok=True)
     for kind, share in cfg["pools"]:
         classes = tuple(dp.MISMATCH_CLASSES) if kind == "mismatch" else tuple(range(10))
         for seed in cfg["seeds"]:      # one teacher per seed: the spread includes the teacher's
