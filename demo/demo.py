@@ -5,6 +5,7 @@
     python demo/demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
     python demo/demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
     python demo/demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
+    python demo/demo.py --ablation pd           # selection x probe distillation: both pools, 3 seeds, 8 rules
 
 Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its
 classes from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out
