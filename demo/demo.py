@@ -266,6 +266,10 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
             "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type),
             # inside pool/: rebuilt with the pool, so never a stale cache of another pool
             "--cache_dir", os.path.join(pool_dir, "pool", "cache")]
+    import signals
+    wanted = [RULE_SPECS[r][0] for r in cfg["rules"] if RULE_SPECS[r][0] in signals.RULES]
+    if wanted:   # a pass scored for a signal rule stores the extra signals its students' selections read
+        argv += ["--rule", wanted[0]]
     sargs = select_data.get_args_parser().parse_args(argv)
     t = select_data.load_teacher(sargs, device)
     teacher, mean, std = t.model, t.mean, t.std
