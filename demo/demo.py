@@ -88,6 +88,16 @@ PRESETS = {
 DEFAULT_SHARE = {"mismatch": 0.2, "far-ood": 0.25}
 
 
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("Attention Probe on Fashion-MNIST in the wild", allow_abbrev=False)
     g = p.add_mutually_exclusive_group()
@@ -104,7 +114,7 @@ def get_args_parser():
     p.add_argument("--ablation", choices=list(ABLATIONS), default=None,
                    help="pd: selection x probe distillation on the mismatch and far-ood pools, seeds 0 1 2 "
                         f"(rules {' '.join(ABLATIONS['pd'])}); --pool, --seeds, --rules narrow it")
-    p.add_argument("--keep_ratio", type=float, default=1.0,
+    p.add_argument("--keep_ratio", type=_positive, default=1.0,
                    help="images every rule keeps, relative to the pool's in-domain images (default 1)")
     p.add_argument("--teachers", default=None,
                    help="folder holding teacher_<C>cls_seed<S>/ (default --out); finished teachers of the same "
@@ -150,8 +160,6 @@ def resolve_config(args):
         cfg["student_samples"] = None
     cfg["rules"] = list(args.rules or (ABLATIONS[args.ablation] if args.ablation else RULES))
     cfg["ablation"] = args.ablation
-    if not args.keep_ratio > 0:
-        raise SystemExit(f"error: --keep_ratio must be > 0, got {args.keep_ratio}")
     cfg["keep_ratio"] = args.keep_ratio
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg["threads"] = args.threads or cores
