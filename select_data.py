@@ -481,6 +481,30 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
     return order[keep]                                                          # still best first
 
 
+COLLAPSE_SHARE = 0.1   # a class kept under a tenth of an even share of the selection counts as lost
+
+
+def class_collapse(pred, num_classes, share=COLLAPSE_SHARE):
+    """Teacher-predicted classes the selection keeps far too few of: [(class, kept)] for every class under
+    `share` x an even share (kept / classes); [] when none. pred: (K,) predicted class of each kept image."""
+    counts = torch.bincount(pred.clamp_min(0), minlength=num_classes)
+    even = len(pred) / num_classes
+    return [(c, int(counts[c])) for c in range(num_classes) if counts[c] < share * even]
+
+
+def warn_class_collapse(pred, num_classes, per_class=None):
+    """One `warning:` line when the selection lost classes of the teacher (class_collapse); returns them."""
+    low = class_collapse(pred, num_classes)
+    if low:
+        even = len(pred) // num_classes
+        shown = ", ".join(f"{c}: {n}" for c, n in low[:20]) + (f" and {len(low) - 20} more" if len(low) > 20 else "")
+        way = (f"the pool holds too few images the teacher assigns to them even with --per_class {per_class}"
+               if per_class else f"keep them with --per_class {even} (at most {even} per predicted class)")
+        print(f"warning: class collapse: {len(low)} of {num_classes} teacher-predicted classes got under a tenth of "
+              f"an even share ({even}) of the {len(pred)} kept images (class: kept) {shown}; {way}", flush=True)
+    return low
+
+
 def class_mass(probs, pred, selected, num_classes):
     """What the class weights count over the `selected` pool indices -> ((C,) float64, kind): the teacher's
     softmax summed per class (kind 'softmax', from the stored (N, C) `probs`) or, for published score
@@ -609,9 +633,12 @@ def select_from_scores(args, teacher, pool_index):
         rule = f"signal rule {rule_name}"
     if args.per_class:
         rule += f", class-balanced ({args.per_class} per class)"
+    collapsed = warn_class_collapse(pred[chosen], teacher.num_classes, args.per_class)
     record = {"indices": chosen, "ids": ids_of(pool_index, chosen),
               "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
-              "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
+              "pool_size": n, "pool_root": os.path.abspath(pool_index.root),
+              # [(class, kept)] of the classes kept under a tenth of an even share: the collapse warning
+              "collapsed_classes": collapsed}
     atomic_torch_save(record, os.path.join(out, "selection.pt"))
     atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in record["ids"]))
     atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
