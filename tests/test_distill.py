@@ -214,7 +214,7 @@ def script_flags(tmp_path, script, **env):
                           env={**os.environ, "PYTHON": str(fake), "ARGS_OUT": str(out), **env})
     assert proc.returncode == 0, proc.stderr
     argv = out.read_text().splitlines()
-    assert argv[0] == "DFND_DeiT-train.py"
+    assert argv[0] == os.path.join(ROOT, "DFND_DeiT-train.py")   # this clone's, run from the caller's folder
     return distill.get_args_parser().parse_args(argv[1:])
 
 
