@@ -599,6 +599,8 @@ def run_selection(args, teacher, device):
                              + ": choose a writable --selected_file")
         chosen = on_rank0(select_from_scores, args, teacher, pool_index, write=False)
     else:
+        if rank == 0:
+            os.makedirs(args.selected_file, exist_ok=True)
         # two runs writing one --selected_file would mix their chunks: the second is refused
         with run_lock(args.selected_file, "--selected_file"):
             if not scores_ready(args.selected_file, fingerprint, args.force):

@@ -4,7 +4,6 @@ import json
 import os
 import socket
 import subprocess
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,12 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("handoff")
-    w = SimpleNamespace(base=base, cifar=base / "cifar", pool=base / "pool")
-    fx.write_cifar(w.cifar, n_train=2, n_test=16)
-    fx.write_pool(w.pool, 24, size=32)
-    w.teacher = fx.write_teacher(base / "micro.pth", name=fx.MICRO)
-    return w
+    return fx.small_world(tmp_path_factory.mktemp("handoff"))
 
 
 def test_run_selection_returns_what_it_writes(world, tmp_path):

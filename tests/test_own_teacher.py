@@ -28,12 +28,7 @@ S = "select_data.py"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("own")
-    w = SimpleNamespace(base=base, cifar=base / "cifar", pool=base / "pool")
-    fx.write_cifar(w.cifar, n_train=2, n_test=8)
-    fx.write_pool(w.pool, 12, size=32)
-    w.teacher = fx.write_teacher(base / "micro.pth", name=fx.MICRO, acc1=90.0)
-    return w
+    return fx.small_world(tmp_path_factory.mktemp("own"), pool=12, n_test=8, acc1=90.0)
 
 
 def flags(w, **over):
