@@ -582,9 +582,11 @@ def _run(args, device, rank, world, student_dir):
 
 
 # settings that cannot change what a resumed run computes; --epochs is checked on its own
-# (teacher_acc_resolved: the noise layer's value comes from the checkpoint)
+# (teacher_acc_resolved: the noise layer's value comes from the checkpoint; selected_file, selection_file: the
+# images themselves are checked against output_dir/selection.pt)
 RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "cuda_graphs", "resume", "output_dir",
-                  "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved"}
+                  "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved", "selected_file",
+                  "selection_file"}
 
 
 def _check_resume(saved, run_args, done_epoch, path):

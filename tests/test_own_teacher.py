@@ -144,17 +144,23 @@ def test_run_folder_records_its_selection_and_read_only_scores_are_used(world, t
     stdout = capsys.readouterr().out
     assert "amp off (fp32)" in stdout and f"files in {out}" in stdout.strip().splitlines()[-1]
     record = torch.load(out / "selection.pt", weights_only=True)
+    shifted = (record["indices"] + 1) % 12
     stage1 = torch.load(sel / "selection.pt", weights_only=True)
     assert torch.equal(record["indices"], stage1["indices"]) and record["ids"] == stage1["ids"]
     assert record["scores"] == json.load(open(sel / "scores_meta.json"))     # the score fingerprint
     # a resume trains on the recorded images only
-    torch.save({**record, "indices": (record["indices"] + 1) % 12}, out / "other.pt")   # other images
+    torch.save({**record, "indices": shifted, "ids": None}, out / "other.pt")   # other images
     os.replace(out / "other.pt", out / "selection.pt")
     assert fx.run_script_inprocess(D, *flags(world, **{"--selected_file": sel, "--output_dir": out,
                                                        "--epochs": 2})) == 2
     assert "this run trained on another selection than the one chosen now" in capsys.readouterr().err
     assert [json.loads(line)["epoch"] for line in open(out / "log.txt")] == [0]   # nothing trained
-    torch.save(record, out / "selection.pt")
+    # the way out it names: continue on the recorded images
+    assert fx.run_script_inprocess(D, *flags(world, **{"--selection_file": out / "selection.pt", "--output_dir": out,
+                                                       "--epochs": 2, "--num_select": None})) == 0, \
+        capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in open(out / "log.txt")] == [0, 1]
     # a folder of finished scores this process cannot write: used, nothing written there
     monkeypatch.setattr(select_data, "read_only", lambda folder: os.path.abspath(folder) == str(sel))
     before = fx.snapshot(sel)
@@ -178,7 +184,7 @@ def test_run_folder_records_its_selection_and_read_only_scores_are_used(world, t
     again = flags(world, **{"--selection_file": out / "selection.pt", "--output_dir": tmp_path / "o4",
                             "--epochs": 1, "--num_select": None})
     assert fx.run_script_inprocess(D, *again) == 0, capsys.readouterr().err
-    assert torch.equal(torch.load(tmp_path / "o4" / "selection.pt", weights_only=True)["indices"], record["indices"])
+    assert torch.equal(torch.load(tmp_path / "o4" / "selection.pt", weights_only=True)["indices"], shifted)
     capsys.readouterr()
     assert fx.run_script_inprocess(D, *again, "--num_select", "5") == 2
     assert "--num_select 5 but --selection_file" in capsys.readouterr().err
