@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -31,22 +32,28 @@ from attention_probe import FEATURE_BLOCKS
 from data import DATASETS, LARGE_INPUT
 from losses import NoiseAdaptation
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   init_distributed, on_rank0, rank_world, resolve_device, run_lock, system_parser)
+                   init_distributed, on_rank0, rank_world, resolve_device, run_lock, safe_torch_load,
+                   system_parser)
 
-# published noise-adaptation constants (teacher accuracies), used when the teacher file has none
-PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
+# the noise-adaptation constants (teacher test accuracies) the published scripts hard-code, per --dataset;
+# used when neither --teacher_acc nor the teacher file gives one
+PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118}
+DEFAULT_DATASET = "cifar10"      # the published --dataset default
+MAX_FORMULA_EPOCHS = 10000       # the published formula beyond this (a selection under ~16,000 images) is refused
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student",
                                      allow_abbrev=False, parents=[system_parser()])
-    parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
-                        help="the teacher's task; its test set measures the student")
+    parser.add_argument("--dataset", default=None, choices=list(DATASETS),
+                        help=f"the teacher's task; its test set measures the student (default {DEFAULT_DATASET}; "
+                        "with --eval_only the student checkpoint's)")
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
                         "CIFAR pickles, IDX files, or an ImageFolder tree with train/ and val/")
     select_data.add_selection_args(parser)
     parser.add_argument("--selection_file", default=None, help="train on a precomputed selection.pt "
-                        "({'indices', 'pred'}; e.g. demo.py's oracle/energy references) instead of selecting")
+                        "({'indices', 'pred'}; e.g. demo.py's oracle/energy references, or a run's "
+                        "output_dir/selection.pt) instead of selecting; --selected_file is then optional")
     g = parser.add_argument_group("distillation (stage 2)")
     g.add_argument("--output_dir", "--output-dir", help="run folder: student/, log.txt, args.json")
     g.add_argument("--student", default=None, help="student model (default: the tiny DeiT at the teacher's size)")
@@ -63,7 +70,8 @@ def get_args_parser():
     g.add_argument("--pd_teacher_blocks", type=int, nargs="+", default=None, help="default 3 7 11")
     g.add_argument("--pd_student_blocks", type=int, nargs="+", default=None, help="default 3 7 11")
     g.add_argument("--teacher_acc", type=float, default=None, help="noise-adaptation diagonal (default: the "
-                   "teacher file's accuracy, else the published constant of --dataset)")
+                   "teacher file's accuracy, else the published constant of --dataset: "
+                   + ", ".join(f"{k} {v}" for k, v in PUBLISHED_TEACHER_ACC.items()) + "; other datasets need it)")
     g.add_argument("--pos_num", type=int, default=0, help="add the first K labeled train images per class "
                    "(published: 50 Tiny-ImageNet, 129 ImageNet); the run is then NOT data-free")
     g.add_argument("--holdout", type=float, default=0.0,
@@ -85,15 +93,19 @@ def get_args_parser():
 # Every flag of the published DFND_DeiT-train.py / DFND_DeiT-imagenet.py: (its published default, why ours
 # differs in meaning or default, whether that changes the numbers of a published command).
 PUBLISHED_FLAGS = {
-    "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`", "no"),
+    "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`; "
+                "`--eval_only` takes the student checkpoint's", "no"),
     "data_cifar": ("a path on the authors' machine", "", ""),
     "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards", "no"),
-    "teacher": ("deit_base_patch4_32_teacher", "", ""),
+    "teacher": ("deit_base_patch4_32_teacher", "the model the teacher file names (DeiT `args.model`, timm `arch`) "
+                "when it names one", "no: the published files name none, or the same"),
     "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files; "
                     "also `hf-hub:org/name` and timm pretrained tags, loaded by timm", "no"),
     "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both", "no"),
-    "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000", ""),
-    "selected_file": ("a path on the authors' machine", "created when missing", "no"),
+    "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000; with `--selection_file` its size",
+                   ""),
+    "selected_file": ("a path on the authors' machine", "created when missing; may be read-only when it holds "
+                      "complete scores; not needed with `--selection_file`", "no"),
     "output_dir": ("a path on the authors' machine", "created when missing", "no"),
     "attnprobe_sel": ("off; on selected WITHOUT the probe (inverted)",
                       "on adds the probe to the score: the published inversion is a defect", "yes: the selection"),
@@ -106,7 +118,8 @@ PUBLISHED_FLAGS = {
     "robust": ("off", "class weights: see \"Class weights\" below", "see below"),
     "lr_S": ("0.00075", "training.sh passes 8.5e-4 for CIFAR-100", ""),
     "epochs": ("800, ignored: E - 1 epochs, E = int(320000 / num_select * 512)",
-               "unset: the published E - 1 epochs; N: N epochs", "only when given"),
+               f"unset: the published E - 1 epochs, refused above {MAX_FORMULA_EPOCHS:,} (a small selection: pass "
+               "--epochs); N: N epochs", "only when given"),
     "schedule": ("200 300", "", ""),
     "cos": ("off", "", ""),
     "pos_num": ("129 (only in the published 224-px script)",
@@ -115,7 +128,8 @@ PUBLISHED_FLAGS = {
 }
 _UNSET_MEANS = {"data_cifar": "required", "data_imagenet": "required", "teacher_dir": "required",
                 "selected_file": "required", "output_dir": "required", "nb_classes": "from the teacher file",
-                "epochs": "the published formula"}
+                "epochs": "the published formula", "dataset": DEFAULT_DATASET,
+                "teacher": models.DEFAULT_TEACHER, "num_select": str(select_data.PUBLISHED_NUM_SELECT)}
 
 # Every other difference found by reading the published scripts (DFND_DeiT-train.py, DFND_DeiT-imagenet.py,
 # loss.py, utils.py, vision_transformer.py, training*.sh) line by line against ours:
@@ -157,16 +171,17 @@ PUBLISHED_BEHAVIOURS = [
      "with `--force` for softmax sums", "published score files hold no softmax", "yes, with `--robust` on "
      "published score files"),
     ("Noise-adaptation diagonal", "by `--dataset`: CIFAR-10 0.9665, CIFAR-100 0.7630, ImageNet 0.8118",
-     "`--teacher_acc`, else the teacher file's `acc1` (`train_teacher.py` files), else the published constant; "
-     "Tiny-ImageNet and `folder` 0.8118", "the teacher's own accuracy when it is known", "yes, for teacher files "
-     "that record `acc1` (the published ones do not) and for Tiny-ImageNet"),
+     "`--teacher_acc`, else the teacher file's accuracy (`acc1` of `train_teacher.py` files, timm's top-1 "
+     "`metric`), else the published constant; other datasets (Tiny-ImageNet, `fashionmnist`, `folder`) need one "
+     "of the first two", "the teacher's own accuracy when it is known; no constant is invented",
+     "yes, for teacher files that record an accuracy (the published ones do not)"),
     ("`DFND_DeiT-train.py --dataset imagenet` (224 px in the 32-px script)", "ImageNet mean/std for every "
      "image, test images Resize(256) then CenterCrop(224), 320000 in the epoch formula, no labelled images",
      "one script for both sizes: every 224-px run as DFND_DeiT-imagenet.py (test images Resize(224) then "
      "CenterCrop(224), 640000; `--pos_num`, `--mean/--std` as given)", "the published run scripts ran 224 px "
      "through DFND_DeiT-imagenet.py", "yes, for that command"),
     ("Tiny-ImageNet", "`--dataset tinyimagenet` rejected: `training_tinyimagenet.sh` could not run", "runs: 200 "
-     "classes, noise-adaptation 0.8118, test images val Resize(224) then CenterCrop(224), probe geometry of the "
+     "classes, noise adaptation from `--teacher_acc` (`TEACHER_ACC`) or the teacher file, test images val Resize(224) then CenterCrop(224), probe geometry of the "
      "teacher, 640000 in the epoch formula", "the published run script's intent", "not comparable: it never ran"),
     ("Normalisation at 32 px", "wild images (scoring, training) ImageNet mean/std; CIFAR test images CIFAR "
      "mean/std", "one mean/std for every image: `--mean/--std`, else the teacher file's, else ImageNet's",
@@ -271,19 +286,40 @@ def published_epochs(num_select, img_size):
     return int((320000 if img_size <= LARGE_INPUT else 640000) / num_select * 512)
 
 
-def epoch_plan(args, img_size, saved=None):
-    """-> (epochs to train, lr offset). Epoch k (0-based) trains at engine.lr_at(k + offset, lr_S, epochs + offset).
+def epoch_plan(args, num_selected, img_size, saved=None):
+    """-> (epochs to train, lr offset, where the count comes from). Epoch k (0-based) trains at
+    engine.lr_at(k + offset, lr_S, epochs + offset).
 
     Without --epochs: the published loop, E - 1 epochs with the lr evaluated at e = 1 .. E - 1 over E
-    (650,000 selected: 251 epochs, 199 at lr_S and 52 at 0.1 lr_S). With --epochs N (the published code
-    ignored it): N epochs, lr at 0 .. N - 1 over N. A resumed run keeps the offset it started with."""
+    (650,000 selected: 251 epochs, 199 at lr_S and 52 at 0.1 lr_S); refused above MAX_FORMULA_EPOCHS,
+    which the formula gives for selections far smaller than it was made for. With --epochs N (the
+    published code ignored it): N epochs, lr at 0 .. N - 1 over N. A resumed run keeps its offset."""
     if saved is not None and "lr_offset" in saved:
         offset = saved["lr_offset"]
     else:
         offset = 0 if args.epochs else 1
     if args.epochs:
-        return args.epochs, offset
-    return published_epochs(args.num_select, img_size) - 1, offset
+        return args.epochs, offset, "--epochs"
+    epochs = published_epochs(num_selected, img_size) - 1
+    if epochs > MAX_FORMULA_EPOCHS:
+        raise InputError(f"the published epoch formula int({320000 if img_size <= 64 else 640000} / num_select * 512) "
+                         f"gives {epochs:,} epochs for {num_selected:,} selected images (it was made for hundreds of "
+                         "thousands: 650,000 give 251); pass --epochs N")
+    return epochs, offset, "the published formula"
+
+
+def holdout_size(k, share):
+    """Images of a k-image selection held out by --holdout `share` (none of a single image)."""
+    return int(round(share * k)) if share > 0 and k >= 2 else 0
+
+
+def check_trainable(args, num_selected, world):
+    """Refuse a training set that gives a rank no image: 0 steps per epoch, epoch after epoch."""
+    n_train = num_selected - holdout_size(num_selected, args.holdout)
+    if args.pos_num == 0 and n_train < world:
+        raise InputError(f"{n_train} training image(s) ({num_selected} selected, {num_selected - n_train} held out) "
+                         f"cannot give each of {world} processes a batch: select more images (--num_select) or "
+                         "run fewer processes")
 
 
 def robust_class_weights(weights, seed):
@@ -306,12 +342,41 @@ def default_student(img_size):
     return {32: "deit_tiny_patch4_32", 28: "deit_tiny_patch4_28"}.get(img_size, "deit_tiny_patch16_224")
 
 
-def resolve_teacher_acc(args, teacher):
+def resolve_teacher_acc(args, teacher, dataset):
+    """-> (noise-adaptation diagonal, where it comes from): --teacher_acc, else the teacher file's accuracy,
+    else the published constant of `dataset`; a dataset the published code has none for needs one of the first two."""
     if args.teacher_acc is not None:
         return args.teacher_acc, "--teacher_acc"
     if teacher.accuracy is not None:
-        return teacher.accuracy, "the teacher checkpoint"
-    return PUBLISHED_TEACHER_ACC.get(args.dataset, 0.8118), f"the published constant for {args.dataset}"
+        return teacher.accuracy, teacher.accuracy_source or "the teacher file"
+    if dataset in PUBLISHED_TEACHER_ACC:
+        return PUBLISHED_TEACHER_ACC[dataset], f"the published constant for {dataset}"
+    raise InputError(f"--dataset {dataset} has no published noise-adaptation constant (only "
+                     + ", ".join(PUBLISHED_TEACHER_ACC) + ") and the teacher file records no accuracy: pass "
+                     "--teacher_acc, the teacher's top-1 test accuracy as a fraction (e.g. 0.91)")
+
+
+@dataclass
+class Settings:
+    """What a run trains with, resolved once from the flags, the teacher file, the selection and a resumed
+    checkpoint; `args` stays as the user gave it. record() is what args.json and the checkpoints keep."""
+    teacher: models.Teacher
+    dataset: str
+    student: str
+    num_selected: int         # --num_select, or the size of --selection_file
+    epochs: int
+    lr_offset: int
+    epochs_from: str          # "the published formula" or "--epochs"
+    teacher_acc: float
+    teacher_acc_from: str
+    padding: int              # random-crop padding
+
+    def record(self, args):
+        """vars(args) with every resolved value in place of its flag (the keys resumes compare)."""
+        t = self.teacher
+        return {**vars(args), "teacher": t.name, "nb_classes": t.num_classes, "mean": list(t.mean),
+                "std": list(t.std), "dataset": self.dataset, "student": self.student, "num_select": self.num_selected,
+                "epochs_resolved": self.epochs, "lr_offset": self.lr_offset, "teacher_acc_resolved": self.teacher_acc}
 
 
 def feature_block_pairs(args, teacher, student):
@@ -335,7 +400,7 @@ def feature_block_pairs(args, teacher, student):
 def split_holdout(indices, share, seed):
     """Deterministic split of the selection -> (train indices, holdout positions into `indices`)."""
     k = len(indices)
-    n_hold = int(round(share * k)) if share > 0 and k >= 2 else 0
+    n_hold = holdout_size(k, share)
     g = torch.Generator().manual_seed(seed + 7)
     perm = torch.randperm(k, generator=g)
     hold = perm[:n_hold].sort().values
@@ -344,14 +409,14 @@ def split_holdout(indices, share, seed):
     return keep.nonzero().squeeze(1), hold
 
 
-def labeled_positives(args, img_size, in_chans, padding):
+def labeled_positives(args, dataset, img_size, in_chans, padding):
     """The first --pos_num images per class of the labeled train set -> (lazy dataset, train indices,
     the same images unaugmented).
 
     Above 64 px each comes out as published: Resize(img_size) -> RandomCrop(img_size, padding) -> flip,
     drawn per image and epoch on the CPU (the images differ in shape before the crop); unaugmented:
     Resize(img_size) -> CenterCrop(img_size)."""
-    train = data.load_labeled(args.dataset, args.data_cifar, "train", img_size, in_chans)
+    train = data.load_labeled(dataset, args.data_cifar, "train", img_size, in_chans)
     labels = torch.as_tensor(train.targets)
     chosen = []
     for c in range(int(labels.max()) + 1):
@@ -448,21 +513,33 @@ def _default_student_fitting(state_dict, num_classes):
 
 
 def run_eval_only(args, device):
+    """Test a student checkpoint; what a flag does not say (dataset, model and with it the image size,
+    mean/std) comes from the checkpoint. Under torchrun every rank tests its share; rank 0 prints."""
     sd, meta = models.read_checkpoint(args.eval_only)
+    saved = meta.get("args") or {}
     num_classes = args.nb_classes or models.num_classes_of(sd, args.eval_only)
-    name = args.student or meta.get("student") or _default_student_fitting(sd, num_classes)
+    name = args.student or meta.get("student") or saved.get("student") or _default_student_fitting(sd, num_classes)
     student = models.create(name, num_classes)
     models.load_state_dict_strict(student, sd, source=args.eval_only)
     student.to(device)
     in_chans, img_size = models.input_spec(student)
-    # our checkpoints carry the normalisation they were trained with
-    mean, std = data.resolve_mean_std(args.mean or meta.get("mean"), args.std or meta.get("std"), in_chans)
-    test = data.load_labeled(args.dataset, args.data_cifar, "val", img_size, in_chans)
+    if args.img_size not in (None, img_size):
+        raise InputError(f"--img_size {args.img_size} does not fit {name}, which takes {img_size}x{img_size}")
+    dataset, dataset_from = ((args.dataset, "--dataset") if args.dataset else
+                             (saved["dataset"], "the checkpoint") if saved.get("dataset") else
+                             (DEFAULT_DATASET, "the default"))
+    mean = args.mean or meta.get("mean") or saved.get("mean")
+    std = args.std or meta.get("std") or saved.get("std")
+    mean, std = data.resolve_mean_std(mean, std, in_chans)
+    test = data.load_labeled(dataset, args.data_cifar, "val", img_size, in_chans)
     batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=args.workers,
                                   device=device)
     result = engine.evaluate(student, batches, engine.Augment(mean, std, 0, train=False), device,
                              amp_dtype(args.amp, device))
-    print(json.dumps({"checkpoint": args.eval_only, "student": name, **result}))
+    if rank_world()[0] == 0:
+        print(f"evaluating {name} ({img_size} px) on the {dataset} test set ({dataset_from}), mean {list(mean)} "
+              f"std {list(std)}")
+        print(json.dumps({"checkpoint": args.eval_only, "student": name, "dataset": dataset, **result}))
     return result
 
 
@@ -479,57 +556,73 @@ def main(args):
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     if args.eval_only:
-        return run_eval_only(args, device) if rank == 0 else None
+        return run_eval_only(args, device)
     student_dir = os.path.join(args.output_dir, "student")
     on_rank0(check_writable, args.output_dir)
     with run_lock(args.output_dir):
         return _run(args, device, rank, world, student_dir)
 
 
+def resolve_settings(args, teacher, dataset, test_classes, world, num_selected, saved):
+    """Everything a run needs that a flag may leave unset -> Settings; refuses what cannot run."""
+    img_size = teacher.img_size
+    if test_classes > teacher.num_classes:
+        raise InputError(f"the test set at {args.data_cifar} has {test_classes} classes but the teacher "
+                         f"has {teacher.num_classes}")
+    student = args.student or default_student(img_size)
+    teacher_acc, acc_from = resolve_teacher_acc(args, teacher, dataset)
+    epochs, lr_offset, epochs_from = epoch_plan(args, num_selected, img_size, saved)
+    check_trainable(args, num_selected, world)
+    return Settings(teacher, dataset, student, num_selected, epochs, lr_offset, epochs_from, teacher_acc, acc_from,
+                    crop_padding(args, img_size))
+
+
 def _run(args, device, rank, world, student_dir):
     say = print if rank == 0 else (lambda *a, **k: None)
     amp = amp_dtype(args.amp, device)
+    t_start = time.time()
     # everything that can fail on bad input happens before any long work
     teacher = models.teacher_from_args(args, device)
     in_chans, img_size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
-    # resolved: saved in args.json and the checkpoints
-    args.nb_classes, args.mean, args.std = teacher.num_classes, list(mean), list(std)
-    if DATASETS[args.dataset] not in (None, args.nb_classes):
-        say(f"note: --dataset {args.dataset} has {DATASETS[args.dataset]} classes; "
-            f"the teacher has {args.nb_classes}")
-    test = data.load_labeled(args.dataset, args.data_cifar, "val", img_size, in_chans)
-    if len(test.classes) > args.nb_classes:
-        raise InputError(f"the test set at {args.data_cifar} has {len(test.classes)} classes but the teacher "
-                         f"has {args.nb_classes}")
-    args.student = args.student or default_student(img_size)
-    student = models.create(args.student, args.nb_classes)
-    if models.input_spec(student) != (in_chans, img_size):
-        raise InputError(f"--student {args.student} takes {models.input_spec(student)} (channels, size) "
-                         f"but the teacher takes {(in_chans, img_size)}")
-    t_blocks, s_blocks = feature_block_pairs(args, teacher.model, student) if args.attnprobe_dist else ((), ())
-    teacher_acc, acc_source = resolve_teacher_acc(args, teacher)
+    for note in teacher.notes:
+        say(f"note: {note}")
+    dataset = args.dataset or DEFAULT_DATASET
+    if DATASETS[dataset] not in (None, teacher.num_classes):
+        say(f"note: --dataset {dataset} has {DATASETS[dataset]} classes; the teacher has {teacher.num_classes}")
+    test = data.load_labeled(dataset, args.data_cifar, "val", img_size, in_chans)
+    # a selection file is read first: its size sets the epoch count
+    selection = select_data.load_selection(args.selection_file, args, teacher) if args.selection_file else None
+    num_selected = len(selection) if selection is not None else select_data.num_select(args)
     resume = engine.resume_path(args.resume, os.path.join(student_dir, "last.pth"))
     ckpt = engine.load_resume(resume) if resume else None
     if ckpt is not None:
         missing = [k for k in ("model", "noise", "optimizer", "optimizer_noise", "state") if k not in ckpt]
         if missing:
             raise InputError(f"--resume {resume} is not a last.pth of this script (no {', '.join(missing)})")
-    epochs, lr_offset = epoch_plan(args, img_size, ckpt.get("args") if ckpt else None)
-    args.epochs_resolved, args.lr_offset = epochs, lr_offset
+    settings = resolve_settings(args, teacher, dataset, len(test.classes), world, num_selected,
+                                ckpt.get("args") if ckpt else None)
+    epochs, lr_offset = settings.epochs, settings.lr_offset
+    student = models.create(settings.student, teacher.num_classes)
+    if models.input_spec(student) != (in_chans, img_size):
+        raise InputError(f"--student {settings.student} takes {models.input_spec(student)} (channels, size) "
+                         f"but the teacher takes {(in_chans, img_size)}")
+    t_blocks, s_blocks = feature_block_pairs(args, teacher.model, student) if args.attnprobe_dist else ((), ())
+    run_args = settings.record(args)   # args.json, and the args of every checkpoint
     if ckpt is not None:
-        _check_resume(ckpt.get("args", {}), args, ckpt["state"]["epoch"], resume)
-    say(f"git {git_sha() or '?'} | teacher {args.teacher} ({args.nb_classes} classes) | student {args.student} "
-        f"| {world} process(es) on {device} | amp {amp} | noise-adaptation acc {teacher_acc:.4f} from {acc_source}")
-    say(f"normalisation of every image (wild, train, test): mean {args.mean} std {args.std} from {teacher.norm_source}")
+        _check_resume(ckpt.get("args", {}), run_args, ckpt["state"]["epoch"], resume)
+    say(f"git {git_sha() or '?'} | teacher {teacher.name} ({teacher.num_classes} classes) | student {settings.student} "
+        f"| {world} process(es) on {device} | amp {'bf16' if amp is not None else 'off (fp32)'} | noise-adaptation "
+        f"acc {settings.teacher_acc:.4f} from {settings.teacher_acc_from}")
+    say(f"normalisation of every image (wild, train, test): mean {list(mean)} std {list(std)} from {teacher.norm_source}")
 
-    if args.selection_file:   # a rule select_data does not implement: the caller chose the images
-        selection = select_data.load_selection(args.selection_file, args, teacher)
+    if selection is not None:   # a rule select_data does not implement: the caller chose the images
         say(f"selection: {len(selection)} images from {args.selection_file}")
     else:
         selection = select_data.run_selection(args, teacher, device)
     positives = labelled = None
     if args.pos_num > 0:
-        positives, pos_index, labelled = labeled_positives(args, img_size, in_chans, crop_padding(args, img_size))
+        positives, pos_index, labelled = labeled_positives(args, settings.dataset, img_size, in_chans,
+                                                           settings.padding)
         if rank == 0:   # part of this run's training set: recorded in its folder, not in stage 1's
             atomic_torch_save({"positive_index": pos_index},
                               os.path.join(args.output_dir, "labelset_index_dict.pth"))
@@ -544,14 +637,15 @@ def _run(args, device, rank, world, student_dir):
                                        workers=args.workers, device=device)
     hold_batches = engine.TensorBatches(hold_images, hold_pred, batch_size=1024, shuffle=False, drop_last=False)
     n_train = len(train_data)
-    say(f"training on {n_train} images ({len(hold_images)} held out) for {epochs} epochs "
-        + ("(the published formula)" if not args.epochs else "(--epochs)")
-        + f", {len(train_batches)} steps/epoch at global batch {args.batch_size}")
+    batch = engine.rank_batch(n_train, args.batch_size, True)[0] * world
+    say(f"training on {n_train} images ({len(hold_images)} held out) for {epochs} epochs ({settings.epochs_from})"
+        f", {len(train_batches)} steps/epoch at global batch {batch}"
+        + (f" (--batch_size {args.batch_size} clamped to the training images)" if batch < args.batch_size else ""))
 
     # models and optimizers
     torch.manual_seed(args.seed)
-    student = models.create(args.student, args.nb_classes).to(device)
-    noise = NoiseAdaptation(args.nb_classes, teacher_acc).to(device)
+    student = models.create(settings.student, teacher.num_classes).to(device)
+    noise = NoiseAdaptation(teacher.num_classes, settings.teacher_acc).to(device)
     opt_s = torch.optim.AdamW(student.parameters(), lr=args.lr_S, weight_decay=args.weight_decay,
                               **({"fused": True} if on_gpu else {}))
     opt_n = torch.optim.Adam(noise.parameters(), lr=1e-3)
@@ -579,6 +673,7 @@ def _run(args, device, rank, world, student_dir):
             if moved:
                 say(f"fresh start: the previous run's files are kept as {', '.join(moved)}")
         engine.remove_temp_files(student_dir)   # of a save a kill cut off (we hold the lock)
+    on_rank0(_record_selection, args.output_dir, selection, resume)
     class_weights = None
     if args.robust:
         weights = robust_weights(args, selection, teacher, labelled, device, amp)
@@ -601,11 +696,11 @@ def _run(args, device, rank, world, student_dir):
     def loss_fn(images, _labels):   # data-free: no labels
         return engine.distill_losses(teacher_module, train_module, images, class_weights, patchattn)
 
-    augment = engine.Augment(mean, std, crop_padding(args, img_size))
+    augment = engine.Augment(mean, std, settings.padding)
     plain = engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in student.parameters())
     if rank == 0:
-        atomic_write_text(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1, sort_keys=True))
+        atomic_write_text(os.path.join(args.output_dir, "args.json"), json.dumps(run_args, indent=1, sort_keys=True))
 
     for epoch in range(state["epoch"] + 1, epochs):
         lr = engine.lr_at(epoch + lr_offset, args.lr_S, epochs + lr_offset, args.schedule, args.cos)
@@ -628,44 +723,64 @@ def _run(args, device, rank, world, student_dir):
             # log first: a kill before the save leaves a line that the resume drops (trim_log), while a kill
             # between a save and its line would lose the line
             engine.log_line(log_path, record)
-            _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record, last=epoch == epochs - 1)
+            _save(student_dir, student, noise, opt_s, opt_n, state, run_args, epoch, record, last=epoch == epochs - 1)
             say(json.dumps(record))
         barrier()
-    final = _final_summary(args, state)
+    final = _final_summary(state)
     if rank == 0:
         atomic_write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(final, indent=1))
         say("final: " + final["text"])
+        say(f"done in {time.time() - t_start:.1f}s; files in {args.output_dir}")
     return final
 
 
 # settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
-# partial batch); --epochs is checked on its own
+# partial batch); --epochs is checked on its own. teacher_acc_resolved: the noise layer's value comes from the
+# checkpoint; selected_file, selection_file: the images themselves are checked against output_dir/selection.pt
 RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
-                  "eval_only", "epochs", "epochs_resolved", "lr_offset"}
+                  "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved", "selected_file",
+                  "selection_file"}
 
 
-def _check_resume(saved, args, done_epoch, path):
+def _check_resume(saved, run_args, done_epoch, path):
     """Refuse a resume whose settings would change the run; --epochs may extend a step-schedule run."""
-    engine.check_same_settings(saved, args, RESUME_IGNORES, path, "--output_dir")
+    engine.check_same_settings(saved, argparse.Namespace(**run_args), RESUME_IGNORES, path, "--output_dir")
     old = saved.get("epochs_resolved")
-    new = args.epochs_resolved
+    new = run_args["epochs_resolved"]
     if old is None or old == new:
         return
     if new <= done_epoch:
         raise InputError(f"{path} has already trained {done_epoch + 1} epochs; --epochs {new} would end before "
                          "them: pass a larger --epochs, or --resume no to start over")
-    if args.cos:
+    if run_args["cos"]:
         raise InputError(f"{path} is a --cos run of {old} epochs: its learning rate at every epoch depends on the "
                          f"epoch count, so {new} epochs would change the epochs already trained; pass --epochs {old} "
                          "to finish it, or --resume no to start a new run")
 
 
 def _move_old_run(output_dir):
-    """A fresh start keeps the previous run's log, summary, args and student/ beside it, numbered."""
-    paths = [os.path.join(output_dir, name) for name in ("log.txt", "summary.json", "args.json", "student")]
+    """A fresh start keeps the previous run's log, summary, args, selection and student/ beside it, numbered."""
+    paths = [os.path.join(output_dir, name)
+             for name in ("log.txt", "summary.json", "args.json", "student", SELECTION_RECORD)]
     if not any(os.path.exists(p) for p in paths[:2] + paths[3:]):
         return []   # nothing of a run to keep (args.json alone is rewritten)
     return [os.path.basename(p) for p in engine.move_aside(paths)]
+
+
+SELECTION_RECORD = "selection.pt"   # in --output_dir: the images this run trains on (a valid --selection_file)
+
+
+def _record_selection(output_dir, selection, resuming):
+    """Keep the selection in the run folder; a resumed run must train on the same images."""
+    path = os.path.join(output_dir, SELECTION_RECORD)
+    if resuming and os.path.exists(path):
+        old = safe_torch_load(path, "selection record")
+        if not torch.equal(torch.as_tensor(old["indices"]), selection.indices):
+            raise InputError(f"{path}: this run trained on another selection than the one chosen now (the scores in "
+                             "--selected_file changed?); pass --selection_file " + path
+                             + " to continue on its images, or --resume no to start over")
+        return
+    atomic_torch_save(selection.record(), path)
 
 
 def _update_best(state, epoch, record):
@@ -679,11 +794,11 @@ def _update_best(state, epoch, record):
     state["last_acc1"], state["last_acc5"] = record["test_acc1"], record["test_acc5"]
 
 
-def _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record, last=False):
-    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+def _save(student_dir, student, noise, opt_s, opt_n, state, run_args, epoch, record, last=False):
+    plain_args = {k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     student_sd = engine.unwrap(student).state_dict()
     student_file = dict(model=student_sd, epoch=epoch, acc1=record.get("test_acc1"), acc5=record.get("test_acc5"),
-                        mean=args.mean, std=args.std, student=args.student, args=plain_args)
+                        mean=run_args["mean"], std=run_args["std"], student=run_args["student"], args=plain_args)
     if state.pop("new_best", False):   # the published checkpoint: best test accuracy so far
         engine.save_checkpoint(os.path.join(student_dir, "checkpoint.pth"), **student_file)
     if last:                           # the weights to report: the last epoch's
@@ -693,7 +808,7 @@ def _save(student_dir, student, noise, opt_s, opt_n, state, args, epoch, record,
                            state=dict(state), args=plain_args, rng=engine.rng_state())
 
 
-def _final_summary(args, state):
+def _final_summary(state):
     text = (f"final acc1 {state.get('last_acc1', float('nan')):.2f} (epoch {state['epoch']}) | "
             f"best acc1 {state['best_acc1']:.2f} at epoch {state['best_epoch']} (chosen on the test set)")
     if state["acc1_at_best_agree"] is not None:

@@ -23,6 +23,15 @@ from utils import InputError, atomic_torch_save, atomic_write_text, rank_world, 
 # ---- batches ----------------------------------------------------------------------------
 
 
+def rank_batch(n, batch_size, shuffle):
+    """-> (this rank's batch, its images per epoch) for n images and a global batch. Shuffled epochs
+    give every rank n // world images; a batch larger than them is clamped to them (a small selection
+    still trains every epoch)."""
+    rank, world = rank_world()
+    items = n // world if shuffle else math.ceil((n - rank) / world)
+    return min(max(1, batch_size // world), max(1, items)), items
+
+
 class TensorBatches:
     """Epochs over an in-memory uint8 image tensor (K, C, H, W) and optional labels (K,).
 
@@ -34,11 +43,8 @@ class TensorBatches:
         self.images, self.labels = images, labels
         rank, world = rank_world()
         self.rank, self.world = rank, world
-        self.per_rank = max(1, batch_size // world)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        per_rank_items = len(images) // world if shuffle else math.ceil((len(images) - rank) / world)
-        self.per_rank = min(self.per_rank, max(1, per_rank_items))
-        self.items = per_rank_items
+        self.per_rank, self.items = rank_batch(len(images), batch_size, shuffle)
 
     def __len__(self):
         n = self.items
@@ -63,18 +69,21 @@ class LoaderBatches:
     def __init__(self, dataset, batch_size=256, shuffle=True, drop_last=True, seed=0, workers=8, pin=False):
         rank, world = rank_world()
         self.sampler = None
-        if world > 1 or shuffle:
+        if shuffle:
             self.sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        elif world > 1:   # each image once (DistributedSampler would pad with repeats, counted twice in a test)
+            self.sampler = range(rank, len(dataset), world)
+        per_rank, _ = rank_batch(len(dataset), batch_size, shuffle)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=max(1, batch_size // world), sampler=self.sampler, drop_last=drop_last,
+            dataset, batch_size=per_rank, sampler=self.sampler, drop_last=drop_last,
             num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
 
     def __len__(self):
         return len(self.loader)
 
     def epoch(self, epoch):
-        if self.sampler is not None:
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         data.set_epoch(self.loader.dataset, epoch)   # per-epoch draws of datasets that crop themselves
         for batch in self.loader:

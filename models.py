@@ -9,7 +9,7 @@ MLP ratio 4); this module only fixes their sizes. The 224-pixel DeiTs are timm's
 """
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import timm
@@ -93,7 +93,7 @@ def read_checkpoint(path, ema=False):
     {'model_state_dict': sd}, plain state dicts and .safetensors files; strips 'module.'
     (DataParallel) and '_orig_mod.' (torch.compile) prefixes. `ema` picks the EMA weights.
     `meta` holds the plain entries saved beside the weights (e.g. 'acc1', 'mean', 'std', 'arch',
-    'epoch'; a pickled Namespace becomes the dict meta['args']).
+    'epoch'; 'args', a pickled Namespace or a dict, becomes the dict meta['args']).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -112,8 +112,8 @@ def read_checkpoint(path, ema=False):
     for key, ema_key in _WEIGHT_KEYS:
         if isinstance(obj.get(key), dict):
             meta = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool, list, tuple))}
-            if isinstance(obj.get("args"), argparse.Namespace):
-                meta["args"] = vars(obj["args"])
+            if isinstance(obj.get("args"), (argparse.Namespace, dict)):   # DeiT's and timm's; our vars(args)
+                meta["args"] = dict(vars(obj["args"]) if isinstance(obj["args"], argparse.Namespace) else obj["args"])
             if ema:
                 if ema_key is None or not isinstance(obj.get(ema_key), dict) or not obj[ema_key]:
                     raise InputError(f"{path} holds no EMA weights (entries: {', '.join(map(str, obj))}); "
@@ -144,7 +144,7 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     unexpected = [k for k in state_dict if k not in own]
     misshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     problems = []
-    if "head.weight" in misshaped:
+    if "head.weight" in misshaped and state_dict["head.weight"].shape[0] != own["head.weight"].shape[0]:
         problems.append(f"the checkpoint has {state_dict['head.weight'].shape[0]} classes but the model was "
                         f"built with {own['head.weight'].shape[0]} (check --nb_classes)")
     if misshaped:
@@ -178,10 +178,12 @@ class Teacher:
     img_size: int
     mean: tuple               # normalisation of its inputs, one value per channel
     std: tuple
-    accuracy: float = None    # top-1 test accuracy as a fraction, when the file records 'acc1' (percent)
+    accuracy: float = None    # top-1 test accuracy as a fraction, when the file records it
     path: str = None          # the checkpoint file (fingerprints hash it)
     ema: bool = False         # its EMA weights were loaded (--teacher_ema)
     norm_source: str = None   # where mean/std came from, for the run's first lines
+    notes: list = field(default_factory=list)   # flags that differ from the teacher file, for the first lines
+    accuracy_source: str = None  # where `accuracy` came from
 
     @property
     def device(self):
@@ -244,34 +246,100 @@ def _pretrained_file(cfg):
     raise InputError(f"cannot find the weights file of {cfg.get('architecture')} in the local caches")
 
 
+DEFAULT_TEACHER = "deit_base_patch4_32_teacher"   # the published --teacher default
+
+
+def teacher_file_info(meta):
+    """What a teacher file says about itself -> ({'model', 'mean', 'std', 'num_classes', 'accuracy'}, {key: where
+    it says it}); None where it says nothing. Read: 'arch' (ours; timm's train.py writes args.model there),
+    DeiT's args.model, 'mean'/'std' or args.mean/args.std (timm), 'nb_classes' or args.nb_classes /
+    args.num_classes, 'acc1' (%) or timm's 'metric' when its args.eval_metric is top1 (%)."""
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    is_model = lambda v: isinstance(v, str) and bool(timm.list_models(v))   # timm without args writes a class name
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    top1 = meta.get("metric") if args.get("eval_metric", "top1") == "top1" else None
+    candidates = {
+        "model": [("'arch'", meta.get("arch"), is_model), ("args.model", args.get("model"), is_model)],
+        "mean": [("'mean'", meta.get("mean"), None), ("args.mean", args.get("mean"), None)],
+        "std": [("'std'", meta.get("std"), None), ("args.std", args.get("std"), None)],
+        "num_classes": [("'nb_classes'", meta.get("nb_classes"), is_number),
+                        ("args.nb_classes", args.get("nb_classes"), is_number),
+                        ("args.num_classes", args.get("num_classes"), is_number)],
+        "accuracy": [("'acc1'", meta.get("acc1"), is_number), ("'metric' (timm, top1)", top1, is_number)],
+    }
+    info, where = {}, {}
+    for key, options in candidates.items():
+        info[key] = None
+        for label, value, ok in options:
+            if value is not None and (ok is None or ok(value)):
+                info[key], where[key] = value, label
+                break
+    if info["accuracy"] is not None:
+        info["accuracy"] = float(info["accuracy"]) / 100   # both record percent
+    return info, where
+
+
+def _resolve(flag, given, info, where, key, notes, default=None, same=lambda a, b: a == b):
+    """The flag's value when given (noted when the file disagrees), else the file's, else `default`."""
+    in_file = info.get(key)
+    if given is not None:
+        if in_file is not None and not same(given, in_file):
+            notes.append(f"{flag} {given} differs from the teacher file's {where[key]} {in_file}: using {flag}")
+        return given, flag
+    if in_file is not None:
+        return in_file, f"the teacher file ({where[key]})"
+    return default, None
+
+
+def _same_numbers(a, b):
+    try:
+        a = [float(v) for v in (a if isinstance(a, (list, tuple)) else [a])]
+        b = [float(v) for v in (b if isinstance(b, (list, tuple)) else [b])]
+    except (TypeError, ValueError):
+        return False
+    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+
+
 def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img_size=None, ema=False) -> Teacher:
     """A frozen teacher in eval mode from a checkpoint (its EMA weights with ema=True), or from weights timm
     loads itself (is_pretrained(path): the architecture comes with them, `name` is not used).
 
-    num_classes None: read from the checkpoint. mean/std None: the checkpoint's (train_teacher.py saves
-    them; a pretrained model's config), else ImageNet's. img_size, when given, must be the model's input size.
+    Every value the file records is used unless its flag is given (name, mean/std, accuracy; the class
+    count is the head's); a flag that differs from the file is kept and noted in `teacher.notes`.
+    name None: the file's model name, else the published default. mean/std None: the file's (a pretrained
+    model's config), else ImageNet's. img_size, when given, must be the model's input size (--img_size).
     """
+    notes = []
     if is_pretrained(path):
         if ema:
             raise InputError(f"--teacher_ema applies to checkpoint files, not to {path}")
         name = os.fspath(path)
         model, meta, path = load_pretrained(name, num_classes)
-        own = "the model's pretrained config"
+        info, where = teacher_file_info(meta)
     else:
         state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
+        info, where = teacher_file_info(meta)
+        name, _ = _resolve("--teacher", name, info, where, "model", notes, DEFAULT_TEACHER)
+        head = state_dict.get("head.weight")
+        if info["num_classes"] is not None and head is not None and info["num_classes"] != head.shape[0]:
+            notes.append(f"the teacher file's {where['num_classes']} says {info['num_classes']} classes but its "
+                         f"head has {head.shape[0]}: using {head.shape[0]}")
         model = create(name, num_classes or num_classes_of(state_dict, path))
-        load_state_dict_strict(model, state_dict, source=os.fspath(path))
-        own = "the teacher file"
+        try:
+            load_state_dict_strict(model, state_dict, source=os.fspath(path))
+        except InputError as e:
+            if info["model"] is not None and info["model"] != name:
+                raise InputError(f"{e} (the teacher file names model {info['model']}, --teacher is {name})") from None
+            raise
     in_chans, size = input_spec(model)
     if img_size not in (None, size):
         raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
-    source = ("--mean/--std" if mean is not None else own if meta.get("mean") is not None
-              else f"ImageNet's ({own} has none)")
-    mean = mean if mean is not None else meta.get("mean")
-    std = std if std is not None else meta.get("std")
-    accuracy = float(meta["acc1"]) / 100 if "acc1" in meta else None
-    teacher = Teacher.of(model.to(device), name, mean, std, os.fspath(path), accuracy)
-    teacher.ema, teacher.norm_source = ema, source
+    mean, mean_from = _resolve("--mean", mean, info, where, "mean", notes, same=_same_numbers)
+    std, std_from = _resolve("--std", std, info, where, "std", notes, same=_same_numbers)
+    source = " and ".join(dict.fromkeys(s for s in (mean_from, std_from) if s)) or "ImageNet's (the teacher file has none)"
+    teacher = Teacher.of(model.to(device), name, mean, std, os.fspath(path), info["accuracy"])
+    teacher.ema, teacher.norm_source, teacher.notes = ema, source, notes
+    teacher.accuracy_source = f"the teacher file ({where['accuracy']})" if info["accuracy"] is not None else None
     return teacher
 
 

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from utils import InputError, atomic_write_bytes, atomic_write_text, changed_keys, read_fingerprint
+from utils import InputError, atomic_write_bytes, atomic_write_text, changed_keys, cpu_cores, read_fingerprint
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _EXT_SET = frozenset(IMG_EXTENSIONS)
@@ -237,6 +238,28 @@ def _list_tars(paths, root: str) -> PoolIndex:
     return PoolIndex("tar", root, ids, np.asarray(sizes, dtype=np.int64), shards=paths,
                      shard_of=np.asarray(shard_of, dtype=np.int32),
                      offsets=np.asarray(offsets, dtype=np.int64), shard_stats=stats)
+
+
+def expand_braces(path):
+    """A path with brace groups as webdataset writes shard lists, expanded as bash would:
+    'pool-{000000..000002}.tar' -> pool-000000.tar, pool-000001.tar, pool-000002.tar; '{a,b}' -> a, b.
+    A path without braces comes back alone."""
+    match = re.search(r"\{([^{}]*)\}", path)
+    if match is None:
+        return [path]
+    body = match.group(1)
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = int(span.group(1)), int(span.group(2))
+        width = len(span.group(1)) if span.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        parts = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    elif "," in body:
+        parts = body.split(",")
+    else:
+        return [path]   # a literal brace in a file name
+    head, tail = path[:match.start()], path[match.end():]
+    return [out for part in parts for out in expand_braces(head + part + tail)]
 
 
 def list_pool(source) -> PoolIndex:
@@ -574,13 +597,6 @@ def _marker_path(cache_dir, k):
     return os.path.join(cache_dir, "chunks", f"{k:07d}.done")
 
 
-def default_workers():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _mp_context():
     import multiprocessing as mp
     # fork: workers inherit the index (1M+ ids) without pickling it
@@ -592,16 +608,17 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
                 fast_decode: bool = False) -> PoolCache:
     """Decode the pool once into cache_dir (resumable) and return the opened cache.
 
-    A finished cache for the same pool fingerprint/size/in_chans/decoding is reused at once; an
-    unfinished one resumes (chunks with a done marker are not decoded again). A cache for another
-    pool/size/in_chans/decoding raises InputError unless force=True, which rebuilds it.
+    A finished cache for the same pool fingerprint/size/in_chans/decoding is reused at once, force or not
+    (nothing it holds depends on anything else); an unfinished one resumes (chunks with a done marker are
+    not decoded again). A cache for another pool/size/in_chans/decoding raises InputError unless
+    force=True, which rebuilds it.
     workers <= 1 decodes in this process; otherwise a fork pool of `workers` processes."""
     index = list_pool(index)
     cache_dir = os.path.abspath(os.fspath(cache_dir))
     size, in_chans = int(size), int(in_chans)
     if in_chans not in (1, 3) or size <= 0:
         raise ValueError(f"bad cache geometry size={size} in_chans={in_chans}")
-    workers = default_workers() if workers is None else int(workers)
+    workers = cpu_cores() if workers is None else int(workers)
     n = len(index)
     fp = pool_fingerprint(index)
     want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp,
@@ -618,7 +635,7 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
             what = ", ".join(f"{k}: cache has {meta.get(k)!r}, wanted {want[k]!r}" for k in diff)
             raise InputError(f"image cache {cache_dir} was built for something else ({what}); "
                              "use another cache folder or rebuild it (force)")
-        if diff or force:
+        if diff:
             meta = None  # rebuild from scratch
         elif meta.get("complete"):
             return open_cache(cache_dir)

@@ -38,6 +38,7 @@ from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save,
                    read_fingerprint, resolve_device, run_lock, safe_torch_load, system_parser, write_memmap_rows)
 
 SCORE_VERSION = 1
+PUBLISHED_NUM_SELECT = 600000
 
 
 def add_selection_args(parser):
@@ -45,15 +46,18 @@ def add_selection_args(parser):
     g = parser.add_argument_group("selection (stage 1)")
     g.add_argument("--data_imagenet", nargs="+", help="wild pool: a folder of images (any depth), "
                    "a folder of .tar shards, or .tar shard paths")
-    g.add_argument("--teacher", default="deit_base_patch4_32_teacher", help="teacher model name")
+    g.add_argument("--teacher", default=None, help="teacher model name (default: the one the teacher file names, "
+                   f"else {models.DEFAULT_TEACHER})")
     g.add_argument("--teacher_dir", help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
                    "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors; or "
                    "weights timm loads itself: hf-hub:org/name or a pretrained tag (deit_base_patch16_224.fb_in1k)")
     g.add_argument("--teacher_ema", action="store_true",
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
-    g.add_argument("--num_select", type=int, default=600000, help="images to keep (default 600000, as published)")
-    g.add_argument("--selected_file", help="folder for score files and the selection")
+    g.add_argument("--num_select", type=int, default=None,
+                   help=f"images to keep (default {PUBLISHED_NUM_SELECT}, as published)")
+    g.add_argument("--selected_file", help="folder for score files and the selection (read-only is fine when it "
+                   "holds complete scores of this pool and teacher)")
     g.add_argument("--attnprobe_sel", action="store_true",
                    help="add the attention probe to the score (the published flag was inverted; this is not)")
     g.add_argument("--random", action="store_true", help="select uniformly at random (baseline)")
@@ -103,9 +107,9 @@ def check_selection_args(args):
         raise InputError("--data_imagenet (the wild pool) is required")
     if not args.teacher_dir:
         raise InputError("--teacher_dir (the teacher checkpoint) is required")
-    if not args.selected_file:
+    if not args.selected_file and not getattr(args, "selection_file", None):
         raise InputError("--selected_file (folder for scores and the selection) is required")
-    if args.num_select is None or args.num_select <= 0:
+    if args.num_select is not None and args.num_select <= 0:
         raise InputError(f"--num_select must be positive, got {args.num_select}")
     if args.per_class is not None and args.per_class <= 0:
         raise InputError(f"--per_class must be positive, got {args.per_class}")
@@ -113,19 +117,36 @@ def check_selection_args(args):
         raise InputError("--random and --attnprobe_sel exclude each other")
     if args.random and args.rule != "published":
         raise InputError(f"--random and --rule {args.rule} exclude each other")
-    if os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
+    if args.selected_file and os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
         raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
-    for path in args.data_imagenet:
+    for path in pool_paths(args):
         if not os.path.exists(path):
             raise InputError(f"--data_imagenet {path}: no such file or folder")
     if not os.path.isfile(args.teacher_dir) and not models.is_pretrained(args.teacher_dir):
         raise InputError(f"--teacher_dir {args.teacher_dir}: no such file (nor hf-hub:org/name or a timm "
                          "pretrained tag)")
-    check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
+    if args.selected_file and not read_only(args.selected_file):
+        check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
+
+
+def num_select(args):
+    """--num_select, or the published default when it is not given."""
+    return PUBLISHED_NUM_SELECT if args.num_select is None else args.num_select
+
+
+def read_only(folder):
+    """True for an existing folder this process cannot write: usable for its finished scores only."""
+    return os.path.isdir(folder) and not os.access(folder, os.W_OK)
+
+
+def pool_paths(args):
+    """--data_imagenet with brace ranges expanded (pool-{000000..000009}.tar), as a shell would."""
+    return [p for arg in args.data_imagenet for p in pool.expand_braces(arg)]
 
 
 def list_pool(args):
-    return pool.list_pool(args.data_imagenet if len(args.data_imagenet) > 1 else args.data_imagenet[0])
+    paths = pool_paths(args)
+    return pool.list_pool(paths if len(paths) > 1 else paths[0])
 
 
 def score_fingerprint(args, teacher, pool_index):
@@ -157,7 +178,7 @@ def default_cache_dir(args, teacher):
         return None
     if args.cache_dir:
         return args.cache_dir
-    if teacher.img_size <= data.LARGE_INPUT:
+    if teacher.img_size <= data.LARGE_INPUT and args.selected_file:
         fast = "_fast" if args.fast_decode else ""
         return os.path.join(args.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
     return None
@@ -552,12 +573,19 @@ class Selection:
     rule: str                       # how the images were chosen, in words
     value: torch.Tensor = None      # (K,) combined score of each, when a scoring rule chose them
     class_mass: tuple = None        # ((C,) float64, kind) of class_mass(): what class_weights count
+    scores: dict = None             # fingerprint of the scores they were chosen by (score_fingerprint)
+
+    def record(self):
+        """What a run folder keeps of the images it trained on (a valid --selection_file)."""
+        return {"indices": self.indices, "ids": self.ids, "pred": self.pred, "rule": self.rule,
+                **({"value": self.value} if self.value is not None else {}), "scores": self.scores,
+                "pool_size": len(self.pool_index), "pool_root": os.path.abspath(self.pool_index.root)}
 
     @classmethod
-    def of(cls, indices, pred, class_weights, pool_index, cache, rule, value=None, class_mass=None):
+    def of(cls, indices, pred, class_weights, pool_index, cache, rule, value=None, class_mass=None, scores=None):
         """The one way to build a Selection: the ids are read from the pool."""
         return cls(indices, ids_of(pool_index, indices), pred, class_weights, pool_index, cache, rule, value,
-                   class_mass)
+                   class_mass, scores)
 
     def __len__(self):
         return len(self.indices)
@@ -576,35 +604,43 @@ def run_selection(args, teacher, device):
     """
     rank, _ = rank_world()
     pool_index = list_pool(args)
-    if args.num_select > len(pool_index):
-        raise InputError(f"--num_select {args.num_select} is larger than the pool ({pool_index.describe()})")
+    if num_select(args) > len(pool_index):
+        raise InputError(f"--num_select {num_select(args)} is larger than the pool ({pool_index.describe()})")
     if rank == 0:
-        os.makedirs(args.selected_file, exist_ok=True)
         print(f"pool: {pool_index.describe()}")
+    fingerprint = score_fingerprint(args, teacher, pool_index)
     cache = None
-    # two runs writing one --selected_file would mix their chunks: the second is refused
-    with run_lock(args.selected_file, "--selected_file"):
-        fingerprint = score_fingerprint(args, teacher, pool_index)
-        store = signal_store(args)
-        ready = scores_ready(args.selected_file, fingerprint, args.force)
-        if ready and store and not store.complete():
-            if rank == 0:
-                print(f"the score files in {args.selected_file} lack extra signals this run needs: scoring again "
-                      "to store them (the published files come out the same)")
-            ready = False
-        if not ready:
-            cache = open_pool_source(args, teacher, pool_index)
-            score_pool(args, teacher, pool_index, cache, fingerprint, store)
-        chosen = on_rank0(select_from_scores, args, teacher, pool_index)
+    if read_only(args.selected_file):   # finished scores only: nothing is written there, nothing to lock
+        if args.force or not on_rank0(scores_ready, args.selected_file, fingerprint, False):
+            raise InputError(f"--selected_file {args.selected_file} cannot be written and holds no complete scores "
+                             "of this pool and teacher" + (" (--force rescores)" if args.force else "")
+                             + ": choose a writable --selected_file")
+        chosen = on_rank0(select_from_scores, args, teacher, pool_index, write=False)
+    else:
+        if rank == 0:
+            os.makedirs(args.selected_file, exist_ok=True)
+        # two runs writing one --selected_file would mix their chunks: the second is refused
+        with run_lock(args.selected_file, "--selected_file"):
+            store = signal_store(args)
+            ready = scores_ready(args.selected_file, fingerprint, args.force)
+            if ready and store and not store.complete():
+                if rank == 0:
+                    print(f"the score files in {args.selected_file} lack extra signals this run needs: scoring "
+                          "again to store them (the published files come out the same)")
+                ready = False
+            if not ready:
+                cache = open_pool_source(args, teacher, pool_index)
+                score_pool(args, teacher, pool_index, cache, fingerprint, store)
+            chosen = on_rank0(select_from_scores, args, teacher, pool_index)
     if cache is None:
         cache = existing_cache(args, teacher)
     return Selection.of(chosen["indices"], chosen["pred"], chosen["class_weights"], pool_index, cache, chosen["rule"],
-                        chosen["value"], chosen["class_mass"])
+                        chosen["value"], chosen["class_mass"], scores=fingerprint)
 
 
-def select_from_scores(args, teacher, pool_index):
-    """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth.
-    Returns {'indices', 'pred', 'value', 'class_weights', 'class_mass', 'rule'}."""
+def select_from_scores(args, teacher, pool_index, write=True):
+    """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth
+    (unless write=False). Returns {'indices', 'pred', 'value', 'class_weights', 'class_mass', 'rule'}."""
     blocks = sorted(args.probe_blocks)
     out = args.selected_file
     rule_name = getattr(args, "rule", "published")
@@ -623,7 +659,7 @@ def select_from_scores(args, teacher, pool_index):
             value = signals.rule_value(rule_name, scores, usable, blocks)
         except ValueError as e:
             raise InputError(f"--rule {rule_name}: {e} (score files in {out})") from None
-    chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, args.seed)
+    chosen = select_indices(value, usable, num_select(args), pred, args.per_class, args.random, args.seed)
     probs_path = os.path.join(out, "probs_out.npy")
     probs = np.load(probs_path, mmap_mode="r") if os.path.exists(probs_path) else None
     mass = class_mass(probs, pred, chosen, teacher.num_classes)
@@ -639,9 +675,10 @@ def select_from_scores(args, teacher, pool_index):
               "pool_size": n, "pool_root": os.path.abspath(pool_index.root),
               # [(class, kept)] of the classes kept under a tenth of an even share: the collapse warning
               "collapsed_classes": collapsed}
-    atomic_torch_save(record, os.path.join(out, "selection.pt"))
-    atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in record["ids"]))
-    atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
+    if write:
+        atomic_torch_save(record, os.path.join(out, "selection.pt"))
+        atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in record["ids"]))
+        atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
     print_summary(record, value, usable, teacher.num_classes)
     return {"indices": chosen, "pred": record["pred"], "value": record["value"], "class_weights": weights,
             "class_mass": mass, "rule": rule}
@@ -664,17 +701,21 @@ def load_selection(path, args, teacher):
     if int(indices.min()) < 0 or int(indices.max()) >= len(pool_index):
         raise InputError(f"--selection_file {path}: indices must lie in [0, {len(pool_index)}), the pool "
                          f"({pool_index.describe()})")
-    probs_path = os.path.join(args.selected_file, "probs_out.npy")
-    meta_path = os.path.join(args.selected_file, "scores_meta.json")
-    if os.path.exists(probs_path) and not changed_keys(read_fingerprint(meta_path),
-                                                       score_fingerprint(args, teacher, pool_index)):
+    if args.num_select is not None and args.num_select != len(indices):
+        raise InputError(f"--num_select {args.num_select} but --selection_file {path} holds {len(indices)} images: "
+                         "drop --num_select (the file decides)")
+    folder = args.selected_file
+    probs_path = os.path.join(folder, "probs_out.npy") if folder else None
+    if (probs_path and os.path.exists(probs_path)
+            and not changed_keys(read_fingerprint(os.path.join(folder, "scores_meta.json")),
+                                 score_fingerprint(args, teacher, pool_index))):
         mass = class_mass(np.load(probs_path, mmap_mode="r"), None, indices, teacher.num_classes)
     else:
         mass = class_mass(None, pred, torch.arange(len(pred)), teacher.num_classes)
     value = sel.get("value")
     value = torch.as_tensor(value).float() if value is not None else None
     return Selection.of(indices, pred, weights_from_mass(*mass), pool_index, existing_cache(args, teacher),
-                        str(sel.get("rule", f"from {path}")), value, mass)
+                        str(sel.get("rule", f"from {path}")), value, mass, scores=sel.get("scores"))
 
 
 def print_summary(record, value, usable, num_classes):
@@ -700,10 +741,14 @@ def main(args):
         print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
               + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "
               f"std {list(teacher.std)} from {teacher.norm_source}")
+        for note in teacher.notes:
+            print(f"note: {note}")
     t0 = time.time()
     run_selection(args, teacher, device)
     if rank_world()[0] == 0:
-        print(f"done in {time.time() - t0:.1f}s; files in {args.selected_file}")
+        print(f"done in {time.time() - t0:.1f}s; " + (
+            f"{args.selected_file} is read-only: the selection was not written (DFND_DeiT-train.py writes it into "
+            "its --output_dir)" if read_only(args.selected_file) else f"files in {args.selected_file}"))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # CIFAR-10 and CIFAR-100 with ImageNet train as the wild pool (the paper's setting).
 #   bash training.sh                      # both datasets, one GPU
 #   NPROC=4 DATASETS=cifar100 bash training.sh
-# Every path can be set from the environment; defaults follow the published README.
+# Every path can be set from the environment; defaults follow the published README. Relative paths
+# (and the default selected/, output/, teachers/) are taken from the folder you run the script in.
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)   # this clone: its Python files are run, nothing is written into it
 
 root_wild=${root_wild:-/data/imagenet/train}
 root_cifar10=${root_cifar10:-/data/cifar10}
@@ -22,9 +23,10 @@ EXTRA=${EXTRA:-}   # e.g. EXTRA="--compile --epochs 100"
 
 PYTHON=${PYTHON:-python3}
 
-launch() {
-  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
-  else "$PYTHON" "$@"; fi
+launch() {   # launch SCRIPT ARGS...: this clone's SCRIPT, run from the caller's folder
+  local script="$here/$1"; shift
+  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$script" "$@"
+  else "$PYTHON" "$script" "$@"; fi
 }
 
 for dataset in $DATASETS; do

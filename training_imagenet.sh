@@ -4,8 +4,11 @@
 # every image, and the first 129 labeled train images per class (--pos_num 129): NOT data-free.
 # training_tinyimagenet.sh runs this with its own defaults.
 #   NPROC=8 bash training_imagenet.sh
+# Relative paths (and the default selected/, output/, teachers/) are taken from the folder you run it in.
+# TEACHER_ACC (the teacher's top-1 test accuracy, a fraction) sets the noise adaptation when the teacher
+# file records none and the dataset has no published constant (Tiny-ImageNet).
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)   # this clone: its Python files are run, nothing is written into it
 
 DATASET=${DATASET:-imagenet}
 root_wild=${root_wild:-/data/flickr1m}
@@ -26,11 +29,13 @@ MEAN=${MEAN:-"0.4914 0.4822 0.4465"}
 STD=${STD:-"0.2023 0.1994 0.2010"}
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}
+if [ -n "${TEACHER_ACC:-}" ]; then EXTRA="--teacher_acc $TEACHER_ACC $EXTRA"; fi
 PYTHON=${PYTHON:-python3}
 
-launch() {
-  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
-  else "$PYTHON" "$@"; fi
+launch() {   # launch SCRIPT ARGS...: this clone's SCRIPT, run from the caller's folder
+  local script="$here/$1"; shift
+  if [ "$NPROC" -gt 1 ]; then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$script" "$@"
+  else "$PYTHON" "$script" "$@"; fi
 }
 
 launch DFND_DeiT-train.py --dataset "$DATASET" --data_cifar "$root_data" --data_imagenet "$root_wild" \

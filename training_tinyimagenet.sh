@@ -5,7 +5,9 @@
 # an ImageNet teacher; set in training_imagenet.sh), and the first 50 labeled train images per class
 # (--pos_num 50): NOT data-free.
 # Run process_tinyimagenet.py and process_move_file.py on the dataset first.
-#   NPROC=4 bash training_tinyimagenet.sh      (every variable of training_imagenet.sh can be set)
+#   TEACHER_ACC=0.82 NPROC=4 bash training_tinyimagenet.sh   (every variable of training_imagenet.sh can be set;
+#   TEACHER_ACC, your teacher's test accuracy, is needed unless its file records one: the published code has
+#   no noise-adaptation constant for Tiny-ImageNet)
 set -euo pipefail
 export DATASET=tinyimagenet
 export root_data=${root_data:-/data/tiny-imagenet-200}

@@ -97,9 +97,17 @@ def _close_progress_bars():
         pass
 
 
+def _tell_once(line):
+    """Print a closing line to stderr from one process: under torchrun every rank ends the same way
+    (errors found on rank 0 are shared, see on_rank0), so rank 0 speaks for all of them."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+
+
 def cli_main(main):
     """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2;
-    SIGINT/SIGTERM end the run at a safe point (work saved so far is kept) with exit code 130."""
+    SIGINT/SIGTERM end the run at a safe point (work saved so far is kept) with exit code 130.
+    Under torchrun only rank 0 prints the line; every rank exits with the code."""
 
     @functools.wraps(main)
     def wrapper(*a, **kw):
@@ -110,12 +118,11 @@ def cli_main(main):
         try:
             return main(*a, **kw)
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _tell_once(f"error: {e}")
             sys.exit(2)
         except KeyboardInterrupt:
             _close_progress_bars()  # else they redraw at exit, after our message
-            print("interrupted: finished work is saved; run the same command again to continue",
-                  file=sys.stderr)
+            _tell_once("interrupted: finished work is saved; run the same command again to continue")
             sys.exit(130)
         finally:
             _leave_process_group()
@@ -135,6 +142,20 @@ def _leave_process_group():
 
 
 # ---- devices and torchrun ----------------------------------------------------------------
+
+def cpu_cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_workers(limit=8):
+    """Image decoding processes per training process: the machine's cores shared by the processes torchrun
+    starts on it, at most `limit` (the published loaders used 8)."""
+    return max(0, min(limit, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
 
 def resolve_device(name=None):
     """'cuda' when available unless told otherwise; with torchrun, this rank's GPU."""
@@ -202,8 +223,8 @@ def broadcast_object(obj):
 
 def on_rank0(fn, *args, **kwargs):
     """fn(*args, **kwargs) run on rank 0 only; its result is returned on every rank. If it raises,
-    every rank raises: an InputError as the same InputError (one `error:` line and exit 2 from each
-    rank), anything else as itself on rank 0 and a RuntimeError naming it on the others. No rank
+    every rank raises: an InputError as the same InputError (exit 2 on each rank, one `error:` line from
+    rank 0), anything else as itself on rank 0 and a RuntimeError naming it on the others. No rank
     is left waiting for a result that will never come."""
     rank, world = rank_world()
     if world == 1:
@@ -264,8 +285,8 @@ def system_parser():
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = parser.add_argument_group("system")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8,
-                   help="image decoding processes (default 8)")
+    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=default_workers(),
+                   help="image decoding processes (default: this machine's cores per process, at most 8)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
                    help="autocast (auto: bf16 on CUDA; off: fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model passes")

@@ -45,7 +45,7 @@ import select_data
 from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
 from losses import NoiseAdaptation
 from reference import PATCHATTN, PublishedNoise, PublishedScorer, PublishedView, published_step_loss
-from utils import amp_dtype
+from utils import amp_dtype, cpu_cores
 
 TEACHER_ACC = 0.7630            # published CIFAR-100 teacher accuracy (noise adaptation)
 LR_S, WEIGHT_DECAY = 7.5e-4, 0.025
@@ -108,7 +108,7 @@ def resolve_sizes(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    cores = pool.default_workers()
+    cores = cpu_cores()
     args.cores = cores
     if args.cache_workers is None:
         args.cache_workers = cores if full else min(2, cores)

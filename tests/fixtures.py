@@ -205,6 +205,16 @@ def write_teacher(path, name=TEACHER, num_classes=10, seed=0, wrap="model", **me
     return path
 
 
+def small_world(base, pool=24, n_test=16, **teacher_meta):
+    """CIFAR-10 pickles, a 32-px pool and a MICRO teacher file under `base` -> namespace of their paths."""
+    from types import SimpleNamespace
+    w = SimpleNamespace(base=base, cifar=base / "cifar", pool=base / "pool")
+    write_cifar(w.cifar, n_train=2, n_test=n_test)
+    write_pool(w.pool, pool, size=32)
+    w.teacher = write_teacher(base / "micro.pth", name=MICRO, **teacher_meta)
+    return w
+
+
 class _RunsCode:
     """Unpickling this calls open(marker, 'w'): proof that code ran."""
 

@@ -90,14 +90,18 @@ def test_parsers_refuse_abbreviations_and_take_deit_spellings(capsys):
 
 
 def test_defaults_without_flags_are_the_published_ones():
+    import models
     a = distill.get_args_parser().parse_args([])
-    assert a.num_select == 600000 and a.dataset == "cifar10" and a.teacher == "deit_base_patch4_32_teacher"
+    # unset, they resolve to the published values (the teacher file's model name first, when it names one)
+    assert (a.num_select, a.dataset, a.teacher) == (None, None, None)
+    assert select_data.num_select(a) == 600000 and distill.DEFAULT_DATASET == "cifar10"
+    assert models.DEFAULT_TEACHER == "deit_base_patch4_32_teacher"
     assert a.lr_S == 7.5e-4 and a.patchattn == 0.8 and a.schedule == [200, 300]
 
 
 def _lr_plan(args, img_size):
     import engine
-    epochs, offset = distill.epoch_plan(args, img_size)
+    epochs, offset, _ = distill.epoch_plan(args, select_data.num_select(args), img_size)
     return [engine.lr_at(k + offset, args.lr_S, epochs + offset, args.schedule, args.cos) for k in range(epochs)]
 
 
@@ -114,7 +118,7 @@ def test_published_epoch_count_and_schedule():
     assert lrs[0] == pytest.approx(7.5e-4 * 0.5 * (1 + math.cos(math.pi / 252)))
     assert lrs[-1] == pytest.approx(7.5e-4 * 0.5 * (1 + math.cos(math.pi * 251 / 252)))
     # 224 px: int(640000 / num_select * 512) - 1 epochs
-    assert distill.epoch_plan(parse_script("training_imagenet.sh"), 224)[0] == int(640000 / 1_000_000 * 512) - 1
+    assert distill.epoch_plan(parse_script("training_imagenet.sh"), 1_000_000, 224)[0] == int(640000 / 1_000_000 * 512) - 1
     # --epochs N (ignored by the published code): N epochs, lr from lr_S
     n = distill.get_args_parser().parse_args(["--epochs", "5", "--schedule", "2"])
     assert _lr_plan(n, 32) == [7.5e-4, 7.5e-4] + [pytest.approx(7.5e-5)] * 3
