@@ -34,9 +34,9 @@ import models
 import pool
 import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
-from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
-                   check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world, resolve_device,
-                   run_lock, safe_torch_load)
+from utils import (InputError, OutOfSpace, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text,
+                   check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world, reserve_space,
+                   resolve_device, run_lock, safe_torch_load, writing)
 
 SCORE_VERSION = 1
 
@@ -172,10 +172,9 @@ def open_pool_source(args, teacher, pool_index):
     cache_dir = default_cache_dir(args, teacher)
     if cache_dir is None:
         return None
-    if rank_world()[0] == 0:
-        pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=args.workers,
-                         force=args.force, fast_decode=args.fast_decode)
-    barrier()
+    # built by rank 0; its failure (a full disk) ends every rank
+    on_rank0(lambda: pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=args.workers,
+                                      force=args.force, fast_decode=args.fast_decode) and None)
     return pool.open_cache(cache_dir)
 
 
@@ -254,24 +253,8 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
     feat_path = os.path.join(out_dir, PRELOGITS_FILE)
-    if rank == 0:
-        os.makedirs(chunks_dir, exist_ok=True)
-        progress = os.path.join(chunks_dir, "fingerprint.json")
-        if os.path.exists(progress) and json.load(open(progress)) != fingerprint:
-            shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
-            os.makedirs(chunks_dir)
-        if not os.path.exists(progress):
-            meta_path = os.path.join(out_dir, "scores_meta.json")
-            if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
-                os.unlink(meta_path)
-            np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
-            np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16,
-                                      shape=(n, teacher_feature_dim(teacher.model))).flush()
-            atomic_write_text(progress, json.dumps(fingerprint))
-        for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
-            if name.startswith(".tmp-"):
-                os.unlink(os.path.join(chunks_dir, name))
-    barrier()
+    on_rank0(_start_scoring, out_dir, chunks_dir, fingerprint, {probs_path: (n, c),
+                                                                feat_path: (n, teacher_feature_dim(teacher.model))})
     # compile the scorer, not the teacher: probe_forward calls the teacher's submodules one by
     # one, so a compiled module's own forward would never run
     score_fn = torch.compile(score_images, dynamic=False) if args.compile else score_images
@@ -304,15 +287,48 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
             bar.update(len(idx) * world)
         part = {key: torch.cat(v) if v else torch.empty(0) for key, v in part.items()}
         gathered = all_gather_objects((part, reasons))
-        if rank == 0:
-            _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path)
-        barrier()
+        on_rank0(_store_chunk, gathered, chunks_dir, probs_path, k, n, c, feat_path)
     bar.close()
-    if rank == 0:
-        _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device)
-        atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
-        shutil.rmtree(chunks_dir)
-    barrier()
+    on_rank0(_finish_scoring, chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device, fingerprint)
+
+
+def _start_scoring(out_dir, chunks_dir, fingerprint, arrays):
+    """Rank 0: the chunk folder of this fingerprint (another one's is dropped), and the fp16 arrays
+    {path: shape} that chunks are written into, their disk space reserved."""
+    os.makedirs(chunks_dir, exist_ok=True)
+    progress = os.path.join(chunks_dir, "fingerprint.json")
+    if os.path.exists(progress) and json.load(open(progress)) != fingerprint:
+        shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
+        os.makedirs(chunks_dir)
+    fresh = not os.path.exists(progress)
+    if fresh:
+        meta_path = os.path.join(out_dir, "scores_meta.json")
+        if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
+            os.unlink(meta_path)
+    try:
+        for path, shape in arrays.items():
+            if fresh:
+                with writing(path):
+                    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape).flush()
+            # written through memory maps: space not reserved now would be a SIGBUS later
+            reserve_space(path, os.path.getsize(path), os.path.basename(path),
+                          "free space there or choose another --selected_file")
+    except OutOfSpace:
+        for path in arrays if fresh else ():   # no array of zeros left to be taken for scores
+            if os.path.exists(path):
+                os.unlink(path)
+        raise
+    if fresh:
+        atomic_write_text(progress, json.dumps(fingerprint))
+    for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(chunks_dir, name))
+
+
+def _finish_scoring(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device, fingerprint):
+    _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device)
+    atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
+    shutil.rmtree(chunks_dir)
 
 
 def teacher_feature_dim(model):
@@ -330,13 +346,21 @@ def _write_rows(path, index, rows):
     del memmap
 
 
+def _in_pool_order(tensors, order):
+    """The ranks' rows joined in pool order. One process's rows are in order already: no copies, which
+    for probs are chunk_size x classes x 2 bytes each (131 MB at 65,536 x 1,000)."""
+    if len(tensors) == 1 and bool((order[1:] > order[:-1]).all()):
+        return tensors[0]
+    return torch.cat(tensors)[order]
+
+
 def _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path=None):
     parts = [p for p, _ in gathered]
     reasons = {i: r for _, rs in gathered for i, r in rs.items()}
     index = torch.cat([p["index"] for p in parts])
     order = index.argsort()
     keys = dict.fromkeys(key for p in parts for key in p)   # a rank without images has only the fixed keys
-    merged = {key: torch.cat([p[key] for p in parts if key in p])[order] for key in keys}
+    merged = {key: _in_pool_order([p[key] for p in parts if key in p], order) for key in keys}
     ok = merged["ok"].bool()
     probs = merged.pop("probs")
     feats = merged.pop("prelogits", None)
@@ -513,12 +537,16 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
     return order[keep]                                                          # still best first
 
 
+PROBS_BLOCK = 1 << 22   # values of probs_out read at a time: 32 MB as float64, whatever the class count
+
+
 def class_weights_from_probs(probs, selected, num_classes):
     """1 / (teacher softmax summed per class over the selection), rescaled to sum to num_classes."""
     totals = torch.zeros(num_classes, dtype=torch.float64)
     sel = np.sort(selected.numpy())
-    for start in range(0, len(sel), 65536):
-        totals += torch.from_numpy(np.asarray(probs[sel[start:start + 65536]], dtype=np.float64)).sum(0)
+    rows = max(1, PROBS_BLOCK // num_classes)   # (rows, C) float64 blocks of the memory-mapped (N, C) array
+    for start in range(0, len(sel), rows):
+        totals += torch.from_numpy(np.asarray(probs[sel[start:start + rows]], dtype=np.float64)).sum(0)
     weights = 1.0 / totals.clamp_min(1e-12)
     return (weights / weights.sum() * num_classes).float()
 
