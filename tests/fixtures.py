@@ -262,6 +262,38 @@ def start_script(script, *args, env=None, stdout=None, stderr=None):
                             env={**os.environ, **CHILD_ENV, **(env or {})})
 
 
+def run_ranks(script, args, out_dir, world=2, timeout=180):
+    """Run a CLI as `world` gloo processes with the environment torchrun gives each (CPU) -> (exit codes,
+    stderr texts). Fails the test when a rank is still running `timeout` s later (a rank left waiting)."""
+    import pytest
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, files = [], []
+    for rank in range(world):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        files += [open(os.path.join(out_dir, f"out{rank}.txt"), "w"), open(os.path.join(out_dir, f"err{rank}.txt"), "w")]
+        procs.append(start_script(script, *args, env=env, stdout=files[-2], stderr=files[-1]))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still waiting {timeout} s after the error")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+    errs = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"err{rank}.txt")) as f:
+            errs.append(f.read())
+    return codes, errs
+
+
 def run_script_inprocess(script, *args):
     """Run a CLI in this process exactly as `python script args` would (argparse, __main__ block,
     cli_main) and return its exit code: 0 when main returns, else SystemExit's code. Exceptions
