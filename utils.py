@@ -420,4 +420,6 @@ def check_writable(folder, flag="--output_dir"):
             f.write("ok")
         os.unlink(probe)
     except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise OutOfSpace(f"{flag} {folder}: {e.strerror}; free space there or choose another {flag}") from None
         raise InputError(f"{flag} {folder} cannot be written: {e.strerror or e}") from None

@@ -378,3 +378,11 @@ def test_disk_full_on_rank0_ends_every_rank(scored, small_disk, tmp_path):
     assert codes == [1, 1], errs
     assert all("Traceback" not in e for e in errs)
     assert error_lines(errs[0])[-1].startswith(f"error: not enough space in {disk / 'cache'} for the image cache")
+
+
+def test_full_output_folder_at_start_is_out_of_space_not_bad_input(small_disk):
+    disk = small_disk("full", "4k")
+    fill(disk)
+    with pytest.raises(utils.OutOfSpace, match=f"--output_dir {disk}/run: No space left on device; free space "
+                                               "there or choose another --output_dir"):
+        utils.check_writable(str(disk / "run"))
