@@ -28,24 +28,30 @@ CHILD_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 def register_test_models():
     """Register MICRO with timm (32x32 RGB, patch 8, dim 32, depth 12, 2 heads). Child processes
     started by the CLIs do not see it: use TEACHER/STUDENT there."""
+    register_micro_vit(MICRO, depth=12)
+
+
+def register_micro_vit(name, depth):
+    """Register `name` with timm: a ViT on 32x32 RGB, patch 8, dim 32, 2 heads, `depth` blocks."""
     import timm
     from functools import partial
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
     import data
     import models  # noqa: F401  (registers the paper's names)
-    if timm.list_models(MICRO):
+    if timm.list_models(name):
         return
 
-    def test_micro_patch8_32(pretrained=False, **kwargs):
+    def build(pretrained=False, **kwargs):
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
             kwargs.pop(key, None)
-        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4,
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=4,
                                   qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
         model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD,
                                     num_classes=model.num_classes)
         return model
-    register_model(test_micro_patch8_32)
+    build.__name__ = build.__qualname__ = name   # timm registers a model under its function's name
+    register_model(build)
 
 
 # ---- images -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
 def write_pool(folder, n, shard=16384):
@@ -53,22 +53,8 @@ TEACHER = "score_memory_vit"
 
 
 def register_teacher():
-    import torch
-    from functools import partial
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-    import data
-    import models  # noqa: F401  (registers the paper's names first)
-
-    def score_memory_vit(pretrained=False, **kwargs):
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
-            kwargs.pop(key, None)
-        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4,
-                                  qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
-        model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD,
-                                    num_classes=model.num_classes)
-        return model
-    register_model(score_memory_vit)
+    import fixtures
+    fixtures.register_micro_vit(TEACHER, depth=2)
 
 
 def child(argv):
