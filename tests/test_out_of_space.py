@@ -386,3 +386,20 @@ def test_full_output_folder_at_start_is_out_of_space_not_bad_input(small_disk):
     with pytest.raises(utils.OutOfSpace, match=f"--output_dir {disk}/run: No space left on device; free space "
                                                "there or choose another --output_dir"):
         utils.check_writable(str(disk / "run"))
+
+
+def test_sigterm_during_a_checkpoint_write_acts_after_it(tmp_path):
+    """engine.commit_epoch's guard: SIGTERM inside it is held until the checkpoint and the log line are
+    both written, then stops the run as cli_main's handler does."""
+    saved = signal.signal(signal.SIGTERM, utils._raise_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            def save():
+                os.kill(os.getpid(), signal.SIGTERM)
+                utils.atomic_torch_save({"epoch": 0}, tmp_path / "last.pth")
+            engine.commit_epoch(tmp_path / "log.txt", {"epoch": 0}, save)
+        assert torch.load(tmp_path / "last.pth", weights_only=True) == {"epoch": 0}
+        assert [json.loads(r) for r in open(tmp_path / "log.txt")] == [{"epoch": 0}]
+        assert signal.getsignal(signal.SIGTERM) is utils._raise_interrupt
+    finally:
+        signal.signal(signal.SIGTERM, saved)
