@@ -215,38 +215,28 @@ def get_teacher(cfg, fm, classes, out, device, reuse, seed):
 # ------------------------------------------------------------------------------------------ scoring
 
 def score_pool(cfg, teacher_info, pool_dir, num_select, device):
-    """Score the pool with one seed's teacher through select_data (probe + confidence), then one extra pass
-    for the energy. Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
+    """Score the pool with one seed's teacher through select_data (probe + confidence, and the extra signals
+    for the energy rule). Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
+    import models
     import pool as pool_mod
     import select_data
-    from utils import amp_dtype
     scores_dir = os.path.join(pool_dir, f"scores_seed{teacher_info['seed']}")
     shutil.rmtree(scores_dir, ignore_errors=True)     # never resume another run's scores
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
             "--teacher_dir", teacher_info["checkpoint"], "--num_select", str(num_select),
             "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type),
             # inside pool/: rebuilt with the pool, so never a stale cache of another pool
-            "--cache_dir", os.path.join(pool_dir, "pool", "cache")]
+            "--cache_dir", os.path.join(pool_dir, "pool", "cache"), "--store_signals"]
     sargs = select_data.get_args_parser().parse_args(argv)
-    t = select_data.load_teacher(sargs, device)
+    t = models.teacher_from_args(sargs, device)
     teacher, mean, std = t.model, t.mean, t.std
-    amp = amp_dtype("auto", device)
     with quiet(os.path.join(pool_dir, "scoring.log")):
         select_data.run_selection(sargs, t, device)
     cache_dir = select_data.default_cache_dir(sargs, t)
     cache = pool_mod.open_cache(cache_dir)
-    # energy = -logsumexp(logits): probs_out.npy holds softmax only, so a second (cheap) pass
-    energy = torch.empty(cache.n)
-    with torch.no_grad():
-        for a in range(0, cache.n, 1024):
-            x = data.normalize(cache.batch(np.arange(a, min(cache.n, a + 1024))).to(device), mean, std)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = teacher(x).float()
-            energy[a:a + len(x)] = -torch.logsumexp(logits, dim=1).cpu()
-    energy[torch.from_numpy(~cache.ok)] = float("inf")
-    torch.save(energy, os.path.join(scores_dir, "energy.pth"))
     scores = select_data.load_scores(scores_dir, sargs.probe_blocks)
-    scores["energy"] = energy
+    energy = select_data.load_signals(scores_dir, ["energy"])["energy"]
+    scores["energy"] = energy.nan_to_num(nan=float("inf"))     # skipped images: never kept
     return dict(scores_dir=scores_dir, cache_dir=cache_dir, scores=scores, teacher=teacher, mean=mean, std=std,
                 blocks=sorted(sargs.probe_blocks), attnlier=sargs.attnlier, outlier=sargs.outlier, cache=cache)
 
@@ -261,8 +251,9 @@ def rule_value(rule, sc, relevant):
         return select_data.combined_value(s, False)
     if rule.startswith("probe"):
         return select_data.combined_value(s, True, sc["attnlier"], sc["outlier"], sc["blocks"])
-    if rule == "energy":
-        return s["energy"].double()
+    if rule == "energy":        # signals.RULES' energy rule, on the stored signal
+        import signals
+        return signals.rule_value("energy", s, torch.isfinite(s["energy"]))
     if rule == "oracle":
         return torch.from_numpy(~relevant).double()     # in-domain first: exactly the in-domain images
     raise ValueError(rule)

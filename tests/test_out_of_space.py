@@ -191,7 +191,7 @@ def test_score_arrays_without_room_are_refused_before_scoring(scored, small_disk
     """probs_out.npy and prelogits_out.npy are written through memory maps: reserved before the first
     image is scored, else the first page the disk cannot back is a SIGBUS."""
     sel = small_disk("sel", "16k")
-    code, _, err = run(S, select_flags(scored, sel, **{"--no_cache": True}), capsys)
+    code, _, err = run(S, select_flags(scored, sel, **{"--no_cache": True, "--store_signals": True}), capsys)
     assert code == 1
     assert error_lines(err)[-1].startswith(f"error: not enough space in {sel} for ")
     assert "choose another --selected_file" in err
