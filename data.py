@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import pool
-from utils import InputError
+from utils import InputError, writing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
@@ -533,7 +533,7 @@ def _write_atomic(path, data):
     # one per file, ~0.7 ms, i.e. most of the time for 70k tiny PNGs).
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

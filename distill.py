@@ -31,7 +31,7 @@ import select_data
 from attention_probe import FEATURE_BLOCKS
 from data import DATASETS, LARGE_INPUT
 from losses import NoiseAdaptation
-from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
+from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, check_writable,
                    init_distributed, on_rank0, rank_world, resolve_device, run_lock, safe_torch_load,
                    system_parser)
 
@@ -623,9 +623,9 @@ def _run(args, device, rank, world, student_dir):
     if args.pos_num > 0:
         positives, pos_index, labelled = labeled_positives(args, settings.dataset, img_size, in_chans,
                                                            settings.padding)
-        if rank == 0:   # part of this run's training set: recorded in its folder, not in stage 1's
-            atomic_torch_save({"positive_index": pos_index},
-                              os.path.join(args.output_dir, "labelset_index_dict.pth"))
+        # part of this run's training set: recorded in its folder, not in stage 1's
+        on_rank0(atomic_torch_save, {"positive_index": pos_index},
+                 os.path.join(args.output_dir, "labelset_index_dict.pth"))
         say(f"NOT DATA-FREE: adding {len(pos_index)} labeled train images ({args.pos_num} per class)")
     train_data, (hold_images, hold_pred) = training_images(args, selection, teacher, positives)
     on_gpu = device.type == "cuda"
@@ -651,6 +651,7 @@ def _run(args, device, rank, world, student_dir):
     opt_n = torch.optim.Adam(noise.parameters(), lr=1e-3)
     state = {"epoch": -1, "best_acc1": -1.0, "best_epoch": -1, "best_agree": -1.0, "acc1_at_best_agree": None,
              "best_agree_epoch": -1}
+    resumed_record = None
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         noise.load_state_dict(ckpt["noise"])
@@ -659,20 +660,14 @@ def _run(args, device, rank, world, student_dir):
         state.update(ckpt["state"])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
+        resumed_record = ckpt.get("record")
         say(f"resumed from {resume} after epoch {state['epoch']}"
             + (f"; extended from {ckpt['args']['epochs_resolved']} to {epochs} epochs (the learning rates of "
                "the epochs already trained are unchanged)" if ckpt["args"].get("epochs_resolved", epochs) < epochs
                else ""))
         del ckpt
     log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:
-        if resume:
-            engine.trim_log(log_path, state["epoch"])
-        else:
-            moved = _move_old_run(args.output_dir)
-            if moved:
-                say(f"fresh start: the previous run's files are kept as {', '.join(moved)}")
-        engine.remove_temp_files(student_dir)   # of a save a kill cut off (we hold the lock)
+    on_rank0(_prepare_folder, args.output_dir, resume, state["epoch"], resumed_record)
     on_rank0(_record_selection, args.output_dir, selection, resume)
     class_weights = None
     if args.robust:
@@ -699,8 +694,8 @@ def _run(args, device, rank, world, student_dir):
     augment = engine.Augment(mean, std, settings.padding)
     plain = engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in student.parameters())
-    if rank == 0:
-        atomic_write_text(os.path.join(args.output_dir, "args.json"), json.dumps(run_args, indent=1, sort_keys=True))
+    on_rank0(atomic_write_text, os.path.join(args.output_dir, "args.json"),
+             json.dumps(run_args, indent=1, sort_keys=True))
 
     for epoch in range(state["epoch"] + 1, epochs):
         lr = engine.lr_at(epoch + lr_offset, args.lr_S, epochs + lr_offset, args.schedule, args.cos)
@@ -719,18 +714,13 @@ def _run(args, device, rank, world, student_dir):
             _update_best(state, epoch, record)
         record.update(epoch=epoch, n_parameters=n_parameters, epoch_seconds=time.time() - t0)
         state["epoch"] = epoch
-        if rank == 0:
-            # log first: a kill before the save leaves a line that the resume drops (trim_log), while a kill
-            # between a save and its line would lose the line
-            engine.log_line(log_path, record)
-            _save(student_dir, student, noise, opt_s, opt_n, state, run_args, epoch, record, last=epoch == epochs - 1)
-            say(json.dumps(record))
-        barrier()
+        engine.commit_epoch(log_path, record, lambda: _save(student_dir, student, noise, opt_s, opt_n, state, run_args,
+                                                             epoch, record, last=epoch == epochs - 1))
+        say(json.dumps(record))
     final = _final_summary(state)
-    if rank == 0:
-        atomic_write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(final, indent=1))
-        say("final: " + final["text"])
-        say(f"done in {time.time() - t_start:.1f}s; files in {args.output_dir}")
+    on_rank0(atomic_write_text, os.path.join(args.output_dir, "summary.json"), json.dumps(final, indent=1))
+    say("final: " + final["text"])
+    say(f"done in {time.time() - t_start:.1f}s; files in {args.output_dir}")
     return final
 
 
@@ -756,6 +746,18 @@ def _check_resume(saved, run_args, done_epoch, path):
         raise InputError(f"{path} is a --cos run of {old} epochs: its learning rate at every epoch depends on the "
                          f"epoch count, so {new} epochs would change the epochs already trained; pass --epochs {old} "
                          "to finish it, or --resume no to start a new run")
+
+
+def _prepare_folder(output_dir, resume, resumed_epoch, resumed_record):
+    """Rank 0, before the first epoch: the log of a resumed run trimmed to its checkpoint, or a fresh
+    start's previous files kept aside; temp files of a save a kill cut off removed (we hold the lock)."""
+    if resume:
+        engine.trim_log(os.path.join(output_dir, "log.txt"), resumed_epoch, resumed_record)
+    else:
+        moved = _move_old_run(output_dir)
+        if moved:
+            print(f"fresh start: the previous run's files are kept as {', '.join(moved)}")
+    engine.remove_temp_files(os.path.join(output_dir, "student"))
 
 
 def _move_old_run(output_dir):
@@ -805,7 +807,7 @@ def _save(student_dir, student, noise, opt_s, opt_n, state, run_args, epoch, rec
         engine.save_checkpoint(os.path.join(student_dir, "final.pth"), **student_file)
     engine.save_checkpoint(os.path.join(student_dir, "last.pth"), model=student_sd, noise=noise.state_dict(),
                            optimizer=opt_s.state_dict(), optimizer_noise=opt_n.state_dict(), epoch=epoch,
-                           state=dict(state), args=plain_args, rng=engine.rng_state())
+                           state=dict(state), args=plain_args, rng=engine.rng_state(), record=record)
 
 
 def _final_summary(state):

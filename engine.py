@@ -18,7 +18,8 @@ from tqdm import tqdm
 import data
 from attention_probe import probe_forward
 from losses import kdloss, patch_attention_probe_loss, robust_kdloss
-from utils import InputError, atomic_torch_save, atomic_write_text, rank_world, safe_torch_load
+from utils import (InputError, atomic_torch_save, atomic_write_text, on_rank0, rank_world, safe_torch_load,
+                   signals_deferred, writing)
 
 # ---- batches ----------------------------------------------------------------------------
 
@@ -301,8 +302,27 @@ def unwrap(module):
 
 
 def log_line(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON line; a write cut short (full disk) is taken back, so no torn line stays."""
+    with writing(path), open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError:
+            f.truncate(size)
+            raise
+
+
+def commit_epoch(log_path, record, save):
+    """End an epoch: save() its checkpoint, which must hold `record` (the resume restores a line a
+    failure cut off), then log the line; so the log never holds an epoch that no checkpoint backs.
+    SIGINT/SIGTERM wait until both are written. Runs on rank 0; under torchrun every rank raises
+    rank 0's failure (a full disk: OutOfSpace on each)."""
+    def commit():
+        with signals_deferred():
+            save()
+            log_line(log_path, record)
+    on_rank0(commit)
 
 
 def resume_path(flag, last_path):
@@ -345,13 +365,14 @@ def move_aside(paths):
     return [numbered(p, n) for p in present]
 
 
-def trim_log(path, resumed_epoch):
-    """A resumed run's JSON-lines log keeps exactly the lines of epochs <= resumed_epoch: a killed run may
-    have logged an epoch it did not save, and a kill may have torn a line."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
+def trim_log(path, resumed_epoch, record=None):
+    """A resumed run's JSON-lines log keeps exactly the lines of epochs <= resumed_epoch (a kill may have
+    torn a line); `record`, the resumed checkpoint's own line, is appended when a failure after its
+    save cut it off."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
     keep = []
     for line in lines:
         try:
@@ -360,7 +381,11 @@ def trim_log(path, resumed_epoch):
             continue   # torn by a kill
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
             keep.append(line if line.endswith("\n") else line + "\n")
-    if len(keep) != len(lines):
+    logged = {json.loads(line)["epoch"] for line in keep}
+    if record is not None and resumed_epoch not in logged and (resumed_epoch - 1 in logged or (
+            resumed_epoch == 0 and os.path.exists(path))):   # not into the log of another run folder
+        keep.append(json.dumps(record) + "\n")
+    if keep != lines:
         atomic_write_text(path, "".join(keep))
 
 

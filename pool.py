@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from utils import InputError, atomic_write_bytes, atomic_write_text, changed_keys, cpu_cores, read_fingerprint
+from utils import (InputError, OutOfSpace, atomic_write_bytes, atomic_write_text, changed_keys, cpu_cores,
+                   read_fingerprint, reserve_space)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _EXT_SET = frozenset(IMG_EXTENSIONS)
@@ -603,6 +604,12 @@ def _mp_context():
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
 
 
+def _reserve_cache(img_path, nbytes):
+    # written through memory maps: space not reserved now would end the build with SIGBUS
+    reserve_space(img_path, nbytes, "the image cache", "free space there, put the cache on a larger disk "
+                  "with --cache_dir DIR, or decode the images on the fly with --no_cache")
+
+
 def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=None,
                 chunk_size: int = 4096, progress: bool = True, force: bool = False,
                 fast_decode: bool = False) -> PoolCache:
@@ -650,8 +657,18 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
         os.makedirs(chunk_dir, exist_ok=True)
         with open(img_path, "wb") as f:
             f.truncate(nbytes)
+        try:
+            _reserve_cache(img_path, nbytes)
+        except OutOfSpace:   # nothing of a cache left behind
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+            os.unlink(img_path)
+            with contextlib.suppress(OSError):
+                os.rmdir(cache_dir)
+            raise
         meta = dict(want, chunk_size=int(chunk_size), complete=False)
         atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    else:
+        _reserve_cache(img_path, nbytes)
     os.makedirs(chunk_dir, exist_ok=True)
     chunk_size = int(meta["chunk_size"])  # a resumed build keeps its original chunking
     n_chunks = (n + chunk_size - 1) // chunk_size

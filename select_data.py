@@ -33,9 +33,10 @@ import models
 import pool
 import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
-from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
+from utils import (InputError, OutOfSpace, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text,
                    changed_keys, check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world,
-                   read_fingerprint, resolve_device, run_lock, safe_torch_load, system_parser, write_memmap_rows)
+                   read_fingerprint, reserve_space, resolve_device, run_lock, safe_torch_load, system_parser,
+                   write_memmap_rows, writing)
 
 SCORE_VERSION = 1
 PUBLISHED_NUM_SELECT = 600000
@@ -189,10 +190,9 @@ def open_pool_source(args, teacher, pool_index):
     cache_dir = default_cache_dir(args, teacher)
     if cache_dir is None:
         return None
-    if rank_world()[0] == 0:
-        pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=args.workers,
-                         force=args.force, fast_decode=args.fast_decode)
-    barrier()
+    # built by rank 0; its failure (a full disk) ends every rank
+    on_rank0(lambda: pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=args.workers,
+                                      force=args.force, fast_decode=args.fast_decode) and None)
     return pool.open_cache(cache_dir)
 
 
@@ -269,25 +269,7 @@ def score_pool(args, teacher, pool_index, cache, fingerprint, store=None):
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
     fingerprint = {**fingerprint, **(store.fingerprint() if store else {})}
-    if rank == 0:
-        os.makedirs(chunks_dir, exist_ok=True)
-        progress = os.path.join(chunks_dir, "fingerprint.json")
-        if os.path.exists(progress) and changed_keys(read_fingerprint(progress), fingerprint):
-            shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
-            os.makedirs(chunks_dir)
-        if not os.path.exists(progress):
-            meta_path = os.path.join(out_dir, "scores_meta.json")
-            if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
-                os.unlink(meta_path)
-            signals.remove_stored(out_dir)  # and the signals of the old scores
-            np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
-            if store:
-                store.create(n, teacher.model)
-            atomic_write_text(progress, json.dumps(fingerprint))
-        for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
-            if name.startswith(".tmp-"):
-                os.unlink(os.path.join(chunks_dir, name))
-    barrier()
+    on_rank0(_start_scoring, out_dir, chunks_dir, fingerprint, (n, c), store, teacher.model)
     # compile the scorer, not the teacher: probe_forward calls the teacher's submodules one by
     # one, so a compiled module's own forward would never run
     score_fn = torch.compile(score_images, dynamic=False) if args.compile else score_images
@@ -318,18 +300,63 @@ def score_pool(args, teacher, pool_index, cache, fingerprint, store=None):
             bar.update(len(idx) * world)
         part = {key: torch.cat(v) if v else torch.empty(0) for key, v in part.items()}
         gathered = all_gather_objects((part, reasons))
-        if rank == 0:
-            _store_chunk(gathered, chunks_dir, probs_path, k, store)
-        barrier()
+        on_rank0(_store_chunk, gathered, chunks_dir, probs_path, k, store)
     bar.close()
-    if rank == 0:
-        _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store, device)
-        atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
-        shutil.rmtree(chunks_dir)
-    barrier()
+    on_rank0(_finish_scoring, chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store, device, fingerprint)
+
+
+def _start_scoring(out_dir, chunks_dir, fingerprint, probs_shape, store, model):
+    """Rank 0: the chunk folder of this fingerprint (another one's is dropped), and the fp16 arrays that
+    chunks are written into (probs_out.npy, and the store's pre-logits), their disk space reserved."""
+    os.makedirs(chunks_dir, exist_ok=True)
+    progress = os.path.join(chunks_dir, "fingerprint.json")
+    if os.path.exists(progress) and changed_keys(read_fingerprint(progress), fingerprint):
+        shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
+        os.makedirs(chunks_dir)
+    fresh = not os.path.exists(progress)
+    probs_path = os.path.join(out_dir, "probs_out.npy")
+    arrays = [probs_path] + ([store.feat_path] if store else [])
+    try:
+        if fresh:
+            meta_path = os.path.join(out_dir, "scores_meta.json")
+            if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
+                os.unlink(meta_path)
+            signals.remove_stored(out_dir)  # and the signals of the old scores
+            with writing(probs_path):
+                np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=probs_shape).flush()
+            if store:
+                with writing(store.feat_path):
+                    store.create(probs_shape[0], model)
+        for path in arrays:   # written through memory maps: space not reserved now would be a SIGBUS later
+            reserve_space(path, os.path.getsize(path), os.path.basename(path),
+                          "free space there or choose another --selected_file")
+    except OutOfSpace:
+        for path in arrays if fresh else ():   # no array of zeros left to be taken for scores
+            if os.path.exists(path):
+                os.unlink(path)
+        raise
+    if fresh:
+        atomic_write_text(progress, json.dumps(fingerprint))
+    for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(chunks_dir, name))
+
+
+def _finish_scoring(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store, device, fingerprint):
+    _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store, device)
+    atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
+    shutil.rmtree(chunks_dir)
 
 
 HALF_KEYS = ("probs", signals.PRELOGITS)   # (B, C) rows of a memmap, stored in fp16
+
+
+def _in_pool_order(tensors, order):
+    """The ranks' rows joined in pool order. One process's rows are in order already: no copies, which
+    for probs are chunk_size x classes x 2 bytes each (131 MB at 65,536 x 1,000)."""
+    if len(tensors) == 1 and bool((order[1:] > order[:-1]).all()):
+        return tensors[0]
+    return torch.cat(tensors)[order]
 
 
 def _store_chunk(gathered, chunks_dir, probs_path, k, store=None):
@@ -338,7 +365,7 @@ def _store_chunk(gathered, chunks_dir, probs_path, k, store=None):
     index = torch.cat([p["index"] for p in parts])
     order = index.argsort()
     keys = dict.fromkeys(key for p in parts for key in p)   # a rank without images has only the fixed keys
-    merged = {key: torch.cat([p[key] for p in parts if key in p])[order] for key in keys}
+    merged = {key: _in_pool_order([p[key] for p in parts if key in p], order) for key in keys}
     ok = merged["ok"].bool()
     probs = merged.pop("probs")
     if len(index):
@@ -526,6 +553,9 @@ def warn_class_collapse(pred, num_classes, per_class=None):
     return low
 
 
+PROBS_BLOCK = 1 << 22   # values of probs_out read at a time: 32 MB as float64, whatever the class count
+
+
 def class_mass(probs, pred, selected, num_classes):
     """What the class weights count over the `selected` pool indices -> ((C,) float64, kind): the teacher's
     softmax summed per class (kind 'softmax', from the stored (N, C) `probs`) or, for published score
@@ -534,8 +564,9 @@ def class_mass(probs, pred, selected, num_classes):
         return torch.bincount(pred[selected].clamp_min(0), minlength=num_classes).double(), "counts"
     totals = torch.zeros(num_classes, dtype=torch.float64)
     sel = np.sort(selected.numpy())
-    for start in range(0, len(sel), 65536):
-        totals += torch.from_numpy(np.asarray(probs[sel[start:start + 65536]], dtype=np.float64)).sum(0)
+    rows = max(1, PROBS_BLOCK // num_classes)   # (rows, C) float64 blocks of the memory-mapped (N, C) array
+    for start in range(0, len(sel), rows):
+        totals += torch.from_numpy(np.asarray(probs[sel[start:start + rows]], dtype=np.float64)).sum(0)
     return totals, "softmax"
 
 

@@ -24,7 +24,7 @@ import data
 import engine
 import models
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, check_writable, cli_main,
-                   init_distributed, resolve_device, system_parser)
+                   init_distributed, on_rank0, resolve_device, system_parser)
 
 
 def get_args_parser():
@@ -80,6 +80,19 @@ def _resume_state(args, last_path):
     return path, ckpt
 
 
+def _prepare_files(args, paths, resume, done, resumed_record):
+    """Rank 0, before the first epoch: the log of a resumed run trimmed to its checkpoint, or a fresh
+    start's previous log kept aside; temp files of a save a kill cut off removed; args written."""
+    if resume:
+        engine.trim_log(paths["log"], done, resumed_record)
+        print(f"resumed from {resume} after epoch {done}" + (" (already finished)" if done >= args.epochs - 1 else ""))
+    elif os.path.exists(paths["log"]) and os.path.getsize(paths["log"]):
+        print(f"fresh start: the previous log is kept as {engine.move_aside([paths['log']])[0]}")
+    engine.remove_temp_files(os.path.dirname(os.path.abspath(args.output)),
+                             [os.path.basename(p) for p in (args.output, *paths.values())])
+    atomic_write_text(paths["args"], json.dumps(vars(args), indent=1, sort_keys=True))
+
+
 def train_teacher(args, on_epoch=None):
     """Train and save the teacher; returns the final test metrics.
 
@@ -108,11 +121,11 @@ def train_teacher(args, on_epoch=None):
     model = models.create(args.model, num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if on_gpu else {}))
-    done, stats = -1, {}
+    done, stats, resumed_record = -1, {}, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        done, stats = ckpt["epoch"], ckpt.get("stats", {})
+        done, stats, resumed_record = ckpt["epoch"], ckpt.get("stats", {}), ckpt.get("record")
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
         del ckpt
@@ -131,15 +144,7 @@ def train_teacher(args, on_epoch=None):
     if rank == 0:
         print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
               f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
-        if resume:
-            engine.trim_log(paths["log"], done)
-            print(f"resumed from {resume} after epoch {done}"
-                  + (" (already finished)" if done >= args.epochs - 1 else ""))
-        elif os.path.exists(paths["log"]) and os.path.getsize(paths["log"]):
-            print(f"fresh start: the previous log is kept as {engine.move_aside([paths['log']])[0]}")
-        engine.remove_temp_files(os.path.dirname(os.path.abspath(args.output)),
-                                 [os.path.basename(p) for p in (args.output, *paths.values())])
-        atomic_write_text(paths["args"], json.dumps(vars(args), indent=1, sort_keys=True))
+    on_rank0(_prepare_files, args, paths, resume, done, resumed_record)
     for epoch in range(done + 1, args.epochs):
         lr = warmup_cosine(epoch, args.lr, args.epochs, args.warmup_epochs)
         engine.set_lr(optimizer, lr)
@@ -151,19 +156,17 @@ def train_teacher(args, on_epoch=None):
         record = {"train_lr": lr, "train_loss": metrics["loss"], "test_loss": stats["loss"],
                   "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
                   "n_parameters": n_parameters, "img_per_s": metrics["img_per_s"], "epoch_seconds": time.time() - t0}
+        engine.commit_epoch(paths["log"], record, lambda: engine.save_checkpoint(
+            paths["last"], model=engine.unwrap(model).state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+            stats=stats, args=vars(args), rng=engine.rng_state(), record=record))
         if rank == 0:
-            # log first: a line without its save is dropped on resume (trim_log); the reverse would lose it
-            engine.log_line(paths["log"], record)
-            engine.save_checkpoint(paths["last"], model=engine.unwrap(model).state_dict(),
-                                   optimizer=optimizer.state_dict(), epoch=epoch, stats=stats,
-                                   args=vars(args), rng=engine.rng_state())
             print(json.dumps(record))
             if on_epoch is not None:
                 on_epoch(record)
+    on_rank0(atomic_torch_save, {"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"],
+                                 "acc5": stats["acc5"], "mean": list(mean), "std": list(std), "arch": args.model,
+                                 "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs}, args.output)
     if rank == 0:
-        atomic_torch_save({"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"], "acc5": stats["acc5"],
-                           "mean": list(mean), "std": list(std), "arch": args.model, "nb_classes": num_classes,
-                           "dataset": args.dataset, "epochs": args.epochs}, args.output)
         print(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
     return stats
 

@@ -1,6 +1,7 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, CLI wrapper."""
 import argparse
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -15,6 +16,70 @@ import torch
 
 class InputError(Exception):
     """Bad input from the user (a path, flag or file). Scripts print it as one line and exit 2."""
+
+
+class OutOfSpace(Exception):
+    """A write failed, or would fail, for lack of disk space. Scripts print it as one line and exit 1;
+    finished work stays on disk and the same command, rerun after space is freed, continues."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space_error(e):
+    """The OSError for lack of space behind `e` (torch.save wraps it in a RuntimeError), else None."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A failure for lack of space inside the block becomes one OutOfSpace naming `path`."""
+    try:
+        yield
+    except OutOfSpace:
+        raise
+    except Exception as e:
+        err = _no_space_error(e)
+        if err is None:
+            raise
+        raise OutOfSpace(f"cannot write {path}: {err.strerror}; free space there and run the same "
+                         "command again to continue") from None
+
+
+def reserve_space(path, nbytes, what, way_out):
+    """Allocate the `nbytes` of file `path` on disk now. A file written through a memory map (the image
+    cache, the score arrays) would otherwise end the process with SIGBUS, and no message, on the first
+    page the filesystem cannot back. Too little room: OutOfSpace naming the folder, the bytes needed
+    and free, and `way_out`. Filesystems without fallocate: compared with the free space instead."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        need = nbytes - os.fstat(fd).st_blocks * 512   # less what is allocated already (a resumed file)
+        free = free_bytes(folder)
+        if need <= 0:
+            return
+        if need <= free:   # compared first: a failed fallocate may keep what it allocated
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                return
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    return
+                if e.errno not in NO_SPACE_ERRNOS:
+                    raise
+    finally:
+        os.close(fd)
+    raise OutOfSpace(f"not enough space in {folder} for {what}: needs {need:,} bytes ({need / 2**30:.2f} GiB), "
+                     f"{free:,} bytes free; {way_out}")
+
+
+def free_bytes(folder):
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 def _umask_mode(fd):
@@ -43,7 +108,7 @@ def _temp_beside(path):
 
 def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` through a temp file in the same folder, then rename."""
-    with _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
+    with writing(path), _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -55,8 +120,12 @@ def atomic_write_text(path, text: str):
 
 def atomic_torch_save(obj, path):
     """torch.save that never leaves a half-written file at `path`."""
-    with _temp_beside(os.fspath(path)) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: torch's own writer turns a full disk into "unexpected pos", the
+    # file object's OSError names the cause
+    with writing(path), _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # Globals a checkpoint may hold besides tensors and plain containers. DeiT's main.py and timm's
@@ -88,6 +157,31 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block act when it ends: a checkpoint and its log line
+    are written whole before a preempted run stops."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    saved = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame))) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if caught:
+            signum, frame = caught[0]
+            if callable(saved[signum]):
+                saved[signum](signum, frame)
+            elif saved[signum] == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 def _close_progress_bars():
     try:
         from tqdm import tqdm
@@ -105,9 +199,10 @@ def _tell_once(line):
 
 
 def cli_main(main):
-    """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2;
-    SIGINT/SIGTERM end the run at a safe point (work saved so far is kept) with exit code 130.
-    Under torchrun only rank 0 prints the line; every rank exits with the code."""
+    """Wrap a script's main(args): an InputError becomes one 'error: ...' line and exit code 2, a full
+    disk one 'error: ...' line and exit code 1; SIGINT/SIGTERM end the run at a safe point (work saved
+    so far is kept) with exit code 130. Under torchrun rank 0 alone prints an InputError's or an
+    interrupt's line (every rank has the same); a full disk is told by the rank that met it."""
 
     @functools.wraps(main)
     def wrapper(*a, **kw):
@@ -120,6 +215,9 @@ def cli_main(main):
         except InputError as e:
             _tell_once(f"error: {e}")
             sys.exit(2)
+        except Exception as e:
+            _exit_if_out_of_space(e)
+            raise
         except KeyboardInterrupt:
             _close_progress_bars()  # else they redraw at exit, after our message
             _tell_once("interrupted: finished work is saved; run the same command again to continue")
@@ -128,6 +226,20 @@ def cli_main(main):
             _leave_process_group()
 
     return wrapper
+
+
+def _exit_if_out_of_space(e):
+    """A run that ran out of disk space: one `error:` line naming the file, exit 1."""
+    if isinstance(e, OutOfSpace):
+        message = str(e)
+    else:
+        err = _no_space_error(e)
+        if err is None:
+            return
+        message = f"cannot write {err.filename or 'a file'}: {err.strerror}"
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _leave_process_group():
@@ -223,8 +335,8 @@ def broadcast_object(obj):
 
 def on_rank0(fn, *args, **kwargs):
     """fn(*args, **kwargs) run on rank 0 only; its result is returned on every rank. If it raises,
-    every rank raises: an InputError as the same InputError (exit 2 on each rank, one `error:` line from
-    rank 0), anything else as itself on rank 0 and a RuntimeError naming it on the others. No rank
+    every rank raises: an InputError or OutOfSpace as the same error, anything else as itself on rank 0
+    and a RuntimeError naming it on the others. No rank
     is left waiting for a result that will never come."""
     rank, world = rank_world()
     if world == 1:
@@ -233,17 +345,21 @@ def on_rank0(fn, *args, **kwargs):
         try:
             result = fn(*args, **kwargs)
         except Exception as e:
-            broadcast_object(("error", isinstance(e, InputError), str(e), type(e).__name__))
+            shared = next((k for k in _SHARED_ERRORS if isinstance(e, _SHARED_ERRORS[k])), None)
+            broadcast_object(("error", shared, str(e), type(e).__name__))
             raise
         broadcast_object(("ok", result))
         return result
     box = broadcast_object(None)
     if box[0] == "ok":
         return box[1]
-    _, is_input, message, kind = box
-    if is_input:
-        raise InputError(message)
+    _, shared, message, kind = box
+    if shared:
+        raise _SHARED_ERRORS[shared](message)
     raise RuntimeError(f"rank 0 failed ({kind}: {message})")
+
+
+_SHARED_ERRORS = {"InputError": InputError, "OutOfSpace": OutOfSpace}
 
 
 def file_sha256(path, limit=None):
@@ -365,4 +481,6 @@ def check_writable(folder, flag="--output_dir"):
             f.write("ok")
         os.unlink(probe)
     except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise OutOfSpace(f"{flag} {folder}: {e.strerror}; free space there or choose another {flag}") from None
         raise InputError(f"{flag} {folder} cannot be written: {e.strerror or e}") from None

@@ -28,24 +28,30 @@ CHILD_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 def register_test_models():
     """Register MICRO with timm (32x32 RGB, patch 8, dim 32, depth 12, 2 heads). Child processes
     started by the CLIs do not see it: use TEACHER/STUDENT there."""
+    register_micro_vit(MICRO, depth=12)
+
+
+def register_micro_vit(name, depth):
+    """Register `name` with timm: a ViT on 32x32 RGB, patch 8, dim 32, 2 heads, `depth` blocks."""
     import timm
     from functools import partial
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
     import data
     import models  # noqa: F401  (registers the paper's names)
-    if timm.list_models(MICRO):
+    if timm.list_models(name):
         return
 
-    def test_micro_patch8_32(pretrained=False, **kwargs):
+    def build(pretrained=False, **kwargs):
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained", "cache_dir"):
             kwargs.pop(key, None)
-        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4,
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=4,
                                   qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
         model.pretrained_cfg = dict(input_size=(3, 32, 32), mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD,
                                     num_classes=model.num_classes)
         return model
-    register_model(test_micro_patch8_32)
+    build.__name__ = build.__qualname__ = name   # timm registers a model under its function's name
+    register_model(build)
 
 
 # ---- images -----------------------------------------------------------------------------
@@ -274,6 +280,38 @@ def start_script(script, *args, env=None, stdout=None, stderr=None):
     return subprocess.Popen([sys.executable, script_path(script), *map(str, args)], cwd=ROOT,
                             stdout=stdout or subprocess.PIPE, stderr=stderr or subprocess.PIPE,
                             env={**os.environ, **CHILD_ENV, **(env or {})})
+
+
+def run_ranks(script, args, out_dir, world=2, timeout=180):
+    """Run a CLI as `world` gloo processes with the environment torchrun gives each (CPU) -> (exit codes,
+    stderr texts). Fails the test when a rank is still running `timeout` s later (a rank left waiting)."""
+    import pytest
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, files = [], []
+    for rank in range(world):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        files += [open(os.path.join(out_dir, f"out{rank}.txt"), "w"), open(os.path.join(out_dir, f"err{rank}.txt"), "w")]
+        procs.append(start_script(script, *args, env=env, stdout=files[-2], stderr=files[-1]))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank was still waiting {timeout} s after the error")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+    errs = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"err{rank}.txt")) as f:
+            errs.append(f.read())
+    return codes, errs
 
 
 def run_script_inprocess(script, *args):

@@ -2,8 +2,6 @@
 weights included, also for --selection_file), and an error that only rank 0 finds ends every rank."""
 import json
 import os
-import socket
-import subprocess
 
 import numpy as np
 import pytest
@@ -95,12 +93,6 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     assert torch.allclose(got.class_weights, select_data.class_weights_from_preds(pred[chosen_y], torch.arange(8), 10))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["num_select", "locked"])
 @pytest.mark.parametrize("script", [S, D])
 def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
@@ -117,26 +109,10 @@ def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
         flags.update({"--data_cifar": tmp_path / "cifar", "--output_dir": tmp_path / "out", "--epochs": 1,
                       "--batch_size": 8})
     release = fx.hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
-    port = _free_port()
-    procs, files = [], []
-    for rank in range(2):   # what torchrun sets for each of its processes
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        files += [open(tmp_path / f"out{rank}.txt", "w"), open(tmp_path / f"err{rank}.txt", "w")]
-        procs.append(fx.start_script(script, *argv(flags), env=env, stdout=files[-2], stderr=files[-1]))
     try:
-        codes = [p.wait(timeout=180) for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail("a rank was still waiting 180 s after the error")
+        codes, errs = fx.run_ranks(script, argv(flags), tmp_path)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in files:
-            f.close()
         release()
-    errs = [(tmp_path / f"err{rank}.txt").read_text() for rank in range(2)]
     last = [[line for line in errs[0].splitlines() if line.strip()][-1]]
     assert codes == [2, 2], errs
     assert "error:" not in errs[1], errs[1]           # one line for the run, from rank 0

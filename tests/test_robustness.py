@@ -496,8 +496,7 @@ def test_atomic_save_interrupted_leaves_old_file_and_no_temp(tmp_path, monkeypat
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask   # not mkstemp's 0600: caches are shared
 
     def dying_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half")
+        f.write(b"PK\x03\x04 half")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
