@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -64,11 +65,12 @@ SELECTED_PRED = [0, 0, 0, 1, 1, 2]     # hard counts [3, 2, 1] for published cac
 
 def hand_scores(seed=3):
     """Scores where the probe decides the order: 0.9 · value_out spreads over 0.09, each 0.05 · value_blk
-    over 0.04. Image 5 is unreadable (value_out +inf, pred -1)."""
+    over 0.04. Image 5 is unreadable (value_out +inf, pred -1); image 7 has a NaN score (pred 1)."""
     rng = np.random.default_rng(seed)
     s = {"value_out": rng.uniform(0.0, 0.1, N_POOL), "value_blk3": rng.uniform(0.2, 1.0, N_POOL),
          "value_blk7": rng.uniform(0.2, 1.0, N_POOL)}
     s["value_out"][5] = np.inf
+    s["value_out"][7] = np.nan
     return {k: torch.tensor(v) for k, v in s.items()}
 
 
@@ -140,12 +142,12 @@ def test_class_weights_from_hard_counts_without_probabilities(stored):
 
 def test_random_selection_is_seeded_and_never_takes_unreadable_images(stored):
     tmp, _, _, _ = stored
-    a, _, _ = select(tmp, "sel_probs", "--num_select", 15, "--random", "--seed", 1)
-    assert sorted(a) == [i for i in range(N_POOL) if i != 5]      # all 15 readable images, image 5 never
+    a, _, _ = select(tmp, "sel_probs", "--num_select", 14, "--random", "--seed", 1)
+    assert sorted(a) == [i for i in range(N_POOL) if i not in (5, 7)]   # all 14 usable images, never 5 or 7
     b, _, _ = select(tmp, "sel_probs", "--num_select", 8, "--random", "--seed", 1)
     c, _, _ = select(tmp, "sel_probs", "--num_select", 8, "--random", "--seed", 2)
     d, _, _ = select(tmp, "sel_probs", "--num_select", 8, "--random", "--seed", 1)
-    assert b == d and b != c and len(set(b)) == 8 and 5 not in b + c
+    assert b == d and b != c and len(set(b)) == 8 and not {5, 7} & set(b + c)
 
 
 # ---- losses and evaluation, by hand --------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_distill_losses_robust_kd_weights_by_teacher_class():
     # every student disagrees with its teacher: the weight must be the teacher-predicted class's
     t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.0, 4.0], [1.0, 0.0, 0.2]])
     s = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 2.5]])
-    w = torch.tensor([0.5, 1.0, 2.0])
+    w = torch.tensor([0.5, 1.0, 3.0])     # per-sample weights sum to 5, not to the batch size 4
     ft = torch.tensor([3.0, 4.0]).view(1, 1, 2, 1)     # token-normalised [0.6, 0.8]: CLS row 0.48
     fs = torch.tensor([1.0, 0.0]).view(1, 1, 2, 1)     # [1, 0]: CLS row 0 -> PD = 0.48²
     na = torch.tensor(0.3)
@@ -288,7 +290,12 @@ def stage2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage2")
     ids = write_png_pool(tmp / "pool", seed=1)
     fx.write_cifar(tmp / "cifar", "cifar10", n_train=2, n_test=20)
-    fx.write_teacher(tmp / "teacher.pth", name=fx.MICRO, num_classes=10, seed=1, acc1=55.0)
+    fx.register_test_models()
+    torch.manual_seed(5)    # a seed whose teacher predicts three classes on this pool
+    teacher = timm.create_model(fx.MICRO, num_classes=10)
+    with torch.no_grad():
+        teacher.head.weight.mul_(40)    # input-dependent predictions: several classes among the selection
+    torch.save({"model": teacher.state_dict(), "acc1": 55.0}, tmp / "teacher.pth")
     argv = ["--dataset", "cifar10", "--data_cifar", tmp / "cifar", "--data_imagenet", tmp / "pool",
             "--teacher", fx.MICRO, "--teacher_dir", tmp / "teacher.pth", "--student", fx.MICRO,
             "--num_select", 12, "--selected_file", tmp / "sel", "--output_dir", tmp / "out", "--lr_S", 1e-3,
@@ -323,6 +330,7 @@ def test_stage2_trains_the_published_selection_minus_the_holdout(stage2):
     assert len(hold_rows) == 3 and not hold_rows & trained[0] and hold_rows | trained[0] == set(rows)
     # the holdout is scored against the teacher's predicted class of each image
     pred = torch.load(tmp / "sel" / "pred_out.pth", weights_only=True)
+    assert len({int(pred[ids.index(i)]) for i in selected}) >= 3      # labels of other images would differ
     assert hold_labels.tolist() == [int(pred[ids.index(rows[r.numpy().tobytes()])]) for r in hold_images]
 
 
