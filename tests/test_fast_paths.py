@@ -24,15 +24,7 @@ from attention_probe import FEATURE_BLOCKS  # noqa: E402
 from losses import NoiseAdaptation  # noqa: E402
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two spinning OpenMP threads on shared cores run several times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peaked_vit(depth=8, dim=64, heads=2, classes=10, seed=0):

@@ -21,14 +21,7 @@ import losses
 import reference
 
 N_POOL = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_png_pool(folder, n=N_POOL, seed=0):
@@ -301,9 +294,14 @@ def stage2(tmp_path_factory):
             "--num_select", 12, "--selected_file", tmp / "sel", "--output_dir", tmp / "out", "--lr_S", 1e-3,
             "--schedule", 2, 3, "--batch_size", 3, "--holdout", 0.25, "--attnprobe_sel", "--attnprobe_dist",
             "--robust", "--workers", 0, "--device", "cpu", "--amp", "off"]
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
+        torch.set_num_threads(1)    # the module fixture runs before the one_thread fixture
         spy = Spy(mp)
-        final = distill.main(distill.get_args_parser().parse_args([str(a) for a in argv]))
+        try:
+            final = distill.main(distill.get_args_parser().parse_args([str(a) for a in argv]))
+        finally:
+            torch.set_num_threads(threads)
     log = [json.loads(line) for line in open(tmp / "out" / "log.txt")]
     return tmp, ids, spy, final, log
 
