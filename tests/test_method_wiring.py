@@ -276,6 +276,21 @@ class Spy:
         mp.setattr(distill, "published_epochs", epochs_spy)
 
 
+def run_stage2(tmp, teacher, sel, out, *flags):
+    """distill.main in this process, on tmp's pool, CIFAR-10 files and teacher file, spied -> (Spy, summary)."""
+    argv = ["--dataset", "cifar10", "--data_cifar", tmp / "cifar", "--data_imagenet", tmp / "pool",
+            "--teacher", fx.MICRO, "--teacher_dir", tmp / teacher, "--student", fx.MICRO, "--selected_file",
+            tmp / sel, "--output_dir", tmp / out, "--workers", 0, "--device", "cpu", "--amp", "off", *flags]
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        torch.set_num_threads(1)    # module fixtures run before the one_thread fixture
+        spy = Spy(mp)
+        try:
+            return spy, distill.main(distill.get_args_parser().parse_args([str(a) for a in argv]))
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
     """A published-style run (no --epochs: the published loop, its E shortened to 4) of 12 selected images,
@@ -289,19 +304,9 @@ def stage2(tmp_path_factory):
     with torch.no_grad():
         teacher.head.weight.mul_(40)    # input-dependent predictions: several classes among the selection
     torch.save({"model": teacher.state_dict(), "acc1": 55.0}, tmp / "teacher.pth")
-    argv = ["--dataset", "cifar10", "--data_cifar", tmp / "cifar", "--data_imagenet", tmp / "pool",
-            "--teacher", fx.MICRO, "--teacher_dir", tmp / "teacher.pth", "--student", fx.MICRO,
-            "--num_select", 12, "--selected_file", tmp / "sel", "--output_dir", tmp / "out", "--lr_S", 1e-3,
-            "--schedule", 2, 3, "--batch_size", 3, "--holdout", 0.25, "--attnprobe_sel", "--attnprobe_dist",
-            "--robust", "--workers", 0, "--device", "cpu", "--amp", "off"]
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        torch.set_num_threads(1)    # the module fixture runs before the one_thread fixture
-        spy = Spy(mp)
-        try:
-            final = distill.main(distill.get_args_parser().parse_args([str(a) for a in argv]))
-        finally:
-            torch.set_num_threads(threads)
+    spy, final = run_stage2(tmp, "teacher.pth", "sel", "out", "--num_select", 12, "--lr_S", 1e-3,
+                            "--schedule", 2, 3, "--batch_size", 3, "--holdout", 0.25, "--attnprobe_sel",
+                            "--attnprobe_dist", "--robust")
     log = [json.loads(line) for line in open(tmp / "out" / "log.txt")]
     return tmp, ids, spy, final, log
 
@@ -376,3 +381,15 @@ def test_stage2_evaluates_on_the_test_set(stage2):
     tests = [(x, y) for x, y in spy.evals if len(x) == 20]
     assert len(tests) == 3 and all(torch.equal(x, images) and torch.equal(y, labels) for x, y in tests)
     assert all(0 <= r["test_acc1"] <= r["test_acc5"] <= 100 for r in log)
+
+
+@pytest.mark.parametrize("flags,acc", [((), 0.9665), (("--teacher_acc", 0.7), 0.7)])
+def test_stage2_noise_diagonal_without_accuracy_in_the_teacher_file(stage2, flags, acc):
+    """No acc1 in the file: the published CIFAR-10 constant 0.9665, unless --teacher_acc says otherwise."""
+    tmp = stage2[0]
+    if not (tmp / "teacher_no_acc.pth").exists():
+        sd = torch.load(tmp / "teacher.pth", weights_only=True)["model"]
+        torch.save({"model": sd}, tmp / "teacher_no_acc.pth")
+    spy, _ = run_stage2(tmp, "teacher_no_acc.pth", "sel_no_acc", f"out_no_acc_{acc}", "--num_select", 12,
+                        "--epochs", 1, "--batch_size", 12, *flags)
+    assert len(spy.na_diag) == 1 and torch.allclose(spy.na_diag[0], torch.full((10,), acc))
