@@ -100,7 +100,7 @@ def select(tmp, folder, *flags):
     return chosen, names, torch.load(tmp / folder / "class_weights.pth", weights_only=True)
 
 
-def test_the_fixture_lets_the_probe_and_the_weights_decide(stored):
+def test_these_scores_let_the_probe_and_the_weights_decide(stored):
     """Guard: a probe subtracted or left out, one block only, or the weights swapped choose other images."""
     _, _, s, best = stored
     out, b3, b7 = s["value_out"], s["value_blk3"], s["value_blk7"]
