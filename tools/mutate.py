@@ -10,7 +10,7 @@ arguments to run. Results: killed (the tests failed), survived (they passed), ti
 not-applicable (the text is no longer in the file, or not exactly once: the code moved on; fix the entry).
 The working tree is never touched: its tracked and untracked (not ignored) files are copied to a
 temporary folder per job. Each distinct test command also runs once unmutated: a mutation whose tests
-already fail there is reported as baseline-fails, not as killed. Exit status 0 unless the list is broken.
+already fail there is reported as baseline-fails, not as killed. Exit status 0; 2 for a broken list.
 """
 import argparse
 import json
@@ -29,6 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("file", "old", "new", "tests", "occurrence")
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_list(path):
     """tools/mutations.txt -> [{'name', 'file', 'old', 'new', 'tests', 'occurrence'}].
 
@@ -36,6 +41,8 @@ def parse_list(path):
     occurrence = which match to replace when the text occurs more than once). In old/new, `\\n` is a
     newline. Lines starting with # and blank lines are ignored."""
     out, cur = [], None
+    if not os.path.isfile(path):
+        fail(f"--mutations {path}: no such file")
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -48,16 +55,16 @@ def parse_list(path):
             key, sep, value = line.partition(":")
             key = key.strip()
             if cur is None or not sep or key not in KEYS:
-                raise SystemExit(f"error: {path}:{n}: expected '[name]' or one of {', '.join(KEYS)}: {line!r}")
+                fail(f"{path}:{n}: expected '[name]' or one of {', '.join(KEYS)}: {line!r}")
             value = value[1:] if value.startswith(" ") else value
             cur[key] = value.replace("\\n", "\n") if key in ("old", "new") else value.strip()
     names = set()
     for m in out:
         missing = [k for k in ("file", "old", "new", "tests") if k not in m]
         if missing:
-            raise SystemExit(f"error: {path}:{m['line']}: mutation {m['name']} has no {', '.join(missing)}")
+            fail(f"{path}:{m['line']}: mutation {m['name']} has no {', '.join(missing)}")
         if m["name"] in names:
-            raise SystemExit(f"error: {path}:{m['line']}: mutation name {m['name']} used twice")
+            fail(f"{path}:{m['line']}: mutation name {m['name']} used twice")
         names.add(m["name"])
     return out
 
@@ -132,7 +139,7 @@ def main():
     if args.only:
         unknown = sorted(set(args.only) - {m["name"] for m in mutations})
         if unknown:
-            raise SystemExit(f"error: --only: no mutation named {', '.join(unknown)}")
+            fail(f"--only: no mutation named {', '.join(unknown)}")
         mutations = [m for m in mutations if m["name"] in args.only]
 
     scratch = tempfile.mkdtemp(prefix="mutate-")
