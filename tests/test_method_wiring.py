@@ -5,6 +5,7 @@ the optimizers' learning rates per epoch, the holdout split), observed while it 
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -375,7 +376,8 @@ def test_stage2_robust_kd_uses_the_perturbed_selection_weights_by_teacher_class(
 
 def test_stage2_evaluates_on_the_test_set(stage2):
     tmp, _, spy, _, log = stage2
-    raw = __import__("pickle").load(open(tmp / "cifar" / "cifar-10-batches-py" / "test_batch", "rb"))
+    with open(tmp / "cifar" / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        raw = pickle.load(f)
     images = torch.from_numpy(raw[b"data"]).view(-1, 3, 32, 32)
     labels = torch.tensor(raw[b"labels"])
     tests = [(x, y) for x, y in spy.evals if len(x) == 20]
