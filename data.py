@@ -241,7 +241,9 @@ def list_image_folder(root, class_to_idx=None, classes=None):
         label = class_to_idx[e.name]
         for dirpath, dirnames, filenames in os.walk(e.path, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(f)]
+            samples += [(os.path.join(dirpath, f), label) for f in filenames if is_image_file(f)]
+    # torchvision ImageFolder's order, which --pos_num's "first K per class" follows
+    samples.sort(key=lambda s: pool.image_folder_key(os.path.relpath(s[0], root).replace(os.sep, "/")))
     if not samples:
         raise InputError(f"no images ({' '.join(pool.IMG_EXTENSIONS)}) under {root}")
     return samples, list(classes)

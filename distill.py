@@ -31,7 +31,7 @@ from attention_probe import FEATURE_BLOCKS
 from data import DATASET_CLASSES
 from losses import NoiseAdaptation
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   init_distributed, on_rank0, resolve_device, run_lock)
+                   init_distributed, on_rank0, rank_world, resolve_device, run_lock)
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
@@ -87,47 +87,158 @@ def get_args_parser():
 
 # ---- what the published code did -------------------------------------------------------
 
-# Every flag of the published DFND_DeiT-train.py / DFND_DeiT-imagenet.py: its published default and,
-# where ours differs in meaning or default, why. docs/differences.md's table is generated from this and the parser.
+# Every flag of the published DFND_DeiT-train.py / DFND_DeiT-imagenet.py: (its published default, why ours
+# differs in meaning or default, whether that changes the numbers of a published command).
 PUBLISHED_FLAGS = {
-    "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`"),
-    "data_cifar": ("a path on the authors' machine", ""),
-    "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards"),
-    "teacher": ("deit_base_patch4_32_teacher", ""),
-    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files"),
-    "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both"),
-    "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000"),
-    "selected_file": ("a path on the authors' machine", "created when missing"),
-    "output_dir": ("a path on the authors' machine", "created when missing"),
-    "attnprobe_sel": ("off; on selected WITHOUT the probe (inverted)", "on adds the probe to the score (SPEC §5.1)"),
-    "random": ("off; drew from range(1281167) whatever the pool", "draws from the real pool"),
-    "attnlier": ("0.05", ""),
-    "outlier": ("0.9", ""),
-    "attnprobe_dist": ("off", ""),
-    "patchattn": ("0.8", ""),
-    "robust": ("off", "class weights from the scoring pass's softmax, not from an augmented pass"),
-    "lr_S": ("0.00075", "training.sh passes 8.5e-4 for CIFAR-100"),
+    "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`", "no"),
+    "data_cifar": ("a path on the authors' machine", "", ""),
+    "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards", "no"),
+    "teacher": ("deit_base_patch4_32_teacher", "", ""),
+    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files", "no"),
+    "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both", "no"),
+    "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000", ""),
+    "selected_file": ("a path on the authors' machine", "created when missing", "no"),
+    "output_dir": ("a path on the authors' machine", "created when missing", "no"),
+    "attnprobe_sel": ("off; on selected WITHOUT the probe (inverted)",
+                      "on adds the probe to the score: the published inversion is a defect", "yes: the selection"),
+    "random": ("off; drew from range(1281167) whatever the pool", "draws from the real pool (a defect fixed)",
+               "yes, with `--random` on a pool of another size"),
+    "attnlier": ("0.05", "", ""),
+    "outlier": ("0.9", "", ""),
+    "attnprobe_dist": ("off", "", ""),
+    "patchattn": ("0.8", "", ""),
+    "robust": ("off", "class weights: see \"Class weights\" below", "see below"),
+    "lr_S": ("0.00075", "training.sh passes 8.5e-4 for CIFAR-100", ""),
     "epochs": ("800, ignored: E - 1 epochs, E = int(320000 / num_select * 512)",
-               "unset: the published E - 1 epochs; N: N epochs"),
-    "schedule": ("200 300", ""),
-    "cos": ("off", ""),
+               "unset: the published E - 1 epochs; N: N epochs", "only when given"),
+    "schedule": ("200 300", "", ""),
+    "cos": ("off", "", ""),
     "pos_num": ("129 (only in the published 224-px script)",
-                "one script for both sizes: adding labelled images is opt-in; the 224-px run scripts pass 50 / 129"),
+                "one script for both sizes: adding labelled images is opt-in; the 224-px run scripts pass 50 / 129",
+                "no"),
 }
 _UNSET_MEANS = {"data_cifar": "required", "data_imagenet": "required", "teacher_dir": "required",
                 "selected_file": "required", "output_dir": "required", "nb_classes": "from the teacher file",
                 "epochs": "the published formula"}
 
+# Every other difference found by reading the published scripts (DFND_DeiT-train.py, DFND_DeiT-imagenet.py,
+# loss.py, utils.py, vision_transformer.py, training*.sh) line by line against ours:
+# (what, published, ours, why, whether it changes the numbers of a published command).
+PUBLISHED_BEHAVIOURS = [
+    ("Files PIL cannot load (empty, not an image, cut inside the header, over PIL's pixel limit)",
+     "the DataLoader raised: the run stopped", "skipped: scored +inf, never selected, listed with the reason in "
+     "`skipped.txt`", "defect: one such file in a wild pool stopped the run", "only where the published run stopped"),
+    ("Pool membership", "ImageFolder: images inside class folders, hidden files and folders included, images at "
+     "the top ignored", "images at any depth, the top included; hidden files and folders skipped (in "
+     "ImageFolder's order)", "pools without class folders (Flickr1M); caches and scores may live inside the pool",
+     "only for pools with hidden or top-level images"),
+    ("Reused score files", "any `value_out.pth`, `pred_out.pth`, `value_blk*.pth` in `--selected_file`, "
+     "unchecked", "reused when their fingerprint (pool, teacher file hash, preprocessing, probe, decoding) "
+     "matches; published files (no fingerprint) when their length equals the pool's; else an error",
+     "scores of another pool or teacher were silently used", "no: refused instead"),
+    ("Scoring pass", "two full fp32 passes, the qkv weight copied per image, batch 256",
+     "one pass forming only head 0's CLS row; bf16 autocast on a GPU (`--amp off`: fp32), fp32 on the CPU; "
+     "batch 512 (`--score_batch_size`)", "speed and memory", "bf16 rounding on a GPU only (tiny CPU check: "
+     "confidence within 3 %, probe within 5e-3 of fp32, `tests/test_fast_paths.py`)"),
+    ("Probe head geometry", "head count and width by `--dataset`: 12 heads of 64 for imagenet, 3 of 128 "
+     "otherwise (wrong for a deit_small teacher's 6 heads)", "the teacher's own", "defect",
+     "only for teachers the constants do not fit"),
+    ("Ranking", "`value.topk(num_select, largest=False)` in fp32 on the GPU", "a stable sort in float64; ties "
+     "by pool order", "deterministic", "only among equal scores"),
+    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica, scores misaligned with images; "
+     "the (L, B, N, C) block features gathered along L", "DistributedDataParallel; the pool scored in strided "
+     "shards gathered by index; each epoch's images split evenly over the processes: fewer images than processes "
+     "left out (up to 64 px) or repeated (224 px)", "defect; speed", "only on more than one GPU"),
+    ("Class weights (`--robust`)", "teacher softmax summed per class over one augmented, shuffled pass of the "
+     "training set: the selection and, at 224 px, the `--pos_num` images", "the selection's softmax stored by "
+     "the scoring pass (resized, not augmented), plus the `--pos_num` images' (Resize, CenterCrop, not "
+     "augmented)", "weights for any selection without another teacher pass", "yes, slightly (no augmentation)"),
+    ("Class weights file", "`class_weights.pth` in `--selected_file` reused when present, even for another "
+     "selection", "computed for every selection; the file is written, never read", "defect: stale weights",
+     "only where the published run reused stale weights"),
+    ("Class weights without `probs_out.npy` (published score files)", "softmax sums (its own pass)",
+     "inverse counts of the teacher-predicted classes (the selection's and the `--pos_num` images'); rescore "
+     "with `--force` for softmax sums", "published score files hold no softmax", "yes, with `--robust` on "
+     "published score files"),
+    ("Noise-adaptation diagonal", "by `--dataset`: CIFAR-10 0.9665, CIFAR-100 0.7630, ImageNet 0.8118",
+     "`--teacher_acc`, else the teacher file's `acc1` (`train_teacher.py` files), else the published constant; "
+     "Tiny-ImageNet and `folder` 0.8118", "the teacher's own accuracy when it is known", "yes, for teacher files "
+     "that record `acc1` (the published ones do not) and for Tiny-ImageNet"),
+    ("`DFND_DeiT-train.py --dataset imagenet` (224 px in the 32-px script)", "ImageNet mean/std for every "
+     "image, test images Resize(256) then CenterCrop(224), 320000 in the epoch formula, no labelled images",
+     "one script for both sizes: every 224-px run as DFND_DeiT-imagenet.py (test images Resize(224) then "
+     "CenterCrop(224), 640000; `--pos_num`, `--mean/--std` as given)", "the published run scripts ran 224 px "
+     "through DFND_DeiT-imagenet.py", "yes, for that command"),
+    ("Tiny-ImageNet", "`--dataset tinyimagenet` rejected: `training_tinyimagenet.sh` could not run", "runs: 200 "
+     "classes, noise-adaptation 0.8118, test images val Resize(224) then CenterCrop(224), probe geometry of the "
+     "teacher, 640000 in the epoch formula", "the published run script's intent", "not comparable: it never ran"),
+    ("Normalisation at 32 px", "wild images (scoring, training) ImageNet mean/std; CIFAR test images CIFAR "
+     "mean/std", "one mean/std for every image: `--mean/--std`, else the teacher file's, else ImageNet's",
+     "defect: the student was tested on images normalised unlike its training images", "yes: test accuracy"),
+    ("Normalisation at 224 px", "CIFAR mean/std for every image (wild, labelled, test) with an ImageNet teacher",
+     "the 224-px run scripts pass it (`--mean/--std`); a command without them: the teacher file's, else "
+     "ImageNet's", "the published scripts compute the published computation; own teachers their own "
+     "statistics", "only for commands without `--mean/--std`"),
+    ("Labelled images (`--pos_num`)", "the first K per class in ImageFolder order; the list reused from "
+     "`--selected_file/labelset_index_dict.pth` when present; a class with fewer than K images crashed",
+     "the first K per class in the same order, computed each run and written to `--output_dir`; a short class "
+     "gives what it has", "the list belongs to the run", "only where the published run crashed or reused "
+     "another list"),
+    ("Labelled class folders", "ImageFolder: names sorted as strings, label = position ('10' before '2'); hidden "
+     "ones included", "all-integer names ('7', '007', '07_bee') give that integer as label; other names as "
+     "ImageFolder; hidden files and folders skipped", "integer-named folders of converters and users", "only "
+     "for integer-named folders that are not zero-padded, and hidden files"),
+    ("Student initialisation", "the timm of 2021-22 (not pinned): `cls_token` trunc_normal(std 0.02)",
+     "the installed timm (>= 1.0): `cls_token` N(0, 1e-6); the other weights drawn from the same "
+     "distributions", "timm's own model, not a fork", "yes: another random start"),
+    ("ViT implementation", "its own TeacherVisionTransformer on the timm of the time, attention as explicit "
+     "softmax", "timm's VisionTransformer with fused attention", "no fork of the ViT", "float rounding only"),
+    ("Training and test precision", "fp32", "bf16 autocast and fused AdamW on a GPU (`--amp off`: fp32); fp32 "
+     "on the CPU", "speed", "rounding on a GPU"),
+    ("Last partial batch", "kept (DataLoader `drop_last=False`)", "kept; dropped only with `--compile "
+     "--cuda_graphs`, which needs one batch shape", "", "only with `--cuda_graphs`"),
+    ("Randomness", "nothing seeded (torch, numpy, random): every run differs", "`--seed` seeds the shuffle, "
+     "crops, flips, the class-weight perturbation and the holdout, per epoch and process", "reproducible runs "
+     "and exact resumes", "other draws from the same distributions"),
+    ("Where images are decoded and augmented", "every epoch, by torchvision transforms in 8 DataLoader workers",
+     "wild images up to 64 px decoded once into a uint8 cache; wild crops and flips on the device; labelled "
+     "224-px images by the published transforms on the CPU", "speed", "no: the same pixels and transforms"),
+    ("Reported accuracy", "the best test accuracy over epochs, printed; `student/checkpoint.pth` is that "
+     "student (chosen on the test set)", "the same checkpoint and number, plus the last epoch's accuracy "
+     "(`summary.json`, `student/final.pth`: the one to report) and, with `--holdout`, one chosen without test "
+     "labels", "model selection on the test set", "no: more numbers"),
+    ("Run files", "`student/checkpoint.pth` = the DataParallel state dict (`module.` keys); printed lines",
+     "`{'model', 'epoch', 'acc1', 'acc5', 'mean', 'std', 'student', 'args'}` without prefix; `log.txt` "
+     "(JSON lines), `args.json`, `summary.json`, `student/last.pth`; a rerun resumes", "", "no"),
+    ("Crashes of the published scripts", "`import resnet` (absent from the repository); output folders never "
+     "created; the 32-px script compared a number with an AverageMeter for top-5 (TypeError at the "
+     "first test); `--dataset mnist` had no test set", "none of these", "defects", "no"),
+    ("Teacher files", "`torch.load` (runs pickled code), `['model']`", "`weights_only` loading; DeiT, timm, "
+     "release, plain and safetensors files; EMA weights with `--teacher_ema`", "safety", "no"),
+    ("Unknown flags", "ignored (`parse_known_args`): a mistyped flag ran with the default", "an error naming "
+     "it; no abbreviations", "", "only where a typo was ignored"),
+    ("Process settings", "4 CPU threads (`torch.set_num_threads(4)`, OMP/MKL variables); all warnings hidden",
+     "PyTorch's default threads; warnings shown", "", "no"),
+    ("Labelled data readers", "torchvision's CIFAR classes (MD5-checked pickles) and ImageFolder",
+     "CIFAR pickles read directly, converter ImageFolder trees, MNIST IDX files", "", "no"),
+    ("Other input sizes", "32 and 224 px, three channels", "one-channel teachers (28 px, `convert('L')`); crop "
+     "padding img_size // 8 at sizes other than 32 and 224; CIFAR/MNIST images resized (antialiased bilinear) "
+     "for a teacher of another size", "extension", "not comparable: no published path"),
+]
+
 
 def defaults_table(parser=None):
-    """Markdown: every published flag, the published default and ours (read from the parser)."""
+    """Markdown: every published flag (its published default and ours, read from the parser), then every
+    other difference from the published code, each with why and whether it changes the numbers."""
     parser = parser or get_args_parser()
-    rows = ["| flag | published default | ours | note |", "|---|---|---|---|"]
-    for flag, (published, note) in PUBLISHED_FLAGS.items():
+    rows = ["| flag or behaviour | published | ours | why | changes numbers |", "|---|---|---|---|---|"]
+    for flag, (published, why, numbers) in PUBLISHED_FLAGS.items():
         value = parser.get_default(flag)
         ours = (_UNSET_MEANS[flag] if value is None else "on" if value is True else "off" if value is False
                 else " ".join(map(str, value)) if isinstance(value, list) else str(value))
-        rows.append(f"| `--{flag}` | {published} | {ours} | {note} |")
+        rows.append(f"| `--{flag}` | {published} | {ours} | {why} | {numbers} |")
+    for row in PUBLISHED_BEHAVIOURS:
+        rows.append("| " + " | ".join(row) + " |")
     return "\n".join(rows)
 
 
@@ -238,19 +349,57 @@ def split_holdout(indices, share, seed):
 
 
 def labeled_positives(args, img_size, in_chans, padding):
-    """The first --pos_num images per class of the labeled train set -> (lazy dataset, train indices).
+    """The first --pos_num images per class of the labeled train set -> (lazy dataset, train indices,
+    the same images unaugmented).
 
     Above 64 px each comes out as published: Resize(img_size) -> RandomCrop(img_size, padding) -> flip,
-    drawn per image and epoch on the CPU (the images differ in shape before the crop)."""
+    drawn per image and epoch on the CPU (the images differ in shape before the crop); unaugmented:
+    Resize(img_size) -> CenterCrop(img_size)."""
     train = data.load_labeled(args.dataset, args.data_cifar, "train", img_size, in_chans)
     labels = torch.as_tensor(train.targets)
     chosen = []
     for c in range(int(labels.max()) + 1):
         chosen += (labels == c).nonzero().squeeze(1)[:args.pos_num].tolist()
     chosen.sort()
+    plain = torch.utils.data.Subset(train, chosen)
     if img_size > 64:
-        return data.RandomCropImages(train, chosen, img_size, padding, seed=args.seed), chosen
-    return torch.utils.data.Subset(train, chosen), chosen
+        if isinstance(train, data.FolderDataset):
+            plain = data.FolderDataset([train.samples[i] for i in chosen], train.classes, img_size, in_chans,
+                                       train.num_classes, center_crop=True)
+        return data.RandomCropImages(train, chosen, img_size, padding, seed=args.seed), chosen, plain
+    return plain, chosen, plain
+
+
+@torch.no_grad()
+def labelled_class_mass(teacher, dataset, kind, device, amp=None, workers=0, batch_size=256):
+    """The --pos_num images' part of the class weights (the published 224-px script counted them with the
+    selection): the teacher's softmax summed per class (kind 'softmax') or its predicted classes counted
+    ('counts', as for a selection without stored softmax). Images unaugmented, like the selection's
+    scores. Under torchrun each rank takes a strided share and the sums are added up. -> (C,) float64"""
+    rank, world = rank_world()
+    mass = torch.zeros(teacher.num_classes, dtype=torch.float64, device=device)
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    for images, _ in torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=workers):
+        x = data.normalize(images.to(device), teacher.mean, teacher.std)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = teacher.model(x).float()                                    # (B, C)
+        if kind == "softmax":
+            mass += logits.softmax(dim=1).sum(0).double()
+        else:
+            mass += torch.bincount(logits.argmax(1), minlength=teacher.num_classes).double()
+    if world > 1:
+        torch.distributed.all_reduce(mass)
+    return mass.cpu()
+
+
+def robust_weights(args, selection, teacher, labelled, device, amp):
+    """The class weights --robust uses, before the published perturbation: the selection's, with the
+    --pos_num images counted as well when there are any."""
+    if labelled is None or not len(labelled):
+        return selection.class_weights
+    mass, kind = selection.class_mass
+    extra = labelled_class_mass(teacher, labelled, kind, device, amp, args.workers)
+    return select_data.weights_from_mass(mass + extra, kind)
 
 
 class _ImagesOnly(torch.utils.data.Dataset):
@@ -383,17 +532,19 @@ def _run(args, device, rank, world, student_dir):
         say(f"selection: {len(selection)} images from {args.selection_file}")
     else:
         selection = select_data.run_selection(args, teacher, device)
-    positives = None
+    positives = labelled = None
     if args.pos_num > 0:
-        positives, pos_index = labeled_positives(args, img_size, in_chans, crop_padding(args, img_size))
+        positives, pos_index, labelled = labeled_positives(args, img_size, in_chans, crop_padding(args, img_size))
         if rank == 0:   # part of this run's training set: recorded in its folder, not in stage 1's
             atomic_torch_save({"positive_index": pos_index},
                               os.path.join(args.output_dir, "labelset_index_dict.pth"))
         say(f"NOT DATA-FREE: adding {len(pos_index)} labeled train images ({args.pos_num} per class)")
     train_data, (hold_images, hold_pred) = training_images(args, selection, teacher, positives)
     on_gpu = device.type == "cuda"
-    train_batches = engine.make_batches(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                        seed=args.seed, workers=args.workers, device=device)
+    # the published DataLoader kept the last partial batch; CUDA graphs need one batch shape
+    train_batches = engine.make_batches(train_data, batch_size=args.batch_size, shuffle=True,
+                                        drop_last=args.compile and args.cuda_graphs, seed=args.seed,
+                                        workers=args.workers, device=device)
     test_batches = engine.make_batches(test, batch_size=1024, shuffle=False, drop_last=False,
                                        workers=args.workers, device=device)
     hold_batches = engine.TensorBatches(hold_images, hold_pred, batch_size=1024, shuffle=False, drop_last=False)
@@ -435,8 +586,10 @@ def _run(args, device, rank, world, student_dir):
         engine.remove_temp_files(student_dir)   # of a save a kill cut off (we hold the lock)
     class_weights = None
     if args.robust:
-        class_weights = robust_class_weights(selection.class_weights.double(), args.seed).float()
-        say("robust KD class weights (selection's, + U[0, 0.1) per class as published): "
+        weights = robust_weights(args, selection, teacher, labelled, device, amp)
+        class_weights = robust_class_weights(weights.double(), args.seed).float()
+        say("robust KD class weights (selection's" + (" and the labelled images'" if labelled is not None else "")
+            + ", + U[0, 0.1) per class as published): "
             + " ".join(f"{w:.4f}" for w in class_weights[:20].tolist()) + (" ..." if len(class_weights) > 20 else ""))
         class_weights = class_weights.to(device)
     train_module = engine.StudentWithFeatures(student, noise, s_blocks)
@@ -445,8 +598,9 @@ def _run(args, device, rank, world, student_dir):
         train_module = DistributedDataParallel(train_module, device_ids=[device.index] if on_gpu else None)
     if args.compile:
         mode = "reduce-overhead" if args.cuda_graphs else None
-        train_module = torch.compile(train_module, mode=mode)
-        teacher_module = torch.compile(teacher_module, mode=mode)
+        # static shapes: the last, partial batch gets its own graph instead of turning all of them dynamic
+        train_module = torch.compile(train_module, mode=mode, dynamic=False)
+        teacher_module = torch.compile(teacher_module, mode=mode, dynamic=False)
     patchattn = args.patchattn if args.attnprobe_dist else 0.0
 
     def loss_fn(images, _labels):
@@ -489,8 +643,9 @@ def _run(args, device, rank, world, student_dir):
     return final
 
 
-# settings that cannot change what a resumed run computes; --epochs is checked on its own
-RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "cuda_graphs", "resume", "output_dir",
+# settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
+# partial batch); --epochs is checked on its own
+RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
                   "eval_only", "epochs", "epochs_resolved", "lr_offset"}
 
 

@@ -194,7 +194,7 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
     for m in modules:
         m.train()
     augment.seed(seed * 1000003 + epoch * 1009 + rank, device)
-    sums, count, t0 = {}, 0, time.time()
+    sums, count, seen, t0 = {}, 0, 0, time.time()
     bar = tqdm(total=len(batches), desc=f"{desc} {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
     for step, (images, labels) in enumerate(batches.epoch(epoch)):
         images = images.to(device, non_blocking=True)
@@ -210,6 +210,7 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         count += 1
+        seen += images.shape[0]
         bar.update(1)
         if (step + 1) % log_every == 0:
             if not torch.isfinite(losses["loss"].detach()).item():
@@ -224,8 +225,7 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
         t = torch.tensor([metrics.get(k, 0.0) for k in sorted(metrics)], device=device)
         dist.all_reduce(t)
         metrics = dict(zip(sorted(metrics), (t / world).tolist()))
-    per_rank = getattr(batches, "per_rank", None) or batches.loader.batch_size
-    metrics["img_per_s"] = count * per_rank * world / max(seconds, 1e-9)
+    metrics["img_per_s"] = seen * world / max(seconds, 1e-9)
     metrics["seconds"] = seconds
     if not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(f"non-finite training metrics at epoch {epoch}: {metrics}")

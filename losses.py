@@ -1,4 +1,4 @@
-"""Losses of probe distillation (SPEC §1), under the published names and argument orders.
+"""Losses of probe distillation (the paper; the published loss.py), under the published names and argument orders.
 
     loss = kdloss(s, t) + noise_adaptation(s, t) + patchattn * patch_attention_probe_loss(f_t, f_s)
 """

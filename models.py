@@ -21,7 +21,7 @@ from torch import nn
 import data
 from utils import InputError, safe_torch_load
 
-# size name -> (embed_dim, num_heads); depth is 12 for all (SPEC §2)
+# size name -> (embed_dim, num_heads); depth is 12 for all (the published vision_transformer.py)
 _SIZES = {"tiny": (128, 2), "small": (192, 2), "base": (384, 3)}
 # resolution -> in_chans: 32x32 RGB (CIFAR), 28x28 grey (MNIST-style)
 _INPUTS = {32: 3, 28: 1}

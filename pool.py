@@ -3,21 +3,27 @@
 Pool order is fixed and shared by every stage: score files, selection indices and the cache are
 all indexed by the position of an image in `PoolIndex.ids`.
 
-Choices (see SPEC §3-§6):
-- Folder pools: ids are paths relative to the folder ('/' separators), sorted as strings.
-  Hidden files and folders (name starting with '.') are skipped, so caches/scores may live inside.
+Choices:
+- Folder pools: ids are paths relative to the folder ('/' separators), in torchvision ImageFolder's
+  order (class folder, then sub-folder, then file name, each sorted as strings), so published score
+  files, which follow that order, line up; images directly in the folder come first (ImageFolder
+  ignored them). Hidden files and folders (name starting with '.') are skipped, so caches/scores may
+  live inside (ImageFolder kept them).
 - Tar shards (WebDataset style): ids are '<shard file name>:<key>', e.g. '00000.tar:n0144_10026';
   shards sorted by name, samples in tar order; a sample is read with pread() at the member's
   data offset, never unpacked.
-- Decoding: RGB or L, alpha composited on BLACK (premultiplied), 16-bit scaled by 1/257 (rounded),
-  no EXIF rotation (the teacher's training pipeline, torchvision's pil_loader, does not apply it),
-  bilinear resize (PIL's antialiasing) to (size, size) ignoring aspect ratio. By default the JPEG is
-  decoded at full size first, as the published pipeline does (PIL convert('RGB') then torchvision
-  Resize((s, s))), so scores equal the published code's; `fast_decode=True` (--fast_decode) lets
-  libjpeg decode large JPEGs at a reduced scale instead (≈2x faster, slightly different pixels).
-- Bad images never stop a run: `PoolDataset` returns a 4-tuple (image, index, ok, reason) with
-  zeros and the reason for a bad image; the cache keeps `ok.npy` and `skipped.txt`.
+- Decoding follows the published loader (torchvision's pil_loader under the published scripts'
+  ImageFile.LOAD_TRUNCATED_IMAGES = True): truncated files are decoded with the missing part filled as
+  PIL fills it, then img.convert('RGB') (convert('L') for one-channel teachers: alpha dropped, 16-bit
+  values clipped at 255, as PIL converts), no EXIF rotation, then torchvision's Resize((s, s)) on the
+  PIL image (bilinear with PIL's antialiasing, aspect ratio ignored). `fast_decode=True`
+  (--fast_decode) lets libjpeg decode large JPEGs at a reduced scale first (≈2x faster, slightly
+  different pixels).
+- Files PIL cannot load (the published run stopped on the first one) never stop a run: `PoolDataset`
+  returns a 4-tuple (image, index, ok, reason) with zeros and the reason for a bad image; the cache
+  keeps `ok.npy` and `skipped.txt`.
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +36,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from utils import InputError, atomic_write_bytes, atomic_write_text
 
@@ -41,11 +47,11 @@ _EXT_SET = frozenset(IMG_EXTENSIONS)
 # limit (2 * Image.MAX_IMAGE_PIXELS at its default), so both checks agree; tests lower it.
 MAX_PIXELS = 178_956_970
 
-CACHE_VERSION = 2  # 2: meta.json names the decoding ('published' or 'fast'); v1 caches were all 'fast'
+CACHE_VERSION = 2  # 2: meta.json names the decoding (decode_mode); v1 caches were all reduced-scale
 
 
 class BadImage(Exception):
-    """An image that cannot be used (empty, truncated, corrupt, not an image, too large)."""
+    """An image PIL cannot load (empty, not an image, corrupt beyond its truncation, too large)."""
 
 
 def _is_image_name(name: str) -> bool:
@@ -140,6 +146,13 @@ class PoolIndex:
         return f"{len(self):,} samples in {len(self.shards)} tar shard(s) under {self.root}"
 
 
+def image_folder_key(rel: str):
+    """Sort key of a '/'-separated relative path in torchvision ImageFolder's order: class folder, then
+    the folder (ImageFolder walks sorted(os.walk(class folder))), then the file name; top-level files first."""
+    folder, _, name = rel.rpartition("/")
+    return folder.split("/", 1)[0], folder, name
+
+
 def _bad_name(name: str) -> bool:
     # ids go into one-line text files; names with tab/newline cannot be listed faithfully
     return "\n" in name or "\r" in name or "\t" in name
@@ -175,7 +188,7 @@ def _list_folder(root: str) -> PoolIndex:
               "characters and were left out of the pool", file=sys.stderr)
     if not entries:
         return None
-    entries.sort(key=lambda e: e[0])
+    entries.sort(key=lambda e: image_folder_key(e[0]))
     ids = [e[0] for e in entries]
     sizes = np.fromiter((e[1] for e in entries), dtype=np.int64, count=len(entries))
     mtimes = np.fromiter((e[2] for e in entries), dtype=np.int64, count=len(entries))
@@ -298,109 +311,73 @@ def pool_fingerprint(index: PoolIndex) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _alpha_on_black(img: Image.Image) -> Image.Image:
-    """RGBA/LA/P+transparency -> RGB or L, composited on black (= premultiplied by alpha)."""
-    if img.mode in ("LA", "La") or (img.mode == "L" and "transparency" in img.info):
-        la = img.convert("LA")
-        out = Image.new("L", la.size, 0)
-        out.paste(la.getchannel("L"), mask=la.getchannel("A"))
-        return out
-    rgba = img.convert("RGBA")
-    out = Image.new("RGB", rgba.size, (0, 0, 0))
-    out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
-    return out
-
-
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """I;16* / I / F single-channel images -> 8-bit L without clipping.
-
-    I;16*: v/257 rounded (0..65535 -> 0..255). I and F: already 8-bit range -> as is (F in [0,1]
-    -> x255); 16-bit range -> /257; anything else -> min-max stretch."""
-    m = img.mode
-    a = np.asarray(img.convert("F") if m == "F" else img.convert("I")).astype(np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if m.startswith("I;16"):
-        a = a / 257.0
-    elif m == "F" and lo >= 0 and hi <= 1.0:
-        a = a * 255.0
-    elif lo >= 0 and hi <= 255:
-        pass
-    elif lo >= 0 and hi <= 65535:
-        a = a / 257.0
-    else:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-
-
-def _to_rgb_or_l(img: Image.Image) -> Image.Image:
-    m = img.mode
-    if m in ("RGB", "L") and "transparency" not in img.info:
-        return img
-    if m in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        return _alpha_on_black(img)
-    if m.startswith("I") or m == "F":
-        return _high_depth_to_l(img)
-    if m == "1":
-        return img.convert("L")
-    if m == "P":
-        return img.convert("RGB")
-    return img.convert("RGB")  # CMYK, YCbCr, RGBX, HSV, ...; unsupported ones raise -> BadImage
+@contextlib.contextmanager
+def _truncated_images_decoded():
+    """PIL decodes truncated files while this is active (the missing part filled as PIL fills it), as the
+    published scripts' global ImageFile.LOAD_TRUNCATED_IMAGES = True made it; restored afterwards, so
+    no other PIL use of the process sees the setting (decoding runs in one thread per process)."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def decode_mode(fast_decode: bool) -> str:
     """The name of a decoding, as stored in cache metadata and score fingerprints."""
-    return "fast" if fast_decode else "published"
+    return "published_loader_draft" if fast_decode else "published_loader"
 
 
 def decode_image(data: bytes, size, in_chans: int, fast_decode: bool = False) -> np.ndarray:
     """Encoded bytes -> uint8 array (size, size, in_chans), or the native size when size is None.
-    Raises BadImage with a reason.
+    Raises BadImage with a reason when PIL cannot load the file (the published loader raised there).
 
-    Full decode, then a bilinear resize (with antialiasing) to (size, size): for RGB/L images
-    exactly torchvision's Resize((size, size)) on the PIL image. fast_decode=True: JPEGs at least
-    twice `size` on both sides are decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, never
-    below `size`) via Image.draft before that resize."""
+    As the published loader and transform: PIL decodes (truncated files too), img.convert('RGB')
+    (convert('L') when in_chans is 1), then Resize((size, size)) on the PIL image. fast_decode=True:
+    JPEGs at least twice `size` on both sides are decoded by libjpeg at a reduced scale (1/2, 1/4 or
+    1/8, never below `size`) via Image.draft before that resize."""
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     if not data:
         raise BadImage("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # our MAX_PIXELS check below decides; PIL's warning band is normal for big photos
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise BadImage("not a recognised image format") from None
-    except Exception as e:
-        raise BadImage(f"cannot open: {type(e).__name__}: {e}") from None
-    try:
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise BadImage(f"empty image {w}x{h}")
-        if w * h > MAX_PIXELS:
-            raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
-        if fast_decode and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
-            img.draft("RGB" if in_chans == 3 else "L", (size, size))
-        img.load()  # truncated/corrupt data raises here (LOAD_TRUNCATED_IMAGES left False)
-        out = _to_rgb_or_l(img)
-        want = "RGB" if in_chans == 3 else "L"
-        if out.mode != want:
-            out = out.convert(want)
-        if size and out.size != (size, size):
-            out = out.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
-    except BadImage:
-        raise
-    except Exception as e:
-        raise BadImage(f"corrupt or truncated: {type(e).__name__}: {e}") from None
-    finally:
-        img.close()
+    with _truncated_images_decoded():
+        try:
+            with warnings.catch_warnings():
+                # our MAX_PIXELS check below decides; PIL's warning band is normal for big photos
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise BadImage(f"decompression bomb: {e}") from None
+        except UnidentifiedImageError:
+            raise BadImage("not a recognised image format") from None
+        except Exception as e:
+            raise BadImage(f"cannot open: {type(e).__name__}: {e}") from None
+        try:
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise BadImage(f"empty image {w}x{h}")
+            if w * h > MAX_PIXELS:
+                raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
+            if fast_decode and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
+                img.draft("RGB" if in_chans == 3 else "L", (size, size))
+            out = img.convert("RGB" if in_chans == 3 else "L")   # torchvision's pil_loader
+            if size and out.size != (size, size):
+                out = out.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
+        except BadImage:
+            raise
+        except Exception as e:
+            raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
+        finally:
+            img.close()
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
+
+
+# why a skipped image is skipped, in skipped.txt: the published run stopped at the first such file
+PUBLISHED_STOPPED = "PIL cannot load it; the published loader stopped the run here"
 
 
 def _load(index: PoolIndex, i: int, size: int, in_chans: int, fast_decode: bool = False):
@@ -408,11 +385,11 @@ def _load(index: PoolIndex, i: int, size: int, in_chans: int, fast_decode: bool 
     try:
         data = index.read_bytes(i)
     except OSError as e:
-        return None, f"unreadable: {type(e).__name__}: {e}"
+        return None, f"unreadable: {type(e).__name__}: {e} ({PUBLISHED_STOPPED})"
     try:
         return decode_image(data, size, in_chans, fast_decode), ""
     except BadImage as e:
-        return None, str(e) or "bad image"
+        return None, f"{str(e) or 'bad image'} ({PUBLISHED_STOPPED})"
 
 
 def clean_reason(reason: str) -> str:
@@ -500,7 +477,7 @@ class PoolCache:
         self.n = int(meta["n"])
         self.size = int(meta["size"])
         self.in_chans = int(meta["in_chans"])
-        self.decode = meta["decode"]  # 'published' or 'fast' (decode_mode)
+        self.decode = meta["decode"]  # decode_mode's name
         self.fingerprint = meta["fingerprint"]
         img_path = os.path.join(cache_dir, "images.u8")
         want = self.n * self.size * self.size * self.in_chans

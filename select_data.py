@@ -513,21 +513,34 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
     return order[keep]                                                          # still best first
 
 
-def class_weights_from_probs(probs, selected, num_classes):
-    """1 / (teacher softmax summed per class over the selection), rescaled to sum to num_classes."""
+def class_mass(probs, pred, selected, num_classes):
+    """What the class weights count over the `selected` pool indices -> ((C,) float64, kind): the teacher's
+    softmax summed per class (kind 'softmax', from the stored (N, C) `probs`) or, for published score
+    files without probs (probs None), the predicted classes counted (kind 'counts')."""
+    if probs is None:
+        return torch.bincount(pred[selected].clamp_min(0), minlength=num_classes).double(), "counts"
     totals = torch.zeros(num_classes, dtype=torch.float64)
     sel = np.sort(selected.numpy())
     for start in range(0, len(sel), 65536):
         totals += torch.from_numpy(np.asarray(probs[sel[start:start + 65536]], dtype=np.float64)).sum(0)
-    weights = 1.0 / totals.clamp_min(1e-12)
-    return (weights / weights.sum() * num_classes).float()
+    return totals, "softmax"
+
+
+def weights_from_mass(mass, kind):
+    """1 / (per-class mass), rescaled to sum to the number of classes (a class without any counts as
+    1e-12 of softmax mass, or as 1 image)."""
+    weights = 1.0 / mass.clamp_min(1e-12 if kind == "softmax" else 1.0)
+    return (weights / weights.sum() * len(mass)).float()
+
+
+def class_weights_from_probs(probs, selected, num_classes):
+    """1 / (teacher softmax summed per class over the selection), rescaled to sum to num_classes."""
+    return weights_from_mass(*class_mass(probs, None, selected, num_classes))
 
 
 def class_weights_from_preds(pred, selected, num_classes):
     """Fallback for published caches without probs: hard counts of predicted classes."""
-    counts = torch.bincount(pred[selected].clamp_min(0), minlength=num_classes).double()
-    weights = 1.0 / counts.clamp_min(1.0)
-    return (weights / weights.sum() * num_classes).float()
+    return weights_from_mass(*class_mass(None, pred, selected, num_classes))
 
 
 @dataclass
@@ -541,6 +554,7 @@ class Selection:
     cache: object                   # its uint8 pool.PoolCache when there is one, else None (decode)
     rule: str                       # how the images were chosen, in words
     value: torch.Tensor = None      # (K,) combined score of each, when a scoring rule chose them
+    class_mass: tuple = None        # ((C,) float64, kind) of class_mass(): what class_weights count
 
     def __len__(self):
         return len(self.indices)
@@ -575,12 +589,12 @@ def run_selection(args, teacher, device):
     if cache is None:
         cache = existing_cache(args, teacher)
     return Selection(chosen["indices"], [pool_index.ids[i] for i in chosen["indices"].tolist()], chosen["pred"],
-                     chosen["class_weights"], pool_index, cache, chosen["rule"], chosen["value"])
+                     chosen["class_weights"], pool_index, cache, chosen["rule"], chosen["value"], chosen["class_mass"])
 
 
 def select_from_scores(args, teacher, pool_index):
     """Cheap: combine the stored scores, choose, write selection.pt / selected.txt / class_weights.pth.
-    Returns {'indices', 'pred', 'value', 'class_weights', 'rule'}."""
+    Returns {'indices', 'pred', 'value', 'class_weights', 'class_mass', 'rule'}."""
     blocks = sorted(args.probe_blocks)
     out = args.selected_file
     rule_name = getattr(args, "rule", "published")
@@ -601,10 +615,9 @@ def select_from_scores(args, teacher, pool_index):
             raise InputError(f"--rule {rule_name}: {e} (score files in {out})") from None
     chosen = select_indices(value, usable, args.num_select, pred, args.per_class, args.random, args.seed)
     probs_path = os.path.join(out, "probs_out.npy")
-    if os.path.exists(probs_path):
-        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), chosen, teacher.num_classes)
-    else:
-        weights = class_weights_from_preds(pred, chosen, teacher.num_classes)
+    probs = np.load(probs_path, mmap_mode="r") if os.path.exists(probs_path) else None
+    mass = class_mass(probs, pred, chosen, teacher.num_classes)
+    weights = weights_from_mass(*mass)
     rule = "random" if args.random else ("attention probe" if args.attnprobe_sel else "outlier (confidence)")
     if rule_name != "published":
         rule = f"signal rule {rule_name}"
@@ -618,7 +631,7 @@ def select_from_scores(args, teacher, pool_index):
     atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
     print_summary(record, value, usable, teacher.num_classes)
     return {"indices": chosen, "pred": record["pred"], "value": record["value"], "class_weights": weights,
-            "rule": rule}
+            "class_mass": mass, "rule": rule}
 
 
 def load_selection(path, args, teacher):
@@ -641,13 +654,13 @@ def load_selection(path, args, teacher):
     probs_path = os.path.join(args.selected_file, "probs_out.npy")
     meta_path = os.path.join(args.selected_file, "scores_meta.json")
     if os.path.exists(probs_path) and _saved_fingerprint(meta_path) == score_fingerprint(args, teacher, pool_index):
-        weights = class_weights_from_probs(np.load(probs_path, mmap_mode="r"), indices, teacher.num_classes)
+        mass = class_mass(np.load(probs_path, mmap_mode="r"), None, indices, teacher.num_classes)
     else:
-        weights = class_weights_from_preds(pred, torch.arange(len(pred)), teacher.num_classes)
+        mass = class_mass(None, pred, torch.arange(len(pred)), teacher.num_classes)
     value = sel.get("value")
-    return Selection(indices, [pool_index.ids[i] for i in indices.tolist()], pred, weights, pool_index,
-                     existing_cache(args, teacher), str(sel.get("rule", f"from {path}")),
-                     torch.as_tensor(value).float() if value is not None else None)
+    return Selection(indices, [pool_index.ids[i] for i in indices.tolist()], pred, weights_from_mass(*mass),
+                     pool_index, existing_cache(args, teacher), str(sel.get("rule", f"from {path}")),
+                     torch.as_tensor(value).float() if value is not None else None, mass)
 
 
 def _saved_fingerprint(meta_path):

@@ -14,7 +14,7 @@ One run, one device. Sections (each fails alone, as an error row):
       features, foreach AdamW, Python-loop noise matrix, full Gram matrices, two host syncs a step);
   (c) building the 32-px uint8 cache from ImageNet-sized JPEGs vs the published per-epoch full decode;
 then the peak memory of each and an end-to-end estimate of a CIFAR-100 reproduction.
-Random weights and inputs: compute only. SPEC §6 lists what one H200 gave (torch 2.11):
+Random weights and inputs: compute only. A lean prototype of the same steps gave on one H200 (torch 2.11):
 scoring 6,550 vs 66,400 img/s (96,300 compiled); step at batch 256 4,350-4,880 vs 21,400 img/s
 (compiled + CUDA graphs). --quick numbers on a CPU only show that everything runs.
 """
@@ -50,16 +50,16 @@ from utils import amp_dtype
 TEACHER_ACC = 0.7630            # published CIFAR-100 teacher accuracy (noise adaptation)
 LR_S, WEIGHT_DECAY = 7.5e-4, 0.025
 
-# end-to-end estimate of a CIFAR-100 reproduction (SPEC §1, §6)
+# end-to-end estimate of a CIFAR-100 reproduction
 POOL_IMAGES = 1_281_167         # ImageNet train = the wild pool
 NUM_SELECT = 650_000
 EPOCHS = 251                    # published: range(1, int(320000 / 650000 * 512)) = 251 epochs
 OUR_CORES = 16
-PUB_DECODE_PER_CORE = 410       # full-size JPEG decode + resize with PIL, img/s per core (SPEC §6)
+PUB_DECODE_PER_CORE = 410       # full-size JPEG decode + resize with PIL, img/s per core (the same prototype's host)
 PUB_WORKERS = 8                 # published DataLoader num_workers
 REQUIRED_KEYS = ("device", "torch", "timm", "scoring_speedup", "train_speedup_batch256",
                  "train_img_per_s_large_batch", "cache_img_per_s_per_core")
-SPEC_FIGURES = {                # SPEC §6 (H200), used when a section did not run
+H200_FIGURES = {                # the lean prototype on one H200 (torch 2.11), used when a section did not run
     "scoring_img_per_s_ours_best": 66_400, "scoring_img_per_s_published": 6_550,
     "train_img_per_s_batch256_ours": 21_400, "train_img_per_s_batch256_published": 4_350,
     "cache_img_per_s_per_core": 1_170,
@@ -291,8 +291,8 @@ def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
         # a fresh compile cache, as in a real run, which only ever sees this one batch shape
         torch._dynamo.reset()
         mode = "reduce-overhead" if variant == "cuda_graphs" else None
-        train_module = torch.compile(train_module, mode=mode)
-        teacher_module = torch.compile(teacher_module, mode=mode)
+        train_module = torch.compile(train_module, mode=mode, dynamic=False)
+        teacher_module = torch.compile(teacher_module, mode=mode, dynamic=False)
 
     def loss_fn(images, _labels):
         return engine.distill_losses(teacher_module, train_module, images, None, PATCHATTN)
@@ -491,13 +491,13 @@ def section_cache(args, res):
 # ---- end-to-end estimate ------------------------------------------------------------------
 
 def end_to_end(res):
-    """Hours for a CIFAR-100 reproduction from the measured rates; SPEC §6 figures fill any gap."""
+    """Hours for a CIFAR-100 reproduction from the measured rates; the H200 reference figures fill any gap."""
     src = {}
 
     def rate(key):
         v = res.get(key)
-        src[key] = "measured" if v else "SPEC §6"
-        return v or SPEC_FIGURES[key]
+        src[key] = "measured" if v else "H200 reference"
+        return v or H200_FIGURES[key]
 
     per_core = rate("cache_img_per_s_per_core")
     s_ours, s_pub = rate("scoring_img_per_s_ours_best"), rate("scoring_img_per_s_published")
@@ -511,7 +511,7 @@ def end_to_end(res):
            "distillation": max(samples / feed, samples / t_pub)}
     lines = [
         f"END-TO-END ESTIMATE, CIFAR-100 reproduction (rates measured here on {res.get('device')}, "
-        "unless marked SPEC §6)",
+        "unless marked H200 reference)",
         f"  ours      cache build   {POOL_IMAGES:,} img / ({per_core:,.0f} img/s/core x {OUR_CORES} cores)"
         f"{_mark(src, 'cache_img_per_s_per_core')} = {ours['cache']:,.0f} s",
         f"            scoring       {POOL_IMAGES:,} img / {s_ours:,.0f} img/s{_mark(src, 'scoring_img_per_s_ours_best')}"
@@ -538,7 +538,7 @@ def end_to_end(res):
 
 
 def _mark(src, key):
-    return "" if src.get(key) == "measured" else " [SPEC §6]"
+    return "" if src.get(key) == "measured" else " [H200 reference]"
 
 
 # ---- report -------------------------------------------------------------------------------

@@ -106,19 +106,23 @@ def odd_valid_files(size=40, seed=0):
         "tiny.png": encode(smooth_rgb(3, 2, seed + 2), "PNG"),
         "progressive.jpg": encode(base, "JPEG", progressive=True),
         "bmp.bmp": encode(base, "BMP"),
+        # decoded with the missing part filled, as the published scripts' LOAD_TRUNCATED_IMAGES = True did
+        "truncated.jpg": encode(base, "JPEG", quality=90)[:700],
+        "truncated.png": encode(base, "PNG")[:1600],
     }
 
 
 def broken_files(size=40, seed=0):
-    """{file name: bytes} of files with image extensions that cannot be decoded: each must be skipped."""
+    """{file name: bytes} of files with image extensions that PIL cannot load (the published loader
+    raised on them): each must be skipped."""
     base = smooth_rgb(size, size, seed)
     jpg = encode(base, "JPEG", quality=90)
     png = encode(base, "PNG")
     return {
         "zero.jpg": b"",
         "zero.png": b"",
-        "truncated.jpg": jpg[: len(jpg) // 2],
-        "truncated.png": png[: len(png) // 2],
+        "cut_in_header.jpg": jpg[:200],
+        "cut_in_header.png": png[:40],
         "header_only.jpg": jpg[:20],
         "text.jpg": b"this is not an image\n" * 20,
         "random.png": np.random.default_rng(seed).integers(0, 256, 500, dtype=np.uint8).tobytes(),

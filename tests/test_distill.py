@@ -66,6 +66,8 @@ def test_end_to_end_losses_fall(world):
     proc = subprocess.run(train_cmd(world, "--output_dir", str(out), "--epochs", "4", "--lr_S", "2e-3",
                                     "--attnprobe_sel", "--attnprobe_dist"), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # 28 images at batch 8: the last partial batch is kept, as the published DataLoader kept it
+    assert "training on 28 images (4 held out) for 4 epochs (--epochs), 4 steps/epoch at global batch 8" in proc.stdout
     log = read_log(out / "log.txt")
     epochs = [r for r in log if "epoch" in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3]
@@ -222,11 +224,17 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "root_wild": str(tmp_path / "pool"),
            "root_data": str(tmp_path / "tiny"), "teacher_file": str(tmp_path / "teacher.pth"),
            "selected": str(tmp_path / "sel"), "output": str(tmp_path / "out"), "TEACHER": "deit_tiny_patch16_224",
-           "NB_CLASSES": "3", "NUM_SELECT": "6", "POS_NUM": "2", "EXTRA": "--epochs 1 --batch_size 4 --workers 0"}
+           "NB_CLASSES": "3", "NUM_SELECT": "6", "POS_NUM": "2",
+           "EXTRA": "--epochs 1 --batch_size 4 --workers 0 --robust"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "training_tinyimagenet.sh")], capture_output=True, text=True,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NOT DATA-FREE" in proc.stdout
+    # the published normalisation of DFND_DeiT-imagenet.py (CIFAR's), for scoring and training alike
+    cifar = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+    assert tuple(json.load(open(tmp_path / "out" / "args.json"))[k] for k in ("mean", "std")) == cifar
+    assert tuple(json.load(open(tmp_path / "sel" / "scores_meta.json"))[k] for k in ("mean", "std")) == cifar
+    assert "robust KD class weights (selection's and the labelled images'" in proc.stdout
     # the labeled images are part of this run: recorded in its folder; stage 1's folder is not written
     assert torch.load(tmp_path / "out" / "labelset_index_dict.pth", weights_only=True)["positive_index"] == \
         [0, 1, 4, 5, 8, 9]
@@ -262,9 +270,38 @@ def test_224px_scripts_pass_the_published_settings(tmp_path):
     assert os.path.basename(tiny.teacher_dir) == "tinyimagenet_deit_small_patch16_224.pth"
     for args in (imagenet, tiny):
         assert args.attnprobe_sel and args.attnprobe_dist and args.student == "deit_tiny_patch16_224"
+        # DFND_DeiT-imagenet.py normalised every image with CIFAR's statistics
+        assert args.mean == [0.4914, 0.4822, 0.4465] and args.std == [0.2023, 0.1994, 0.2010]
     # every default can still be overridden from the environment
     custom = script_flags(tmp_path, "training_tinyimagenet.sh", NUM_SELECT="7", TEACHER="t", LR_S="1e-3")
     assert (custom.num_select, custom.teacher, custom.lr_S) == (7, "t", 1e-3)
+
+
+def test_robust_class_weights_count_the_labelled_images(world):
+    """--robust with --pos_num: the labelled images count in the class weights with the selection, as
+    DFND_DeiT-imagenet.py's get_class_weight summed the teacher's softmax over both (here unaugmented)."""
+    from types import SimpleNamespace
+    import data
+    import distill
+    import models
+    teacher = models.load_teacher("deit_tiny_patch4_32_teacher", None, world / "teacher.pth")
+    train = data.load_labeled("cifar10", world / "cifar", "train", 32, 3)
+    labelled = torch.utils.data.Subset(train, list(range(0, 50, 5)))
+    x = torch.stack([labelled[i][0] for i in range(len(labelled))]).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        logits = teacher.model(x)
+    args = SimpleNamespace(workers=0)
+    cpu = torch.device("cpu")
+    selection_mass = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
+    for kind, extra in (("softmax", logits.softmax(1).sum(0).double()),
+                        ("counts", torch.bincount(logits.argmax(1), minlength=10).double())):
+        selection = SimpleNamespace(class_weights=None, class_mass=(selection_mass, kind))
+        got = distill.robust_weights(args, selection, teacher, labelled, cpu, None)
+        inverse = 1 / (selection_mass + extra).clamp_min(1e-12 if kind == "softmax" else 1.0)
+        assert torch.allclose(got.double(), inverse / inverse.sum() * 10, rtol=1e-5), kind
+    own = torch.full((10,), 1.0)
+    assert distill.robust_weights(args, SimpleNamespace(class_weights=own), teacher, None, cpu, None) is own
 
 
 def test_images_their_dataset_cropped_get_no_second_crop():

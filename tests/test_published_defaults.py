@@ -1,5 +1,6 @@
-"""The published commands build the published configuration (SPEC §7): the flags the run scripts pass,
-parsed by our parsers, give the published defaults; parsers refuse abbreviations and accept the
+"""The published commands build the published configuration (the defaults of the published
+DFND_DeiT-train.py / DFND_DeiT-imagenet.py and the flags of its training*.sh): the flags our run scripts
+pass, parsed by our parsers, give the published defaults; parsers refuse abbreviations and accept the
 DeiT/timm spellings users type."""
 import os
 import re
@@ -37,7 +38,9 @@ def parse_script(script, occurrence=0, env=None):
     target = "training_imagenet.sh" if script == "training_tinyimagenet.sh" else script
     argv = script_argv(target, occurrence=occurrence)
     values = {**script_defaults(script), **(env or {})}
-    argv = [values.get(a[4:], a) if a.startswith("VAR_") else a for a in argv]
+    # an unquoted $VAR splits into words, as bash does (VAR=${VAR:-"a b"} holds a b)
+    argv = [word for a in argv
+            for word in (values[a[4:]].strip('"').split() if a.startswith("VAR_") and a[4:] in values else [a])]
     return distill.get_args_parser().parse_args(argv)
 
 
@@ -52,6 +55,17 @@ def test_training_sh_builds_the_published_cifar_configuration():
         assert args.weight_decay == 0.025 and args.batch_size == 256
         assert args.holdout == 0 and args.epochs is None and args.pos_num == 0
         assert args.crop_padding is None and distill.default_crop_padding(32) == 4
+
+
+def test_224px_scripts_pass_the_published_normalisation_and_32px_ones_none():
+    """DFND_DeiT-imagenet.py normalised every image with CIFAR's mean/std; the 32-px commands pass none, so
+    every image gets the teacher file's mean/std, else ImageNet's."""
+    for script in ("training_imagenet.sh", "training_tinyimagenet.sh"):
+        args = parse_script(script)
+        assert args.mean == [0.4914, 0.4822, 0.4465] and args.std == [0.2023, 0.1994, 0.2010], script
+    for occurrence in (0, 1):
+        args = parse_script("training.sh", occurrence)
+        assert args.mean is None and args.std is None
 
 
 def test_parsers_refuse_abbreviations_and_take_deit_spellings(capsys):

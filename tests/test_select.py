@@ -1,4 +1,4 @@
-"""select_data.py: scores equal an independent computation of SPEC §1; selection rules; reuse."""
+"""select_data.py: scores equal an independent computation of the paper's score; selection rules; reuse."""
 import os
 import subprocess
 import sys
@@ -43,7 +43,7 @@ def save_base_teacher(path, num_classes=10, seed=0):
 
 
 def direct_scores(model, paths, blocks=(3, 7), head=0, resize=None):
-    """SPEC §1 written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs.
+    """The score written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs.
     resize=s: the published wild-image transform, torchvision Resize((s, s)) on the PIL image first."""
     from torchvision import transforms
     steps = [transforms.Resize((resize, resize))] if resize else []
