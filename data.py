@@ -22,10 +22,12 @@ GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
-DATASETS = ("cifar10", "cifar100", "mnist", "fashionmnist", "tinyimagenet", "imagenet", "folder")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}   # fixed-format datasets
-# every named task's class count (folder datasets may hold fewer classes than their full task)
-DATASET_CLASSES = {**NUM_CLASSES, "tinyimagenet": 200, "imagenet": 1000}
+# --dataset name -> its class count (None: as many as the folder holds)
+DATASETS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10, "tinyimagenet": 200,
+            "imagenet": 1000, "folder": None}
+# Inputs above LARGE_INPUT px (the 224-px DeiTs) take the published 224-px paths (Resize + CenterCrop test
+# images, random-crop positives, images decoded per step); smaller ones the 32-px paths (uint8 in memory).
+LARGE_INPUT = 64
 
 # --------------------------------------------------------------------------- CIFAR pickles
 
@@ -315,14 +317,9 @@ def _decode_array(path, img_size, in_chans):
         raise InputError(f"cannot decode image {path}: {e}") from None
 
 
-def decode_image(path, img_size=None, in_chans=3):
+def read_image(path, img_size=None, in_chans=3):
     """A labeled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
     return torch.from_numpy(_decode_array(path, img_size, in_chans)).permute(2, 0, 1).contiguous()
-
-
-# Models with larger inputs (the 224-px DeiTs) get the published 224-px transforms for labeled
-# images; smaller ones keep the 32-px paths (images as stored, or resized to (size, size)).
-LARGE_INPUT = 64
 
 
 def resize_shorter(arr, size):
@@ -379,7 +376,7 @@ class FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         if self.center_crop:
             return decode_resize_center_crop(path, self.img_size, self.in_chans), label
-        return decode_image(path, self.img_size, self.in_chans), label
+        return read_image(path, self.img_size, self.in_chans), label
 
 
 def set_epoch(dataset, epoch):
@@ -451,9 +448,9 @@ class RandomCropImages(torch.utils.data.Dataset):
 
 def _folder_to_array(samples, classes, img_size, in_chans, num_classes):
     """Decode a small-image ImageFolder split fully into memory (CIFAR/MNIST converter output)."""
-    imgs = [decode_image(p, None, in_chans) for p, _ in samples]
+    imgs = [read_image(p, None, in_chans) for p, _ in samples]
     if len({tuple(t.shape) for t in imgs}) > 1:  # mixed sizes: bring each to img_size first
-        imgs = [decode_image(p, img_size, in_chans) for p, _ in samples]
+        imgs = [read_image(p, img_size, in_chans) for p, _ in samples]
     x = torch.stack(imgs).permute(0, 2, 3, 1)
     return ArrayDataset(x, [s[1] for s in samples], classes, img_size, in_chans, num_classes)
 
@@ -491,7 +488,7 @@ def load_labeled(dataset, root, split, img_size, in_chans):
     if not os.path.isdir(root):
         raise InputError(f"missing data root: {root}")
     train = split == "train"
-    n_cls = NUM_CLASSES.get(dataset)
+    n_cls = DATASETS[dataset]
 
     if dataset in ("cifar10", "cifar100"):
         pickles = cifar_dir(root, dataset)

@@ -4,6 +4,7 @@
 #   ./demo.sh --seeds 0 1 2            3 seeds (a teacher and 7 students each): mean ± sd of every column
 #   ./demo.sh --pool far-ood           held-out images + made images, 10-class teacher
 #   ./demo.sh --full --device cuda     both pools, relevant share 0.2 and 0.6, 2 seeds (one GPU)
+#   ./demo.sh --ablation pd            selection x probe distillation: both pools, 3 seeds, 8 rules
 # Results: $OUT (default runs/demo)/results.md, results.json, results_<pool>.json, figures/*.png
 set -euo pipefail
 cd "$(dirname "$0")"

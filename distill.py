@@ -28,18 +28,19 @@ import models
 import pool
 import select_data
 from attention_probe import FEATURE_BLOCKS
-from data import DATASET_CLASSES
+from data import DATASETS, LARGE_INPUT
 from losses import NoiseAdaptation
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, barrier, check_writable,
-                   init_distributed, on_rank0, rank_world, resolve_device, run_lock)
+                   init_distributed, on_rank0, rank_world, resolve_device, run_lock, system_parser)
 
 # published noise-adaptation constants (teacher accuracies), used when the teacher file has none
 PUBLISHED_TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118, "tinyimagenet": 0.8118}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student", allow_abbrev=False)
-    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASET_CLASSES) + ["folder"],
+    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student",
+                                     allow_abbrev=False, parents=[system_parser()])
+    parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
                         help="the teacher's task; its test set measures the student")
     parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
                         "CIFAR pickles, IDX files, or an ImageFolder tree with train/ and val/")
@@ -74,12 +75,6 @@ def get_args_parser():
     g.add_argument("--resume", default="auto", help="'auto' (default: output_dir/student/last.pth if present), "
                    "a last.pth path, or 'no'")
     g.add_argument("--eval_only", "--eval", default=None, metavar="CKPT", help="only evaluate this student checkpoint")
-    g = parser.add_argument_group("system")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="autocast (auto: bf16 on CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile student and teacher steps")
     g.add_argument("--cuda_graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
     g.add_argument("--log_every", type=int, default=50, help="steps between progress-bar loss reads")
     return parser
@@ -94,7 +89,8 @@ PUBLISHED_FLAGS = {
     "data_cifar": ("a path on the authors' machine", "", ""),
     "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards", "no"),
     "teacher": ("deit_base_patch4_32_teacher", "", ""),
-    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files", "no"),
+    "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files; "
+                    "also `hf-hub:org/name` and timm pretrained tags, loaded by timm", "no"),
     "nb_classes": ("10", "read from the teacher's head; a wrong value failed to load in both", "no"),
     "num_select": ("600000", "the run scripts pass 650000 (CIFAR), 800000, 1000000", ""),
     "selected_file": ("a path on the authors' machine", "created when missing", "no"),
@@ -272,7 +268,7 @@ def check_args(args):
 
 def published_epochs(num_select, img_size):
     """The published E: its loop `for e in range(1, E)` trains E - 1 epochs."""
-    return int((320000 if img_size <= 64 else 640000) / num_select * 512)
+    return int((320000 if img_size <= LARGE_INPUT else 640000) / num_select * 512)
 
 
 def epoch_plan(args, img_size, saved=None):
@@ -362,7 +358,7 @@ def labeled_positives(args, img_size, in_chans, padding):
         chosen += (labels == c).nonzero().squeeze(1)[:args.pos_num].tolist()
     chosen.sort()
     plain = torch.utils.data.Subset(train, chosen)
-    if img_size > 64:
+    if img_size > LARGE_INPUT:
         if isinstance(train, data.FolderDataset):
             plain = data.FolderDataset([train.samples[i] for i in chosen], train.classes, img_size, in_chans,
                                        train.num_classes, center_crop=True)
@@ -417,7 +413,7 @@ class _ImagesOnly(torch.utils.data.Dataset):
 
 
 def training_images(args, selection, teacher, positives):
-    """The student's training set: in memory (uint8 tensor) up to 64 px, else a decoding Dataset."""
+    """The student's training set: in memory (uint8 tensor) up to LARGE_INPUT px, else a decoding Dataset."""
     img_size, in_chans = teacher.img_size, teacher.in_chans
     train_pos, hold_pos = split_holdout(selection.indices, args.holdout, args.seed)
     train_idx = selection.indices[train_pos]
@@ -425,7 +421,7 @@ def training_images(args, selection, teacher, positives):
     source = selection.source
     holdout = (pool.load_selected_uint8(source, hold_idx, img_size, in_chans, args.workers,
                                         fast_decode=args.fast_decode), selection.pred[hold_pos].long())
-    if img_size <= 64:
+    if img_size <= LARGE_INPUT:
         train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, args.workers,
                                          fast_decode=args.fast_decode)
         if positives is not None and len(positives):
@@ -494,13 +490,12 @@ def _run(args, device, rank, world, student_dir):
     say = print if rank == 0 else (lambda *a, **k: None)
     amp = amp_dtype(args.amp, device)
     # everything that can fail on bad input happens before any long work
-    teacher = models.load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device,
-                                  mean=args.mean, std=args.std, img_size=args.img_size, ema=args.teacher_ema)
+    teacher = models.teacher_from_args(args, device)
     in_chans, img_size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
     # resolved: saved in args.json and the checkpoints
     args.nb_classes, args.mean, args.std = teacher.num_classes, list(mean), list(std)
-    if args.dataset in DATASET_CLASSES and DATASET_CLASSES[args.dataset] != args.nb_classes:
-        say(f"note: --dataset {args.dataset} has {DATASET_CLASSES[args.dataset]} classes; "
+    if DATASETS[args.dataset] not in (None, args.nb_classes):
+        say(f"note: --dataset {args.dataset} has {DATASETS[args.dataset]} classes; "
             f"the teacher has {args.nb_classes}")
     test = data.load_labeled(args.dataset, args.data_cifar, "val", img_size, in_chans)
     if len(test.classes) > args.nb_classes:
@@ -603,7 +598,7 @@ def _run(args, device, rank, world, student_dir):
         teacher_module = torch.compile(teacher_module, mode=mode, dynamic=False)
     patchattn = args.patchattn if args.attnprobe_dist else 0.0
 
-    def loss_fn(images, _labels):
+    def loss_fn(images, _labels):   # data-free: no labels
         return engine.distill_losses(teacher_module, train_module, images, class_weights, patchattn)
 
     augment = engine.Augment(mean, std, crop_padding(args, img_size))
@@ -618,7 +613,7 @@ def _run(args, device, rank, world, student_dir):
         t0 = time.time()
         metrics = engine.train_one_epoch(loss_fn, train_batches, [opt_s, opt_n], augment, epoch, device,
                                          args.seed, amp, args.log_every, "distill", modules=(student, noise),
-                                         labels_mark_cropped=True)
+                                         crop_flags=True)
         # DeiT's log keys first (train_lr, train_loss, test_loss, test_acc1, test_acc5, epoch, n_parameters)
         record = {"train_lr": lr, **{f"train_{k}": v for k, v in metrics.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:

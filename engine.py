@@ -182,11 +182,12 @@ def lr_at(epoch, base_lr, epochs, schedule=(), cosine=False):
 
 
 def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0, amp_dtype=None,
-                    log_every=50, desc="train", modules=(), labels_mark_cropped=False):
+                    log_every=50, desc="train", modules=(), crop_flags=False):
     """Run one epoch; loss_fn(images_float, labels) -> dict with 'loss'. Returns mean metrics.
 
-    labels_mark_cropped: the batches' labels are not classes but 1 for images already cropped and
-    flipped by their dataset (distillation's --pos_num images at 224 px), 0 for the rest.
+    crop_flags: the batches' second item is not labels but (B,) flags, 1 for images their dataset already
+    cropped and flipped (distillation's --pos_num images at 224 px), which `augment` leaves alone;
+    loss_fn then gets labels None.
 
     Metric sums stay on the device and are read every `log_every` steps, so steps do not wait on the host.
     """
@@ -196,10 +197,12 @@ def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0
     augment.seed(seed * 1000003 + epoch * 1009 + rank, device)
     sums, count, seen, t0 = {}, 0, 0, time.time()
     bar = tqdm(total=len(batches), desc=f"{desc} {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(batches.epoch(epoch)):
+    for step, (images, second) in enumerate(batches.epoch(epoch)):
         images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if labels is not None else None
-        x = augment(images, labels.bool() if labels_mark_cropped and labels is not None else None)
+        second = second.to(device, non_blocking=True) if second is not None else None
+        cropped = second.bool() if crop_flags and second is not None else None
+        labels = None if crop_flags else second
+        x = augment(images, cropped)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = loss_fn(x, labels)
         for opt in optimizers:

@@ -203,26 +203,82 @@ def num_classes_of(state_dict, source):
     return state_dict["head.weight"].shape[0]
 
 
+def is_pretrained(source):
+    """True for weights timm loads itself: 'hf-hub:org/name', or a timm name with a pretrained tag
+    ('deit_base_patch16_224.fb_in1k') that is not a file here."""
+    source = os.fspath(source)
+    return source.startswith("hf-hub:") or (not os.path.exists(source) and source in timm.list_pretrained(source))
+
+
+def load_pretrained(source, num_classes=None):
+    """timm.create_model(source, pretrained=True) -> (model, meta, weights file): timm's own loading, from
+    the hub cache (HF_HUB_CACHE; HF_HUB_OFFLINE=1 never downloads). meta holds the model's mean/std."""
+    try:
+        model = timm.create_model(source, pretrained=True)
+    except InputError:
+        raise
+    except Exception as e:  # hub, network and config errors come in many types
+        raise InputError(f"--teacher_dir {source}: timm could not load these weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if num_classes not in (None, model.num_classes):
+        raise InputError(f"--teacher_dir {source} has {model.num_classes} classes, not --nb_classes {num_classes}")
+    cfg = model.pretrained_cfg
+    meta = {"mean": list(cfg["mean"]), "std": list(cfg["std"])} if "mean" in cfg else {}
+    return model, meta, _pretrained_file(cfg)
+
+
+def _pretrained_file(cfg):
+    """The cached file timm loaded the weights from: what score fingerprints hash."""
+    hub = cfg.get("hf_hub_id")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+        repo, _, revision = hub.partition("@")
+        for name in (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"):
+            path = name and try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(path, str):
+                return path
+    if cfg.get("url"):
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg["url"]))
+        if os.path.isfile(path):
+            return path
+    raise InputError(f"cannot find the weights file of {cfg.get('architecture')} in the local caches")
+
+
 def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img_size=None, ema=False) -> Teacher:
-    """A frozen teacher in eval mode from a checkpoint (its EMA weights with ema=True).
+    """A frozen teacher in eval mode from a checkpoint (its EMA weights with ema=True), or from weights timm
+    loads itself (is_pretrained(path): the architecture comes with them, `name` is not used).
 
     num_classes None: read from the checkpoint. mean/std None: the checkpoint's (train_teacher.py saves
-    them), else ImageNet's. img_size, when given, must be the model's input size (--img_size).
+    them; a pretrained model's config), else ImageNet's. img_size, when given, must be the model's input size.
     """
-    state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
-    model = create(name, num_classes or num_classes_of(state_dict, path))
-    load_state_dict_strict(model, state_dict, source=os.fspath(path))
+    if is_pretrained(path):
+        if ema:
+            raise InputError(f"--teacher_ema applies to checkpoint files, not to {path}")
+        name = os.fspath(path)
+        model, meta, path = load_pretrained(name, num_classes)
+        own = "the model's pretrained config"
+    else:
+        state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
+        model = create(name, num_classes or num_classes_of(state_dict, path))
+        load_state_dict_strict(model, state_dict, source=os.fspath(path))
+        own = "the teacher file"
     in_chans, size = input_spec(model)
     if img_size not in (None, size):
         raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
-    source = ("--mean/--std" if mean is not None else "the teacher file" if meta.get("mean") is not None
-              else "ImageNet's (the teacher file has none)")
+    source = ("--mean/--std" if mean is not None else own if meta.get("mean") is not None
+              else f"ImageNet's ({own} has none)")
     mean = mean if mean is not None else meta.get("mean")
     std = std if std is not None else meta.get("std")
     accuracy = float(meta["acc1"]) / 100 if "acc1" in meta else None
     teacher = Teacher.of(model.to(device), name, mean, std, os.fspath(path), accuracy)
     teacher.ema, teacher.norm_source = ema, source
     return teacher
+
+
+def teacher_from_args(args, device):
+    """The teacher of --teacher/--teacher_dir/--nb_classes/--img_size/--mean/--std/--teacher_ema."""
+    return load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device, mean=args.mean, std=args.std,
+                        img_size=args.img_size, ema=args.teacher_ema)
 
 
 def input_spec(model):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from utils import InputError, atomic_write_bytes, atomic_write_text
+from utils import InputError, atomic_write_bytes, atomic_write_text, changed_keys, read_fingerprint
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _EXT_SET = frozenset(IMG_EXTENSIONS)
@@ -611,17 +611,11 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     chunk_dir = os.path.join(cache_dir, "chunks")
     nbytes = n * size * size * in_chans
 
-    meta = None
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            meta = None
+    meta = read_fingerprint(meta_path)
     if meta is not None:
-        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        diff = changed_keys(meta, want)
         if diff and not force:
-            what = ", ".join(f"{k}: cache has {a!r}, wanted {b!r}" for k, (a, b) in diff.items())
+            what = ", ".join(f"{k}: cache has {meta.get(k)!r}, wanted {want[k]!r}" for k in diff)
             raise InputError(f"image cache {cache_dir} was built for something else ({what}); "
                              "use another cache folder or rebuild it (force)")
         if diff or force:

@@ -6,13 +6,12 @@
 
 Writes into --selected_file, one entry per pool image in the pool's sorted order: value_out.pth,
 pred_out.pth, value_blk{b}.pth (the published file names), probs_out.npy (teacher softmax, fp16),
-the extra signals of the same pass under their own names (signals.py: sig_<name>.pth,
-prelogits_out.npy; --flip_signal adds a flipped forward of each batch), skipped.txt (unreadable
-images: never selected), scores_meta.json (fingerprint), and for the selection: selection.pt,
-selected.txt (ids, best first) and class_weights.pth.
+skipped.txt (unreadable images: never selected), scores_meta.json (fingerprint), and for the
+selection: selection.pt, selected.txt (ids, best first) and class_weights.pth. With --store_signals
+(or a --rule other than published) the same pass also stores the extra signals of signals.py
+(sig_<name>.pth, prelogits_out.npy; --flip_signal adds a flipped forward of each batch).
 Scores are computed once in resumable chunks and reused while the fingerprint (pool, teacher
 checkpoint, preprocessing, probe) matches; the selection is cheap and recomputed every run.
---rule NAME (default: the published score) ranks by one of signals.RULES instead.
 
 In code, `run_selection(args, teacher, device)` returns a `Selection` (indices, ids, predicted
 classes, class weights, the pool and its cache), the value the next stage trains from.
@@ -35,8 +34,8 @@ import pool
 import signals
 from attention_probe import PROBE_BLOCKS, probe_forward, probe_uniformity
 from utils import (InputError, all_gather_objects, amp_dtype, atomic_torch_save, atomic_write_text, barrier,
-                   check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world, resolve_device,
-                   run_lock, safe_torch_load)
+                   changed_keys, check_writable, cli_main, file_sha256, init_distributed, on_rank0, rank_world,
+                   read_fingerprint, resolve_device, run_lock, safe_torch_load, system_parser, write_memmap_rows)
 
 SCORE_VERSION = 1
 
@@ -48,7 +47,8 @@ def add_selection_args(parser):
                    "a folder of .tar shards, or .tar shard paths")
     g.add_argument("--teacher", default="deit_base_patch4_32_teacher", help="teacher model name")
     g.add_argument("--teacher_dir", help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
-                   "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors")
+                   "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors; or "
+                   "weights timm loads itself: hf-hub:org/name or a pretrained tag (deit_base_patch16_224.fb_in1k)")
     g.add_argument("--teacher_ema", action="store_true",
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
@@ -62,8 +62,12 @@ def add_selection_args(parser):
     g.add_argument("--rule", default="published", choices=["published", *signals.RULES],
                    help="ranking score: 'published' (default: confidence, plus the probe with --attnprobe_sel) "
                         "or an opt-in rule of signals.RULES")
+    g.add_argument("--store_signals", action="store_true",
+                   help="also store the extra signals of signals.py (sig_<name>.pth, prelogits_out.npy) so that "
+                        "any --rule runs later without rescoring (implied by a --rule other than published)")
     g.add_argument("--flip_signal", action="store_true",
-                   help="also score each image flipped (signals flip_agree, flip_kl): doubles the teacher compute")
+                   help="with the extra signals, also score each image flipped (flip_agree, flip_kl): "
+                        "doubles the teacher compute")
     g.add_argument("--per_class", type=int, default=None,
                    help="class-balanced: best N per teacher-predicted class, then fill from the global order")
     g.add_argument("--probe_blocks", type=int, nargs="+", default=list(PROBE_BLOCKS), help="0-based (default 3 7)")
@@ -72,7 +76,7 @@ def add_selection_args(parser):
     g.add_argument("--mean", type=float, nargs="+", default=None,
                    help="normalisation mean (default: the teacher checkpoint's, else ImageNet's)")
     g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (as --mean)")
-    g.add_argument("--cache_dir", default=None, help="uint8 pool cache (default for inputs <= 64 px: "
+    g.add_argument("--cache_dir", default=None, help=f"uint8 pool cache (default for inputs <= {data.LARGE_INPUT} px: "
                    "<selected_file>/pool_cache_<size>px)")
     g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
     g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~2x "
@@ -84,15 +88,10 @@ def add_selection_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False,
+                                     parents=[system_parser()])
     add_selection_args(parser)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None, help="alias of --score_batch_size")
-    parser.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8, help="image decoding processes (default 8)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the teacher pass")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                        help="autocast of the teacher pass (auto: bf16 on CUDA; off: fp32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random selection")
     return parser
 
 
@@ -119,18 +118,10 @@ def check_selection_args(args):
     for path in args.data_imagenet:
         if not os.path.exists(path):
             raise InputError(f"--data_imagenet {path}: no such file or folder")
-    if not os.path.isfile(args.teacher_dir):
-        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file")
+    if not os.path.isfile(args.teacher_dir) and not models.is_pretrained(args.teacher_dir):
+        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file (nor hf-hub:org/name or a timm "
+                         "pretrained tag)")
     check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
-
-
-def load_teacher(args, device):
-    """The teacher of --teacher/--teacher_dir/--nb_classes/--img_size/--mean/--std -> models.Teacher.
-    Sets args.nb_classes when it was read from the checkpoint (args.json records it)."""
-    teacher = models.load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device,
-                                  mean=args.mean, std=args.std, img_size=args.img_size, ema=args.teacher_ema)
-    args.nb_classes = teacher.num_classes
-    return teacher
 
 
 def list_pool(args):
@@ -150,9 +141,14 @@ def score_fingerprint(args, teacher, pool_index):
         "mean": list(teacher.mean), "std": list(teacher.std),
         "probe_blocks": sorted(args.probe_blocks), "probe_head": args.probe_head,
         "decode": pool.decode_mode(args.fast_decode),
-        # only when on, so that score files made before the flag existed stay valid
-        **({"flip_signal": True} if args.flip_signal else {}),
     }
+
+
+def signal_store(args):
+    """The extra-signal hook of the scoring pass, or None: the published scores alone."""
+    if args.store_signals or args.flip_signal or getattr(args, "rule", "published") != "published":
+        return signals.SignalStore(args.selected_file, flip=args.flip_signal)
+    return None
 
 
 def default_cache_dir(args, teacher):
@@ -161,7 +157,7 @@ def default_cache_dir(args, teacher):
         return None
     if args.cache_dir:
         return args.cache_dir
-    if teacher.img_size <= 64:
+    if teacher.img_size <= data.LARGE_INPUT:
         fast = "_fast" if args.fast_decode else ""
         return os.path.join(args.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
     return None
@@ -209,13 +205,14 @@ def iter_batches(pool_index, cache, indices, img_size, in_chans, batch_size, wor
 
 
 @torch.no_grad()
-def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None, extras=True, flip=False):
+def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None, extras=False, flip=False):
     """Teacher scores of a uint8 batch (B,C,H,W) -> dict of per-image tensors on the batch's device.
 
     value_out = cross-entropy against the teacher's own argmax = -log max softmax;
-    value_blk{b} = cosine(probe row, uniform). extras: the signals of signals.py from the same
-    forward (sig_<name>) and the pre-logits feature; flip: one more forward of the flipped batch.
+    value_blk{b} = cosine(probe row, uniform). extras: also the signals of signals.py from the same
+    forward; flip: one more forward of the flipped batch for the flip signals (implies extras).
     """
+    extras = extras or flip
     x = data.normalize(images, mean, std)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = probe_forward(teacher, x, probe_blocks=probe_blocks, head=head, extras=extras)
@@ -227,10 +224,7 @@ def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None,
     for b in probe_blocks:
         scores[f"value_blk{b}"] = probe_uniformity(out.probes[b].float())
     if extras:
-        scores.update({f"sig_{k}": v for k, v in signals.batch_signals(out).items()})
-        scores["prelogits"] = out.pre_logits.float()
-    if flip:
-        scores.update({f"sig_{k}": v for k, v in signals.flip_signals(logits, logits_flip).items()})
+        scores.update(signals.batch_scores(out, logits_flip))
     return scores
 
 
@@ -238,12 +232,12 @@ def _chunk_path(chunks_dir, c):
     return os.path.join(chunks_dir, f"chunk_{c:06d}.pt")
 
 
-def score_pool(args, teacher, pool_index, cache, fingerprint):
+def score_pool(args, teacher, pool_index, cache, fingerprint, store=None):
     """Score the whole pool into --selected_file, chunk by chunk; a killed run resumes at its last chunk.
 
-    With torchrun each rank scores the strided shard range(rank, chunk, world) of every chunk and
-    rank 0 stores the gathered results by pool index: no image is scored twice or left out.
-    `cache` is the pool's uint8 cache, or None to decode the images.
+    Each rank scores the strided shard range(rank, chunk, world) of every chunk; rank 0 stores the
+    gathered results by pool index. `cache`: the uint8 pool cache, or None to decode the images.
+    `store` (signals.SignalStore) adds the extra signals; None scores the published files alone.
     """
     rank, world = rank_world()
     out_dir, device = args.selected_file, teacher.device
@@ -253,20 +247,21 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
     amp = amp_dtype(getattr(args, "amp", "auto"), device)
     chunks_dir = os.path.join(out_dir, ".score_chunks")
     probs_path = os.path.join(out_dir, "probs_out.npy")
-    feat_path = os.path.join(out_dir, PRELOGITS_FILE)
+    fingerprint = {**fingerprint, **(store.fingerprint() if store else {})}
     if rank == 0:
         os.makedirs(chunks_dir, exist_ok=True)
         progress = os.path.join(chunks_dir, "fingerprint.json")
-        if os.path.exists(progress) and json.load(open(progress)) != fingerprint:
+        if os.path.exists(progress) and changed_keys(read_fingerprint(progress), fingerprint):
             shutil.rmtree(chunks_dir)  # chunks of another configuration: start over
             os.makedirs(chunks_dir)
         if not os.path.exists(progress):
             meta_path = os.path.join(out_dir, "scores_meta.json")
             if os.path.exists(meta_path):  # score files are about to be replaced: drop their fingerprint
                 os.unlink(meta_path)
+            signals.remove_stored(out_dir)  # and the signals of the old scores
             np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16, shape=(n, c)).flush()
-            np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16,
-                                      shape=(n, teacher_feature_dim(teacher.model))).flush()
+            if store:
+                store.create(n, teacher.model)
             atomic_write_text(progress, json.dumps(fingerprint))
         for name in os.listdir(chunks_dir):  # temp files of a killed run (we hold the folder's lock)
             if name.startswith(".tmp-"):
@@ -287,17 +282,15 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
         part = {key: [] for key in ("index", "ok", "value_out", "pred_out", "probs",
                                     *[f"value_blk{b}" for b in blocks])}
         reasons = {}
-        flip = bool(fingerprint.get("flip_signal"))
         for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher.img_size, teacher.in_chans,
                                                  args.score_batch_size, args.workers, device.type == "cuda",
                                                  args.fast_decode):
             s = score_fn(teacher.model, images.to(device, non_blocking=True), teacher.mean, teacher.std, blocks,
-                         args.probe_head, amp, True, flip)
+                         args.probe_head, amp, store is not None, bool(store and store.flip))
             part["index"].append(idx)
             part["ok"].append(ok)
             for key in s:
-                part.setdefault(key, []).append(s[key].half().cpu() if key in ("probs", "prelogits")
-                                                else s[key].cpu())
+                part.setdefault(key, []).append(s[key].half().cpu() if key in HALF_KEYS else s[key].cpu())
             for i, good, reason in zip(idx.tolist(), ok.tolist(), why):
                 if not good:
                     reasons[i] = reason
@@ -305,32 +298,20 @@ def score_pool(args, teacher, pool_index, cache, fingerprint):
         part = {key: torch.cat(v) if v else torch.empty(0) for key, v in part.items()}
         gathered = all_gather_objects((part, reasons))
         if rank == 0:
-            _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path)
+            _store_chunk(gathered, chunks_dir, probs_path, k, store)
         barrier()
     bar.close()
     if rank == 0:
-        _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device)
+        _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store, device)
         atomic_write_text(os.path.join(out_dir, "scores_meta.json"), json.dumps(fingerprint, indent=1))
         shutil.rmtree(chunks_dir)
     barrier()
 
 
-def teacher_feature_dim(model):
-    """Width of the pre-logits feature (the head's input)."""
-    return getattr(model, "head_hidden_size", None) or model.num_features
+HALF_KEYS = ("probs", signals.PRELOGITS)   # (B, C) rows of a memmap, stored in fp16
 
 
-PRELOGITS_FILE = "prelogits_out.npy"
-
-
-def _write_rows(path, index, rows):
-    memmap = np.load(path, mmap_mode="r+")
-    memmap[index.numpy()] = rows.numpy()
-    memmap.flush()   # the chunk file written after this marks these rows as written
-    del memmap
-
-
-def _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path=None):
+def _store_chunk(gathered, chunks_dir, probs_path, k, store=None):
     parts = [p for p, _ in gathered]
     reasons = {i: r for _, rs in gathered for i, r in rs.items()}
     index = torch.cat([p["index"] for p in parts])
@@ -339,24 +320,20 @@ def _store_chunk(gathered, chunks_dir, probs_path, k, n, c, feat_path=None):
     merged = {key: torch.cat([p[key] for p in parts if key in p])[order] for key in keys}
     ok = merged["ok"].bool()
     probs = merged.pop("probs")
-    feats = merged.pop("prelogits", None)
     if len(index):
         probs[~ok] = 0
-        _write_rows(probs_path, merged["index"], probs)
-        if feats is not None and feat_path is not None:
-            feats[~ok] = 0
-            _write_rows(feat_path, merged["index"], feats)
+        write_memmap_rows(probs_path, merged["index"], probs)
+    if store:
+        store.store_rows(merged, ok)
     merged["reasons"] = reasons
     atomic_torch_save(merged, _chunk_path(chunks_dir, k))
 
 
-def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, device):
-    """Join the chunk files, read once, into the published 1-D score files (skipped images: +inf, pred -1)
-    and the extra signals (signals.py) as sig_<name>.pth (skipped: nan); then the transductive kNN
-    signal from the stored pre-logits (a pass over features, not images)."""
+def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store=None, device="cpu"):
+    """Join the chunk files, read once, into the published 1-D score files (skipped images: +inf, pred -1);
+    the extra signals, when stored, go to `store` chunk by chunk."""
     keys = ["value_out", *[f"value_blk{b}" for b in blocks]]
     full = {key: torch.full((n,), float("inf")) for key in keys}
-    extra = {}
     pred = torch.full((n,), -1, dtype=torch.long)
     skipped = []
     for k in range(num_chunks):
@@ -364,25 +341,18 @@ def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, dev
         idx, ok = part["index"], part["ok"].bool()
         for key in keys:
             full[key][idx[ok]] = part[key][ok].float()
-        for key in (key for key in part if key.startswith("sig_")):
-            if key not in extra:
-                extra[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
-            extra[key][idx[ok]] = part[key][ok].float()
         pred[idx[ok]] = part["pred_out"][ok].long()
         skipped += [(i, part["reasons"].get(i, "unreadable")) for i in idx[~ok].tolist()]
+        if store:
+            store.add_chunk(part, n)
     for key in keys:
         atomic_torch_save(full[key], os.path.join(out_dir, f"{key}.pth"))
     atomic_torch_save(pred, os.path.join(out_dir, "pred_out.pth"))
     skipped_path = os.path.join(out_dir, "skipped.txt")
     pool.write_skipped(skipped_path, [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
     warn_skipped(sorted(skipped), pool_index, skipped_path)
-    for key, value in extra.items():
-        atomic_torch_save(value, os.path.join(out_dir, signals.signal_file(key[4:])))
-    feat_path = os.path.join(out_dir, PRELOGITS_FILE)
-    if extra and os.path.exists(feat_path):
-        knn = signals.knn_distance(np.load(feat_path, mmap_mode="r"), pred, full["value_out"],
-                                   device=device if device.type == "cuda" else "cpu")
-        atomic_torch_save(knn, os.path.join(out_dir, signals.signal_file("knn")))
+    if store:
+        store.finish(pred, full["value_out"], device)
 
 
 WARN_SKIPPED_MAX = 20
@@ -425,7 +395,7 @@ def load_signals(out_dir, names):
     for name in names:
         path = os.path.join(out_dir, signals.signal_file(name))
         if not os.path.exists(path):
-            how = "--flip_signal and --force" if name in signals.FLIP_SIGNALS else "--force"
+            how = "--flip_signal --force" if name in signals.FLIP_SIGNALS else "--store_signals --force"
             raise InputError(f"{path} is missing: these score files were made without signal '{name}' "
                              f"(rescore with {how})")
         value = safe_torch_load(path, "signal file (use --force to rescore)")
@@ -452,12 +422,10 @@ def scores_ready(out_dir, fingerprint, force):
         print(f"warning: {out_dir} has score files without a fingerprint (published format); "
               "reusing them because their length matches the pool")
         return True
-    try:
-        with open(meta_path) as f:
-            saved = json.load(f)
-    except ValueError:
-        raise InputError(f"{meta_path} is damaged; use --force to rescore") from None
-    differs = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+    saved = read_fingerprint(meta_path)
+    if saved is None:
+        raise InputError(f"{meta_path} is damaged; use --force to rescore")
+    differs = changed_keys(saved, fingerprint)
     if differs:
         what = {"pool": "pool files", "pool_size": "pool size", "teacher_sha256": "teacher checkpoint",
                 "decode": "image decoding (--fast_decode)"}
@@ -513,6 +481,30 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
     return order[keep]                                                          # still best first
 
 
+COLLAPSE_SHARE = 0.1   # a class kept under a tenth of an even share of the selection counts as lost
+
+
+def class_collapse(pred, num_classes, share=COLLAPSE_SHARE):
+    """Teacher-predicted classes the selection keeps far too few of: [(class, kept)] for every class under
+    `share` x an even share (kept / classes); [] when none. pred: (K,) predicted class of each kept image."""
+    counts = torch.bincount(pred.clamp_min(0), minlength=num_classes)
+    even = len(pred) / num_classes
+    return [(c, int(counts[c])) for c in range(num_classes) if counts[c] < share * even]
+
+
+def warn_class_collapse(pred, num_classes, per_class=None):
+    """One `warning:` line when the selection lost classes of the teacher (class_collapse); returns them."""
+    low = class_collapse(pred, num_classes)
+    if low:
+        even = len(pred) // num_classes
+        shown = ", ".join(f"{c}: {n}" for c, n in low[:20]) + (f" and {len(low) - 20} more" if len(low) > 20 else "")
+        way = (f"the pool holds too few images the teacher assigns to them even with --per_class {per_class}"
+               if per_class else f"keep them with --per_class {even} (at most {even} per predicted class)")
+        print(f"warning: class collapse: {len(low)} of {num_classes} teacher-predicted classes got under a tenth of "
+              f"an even share ({even}) of the {len(pred)} kept images (class: kept) {shown}; {way}", flush=True)
+    return low
+
+
 def class_mass(probs, pred, selected, num_classes):
     """What the class weights count over the `selected` pool indices -> ((C,) float64, kind): the teacher's
     softmax summed per class (kind 'softmax', from the stored (N, C) `probs`) or, for published score
@@ -543,6 +535,11 @@ def class_weights_from_preds(pred, selected, num_classes):
     return weights_from_mass(*class_mass(None, pred, selected, num_classes))
 
 
+def ids_of(pool_index, indices):
+    """The pool ids (relative paths or shard members) of pool indices (K,)."""
+    return [pool_index.ids[i] for i in indices.tolist()]
+
+
 @dataclass
 class Selection:
     """What stage 1 hands stage 2: the chosen pool images and what the teacher said about them."""
@@ -555,6 +552,12 @@ class Selection:
     rule: str                       # how the images were chosen, in words
     value: torch.Tensor = None      # (K,) combined score of each, when a scoring rule chose them
     class_mass: tuple = None        # ((C,) float64, kind) of class_mass(): what class_weights count
+
+    @classmethod
+    def of(cls, indices, pred, class_weights, pool_index, cache, rule, value=None, class_mass=None):
+        """The one way to build a Selection: the ids are read from the pool."""
+        return cls(indices, ids_of(pool_index, indices), pred, class_weights, pool_index, cache, rule, value,
+                   class_mass)
 
     def __len__(self):
         return len(self.indices)
@@ -582,14 +585,21 @@ def run_selection(args, teacher, device):
     # two runs writing one --selected_file would mix their chunks: the second is refused
     with run_lock(args.selected_file, "--selected_file"):
         fingerprint = score_fingerprint(args, teacher, pool_index)
-        if not scores_ready(args.selected_file, fingerprint, args.force):
+        store = signal_store(args)
+        ready = scores_ready(args.selected_file, fingerprint, args.force)
+        if ready and store and not store.complete():
+            if rank == 0:
+                print(f"the score files in {args.selected_file} lack extra signals this run needs: scoring again "
+                      "to store them (the published files come out the same)")
+            ready = False
+        if not ready:
             cache = open_pool_source(args, teacher, pool_index)
-            score_pool(args, teacher, pool_index, cache, fingerprint)
+            score_pool(args, teacher, pool_index, cache, fingerprint, store)
         chosen = on_rank0(select_from_scores, args, teacher, pool_index)
     if cache is None:
         cache = existing_cache(args, teacher)
-    return Selection(chosen["indices"], [pool_index.ids[i] for i in chosen["indices"].tolist()], chosen["pred"],
-                     chosen["class_weights"], pool_index, cache, chosen["rule"], chosen["value"], chosen["class_mass"])
+    return Selection.of(chosen["indices"], chosen["pred"], chosen["class_weights"], pool_index, cache, chosen["rule"],
+                        chosen["value"], chosen["class_mass"])
 
 
 def select_from_scores(args, teacher, pool_index):
@@ -623,9 +633,12 @@ def select_from_scores(args, teacher, pool_index):
         rule = f"signal rule {rule_name}"
     if args.per_class:
         rule += f", class-balanced ({args.per_class} per class)"
-    record = {"indices": chosen, "ids": [pool_index.ids[i] for i in chosen.tolist()],
+    collapsed = warn_class_collapse(pred[chosen], teacher.num_classes, args.per_class)
+    record = {"indices": chosen, "ids": ids_of(pool_index, chosen),
               "value": value[chosen].float(), "pred": pred[chosen], "rule": rule,
-              "pool_size": n, "pool_root": os.path.abspath(pool_index.root)}
+              "pool_size": n, "pool_root": os.path.abspath(pool_index.root),
+              # [(class, kept)] of the classes kept under a tenth of an even share: the collapse warning
+              "collapsed_classes": collapsed}
     atomic_torch_save(record, os.path.join(out, "selection.pt"))
     atomic_write_text(os.path.join(out, "selected.txt"), "".join(i + "\n" for i in record["ids"]))
     atomic_torch_save(weights, os.path.join(out, "class_weights.pth"))
@@ -653,22 +666,15 @@ def load_selection(path, args, teacher):
                          f"({pool_index.describe()})")
     probs_path = os.path.join(args.selected_file, "probs_out.npy")
     meta_path = os.path.join(args.selected_file, "scores_meta.json")
-    if os.path.exists(probs_path) and _saved_fingerprint(meta_path) == score_fingerprint(args, teacher, pool_index):
+    if os.path.exists(probs_path) and not changed_keys(read_fingerprint(meta_path),
+                                                       score_fingerprint(args, teacher, pool_index)):
         mass = class_mass(np.load(probs_path, mmap_mode="r"), None, indices, teacher.num_classes)
     else:
         mass = class_mass(None, pred, torch.arange(len(pred)), teacher.num_classes)
     value = sel.get("value")
-    return Selection(indices, [pool_index.ids[i] for i in indices.tolist()], pred, weights_from_mass(*mass),
-                     pool_index, existing_cache(args, teacher), str(sel.get("rule", f"from {path}")),
-                     torch.as_tensor(value).float() if value is not None else None, mass)
-
-
-def _saved_fingerprint(meta_path):
-    try:
-        with open(meta_path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    value = torch.as_tensor(value).float() if value is not None else None
+    return Selection.of(indices, pred, weights_from_mass(*mass), pool_index, existing_cache(args, teacher),
+                        str(sel.get("rule", f"from {path}")), value, mass)
 
 
 def print_summary(record, value, usable, num_classes):
@@ -689,7 +695,7 @@ def main(args):
         args.score_batch_size = args.batch_size
     device = resolve_device(args.device)
     init_distributed(device)
-    teacher = load_teacher(args, device)
+    teacher = models.teacher_from_args(args, device)
     if rank_world()[0] == 0:
         print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
               + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "

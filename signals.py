@@ -1,4 +1,5 @@
-"""Selection signals beyond the paper's, all from the one teacher pass that select_data already makes.
+"""Selection signals beyond the paper's, from the one teacher pass that select_data makes when asked
+(--store_signals, --flip_signal, or a --rule other than published): a SignalStore is its hook.
 
     out = probe_forward(teacher, x, probe_blocks, head, extras=True)
     sig = batch_signals(out)                           # per-image tensors, stored as sig_<name>.pth
@@ -9,10 +10,13 @@ Every signal is stored in its natural units (an energy is an energy, a norm a no
 "in the teacher's domain" is the rule's business (RULES: sign +1 = a LOW value means keep, like
 the published value_out). Multi-column signals (per block, per head) are (N, depth[, heads]).
 """
+import os
+
 import numpy as np
 import torch
 
 from attention_probe import probe_uniformity
+from utils import atomic_torch_save, write_memmap_rows
 
 # stored per-image signals: name -> what it is (all (N,) unless noted)
 SIGNALS = {
@@ -30,8 +34,74 @@ FLIP_SIGNALS = ("flip_agree", "flip_kl")
 KNN_K, KNN_CORE_FRAC, KNN_CORE_MAX = 10, 0.1, 2048
 
 
+PRELOGITS = "prelogits"                  # the batch key of the pre-logits feature
+PRELOGITS_FILE = "prelogits_out.npy"     # (N, C) fp16, skipped images 0
+
+
 def signal_file(name):
     return f"sig_{name}.pth"
+
+
+def remove_stored(out_dir):
+    """Drop the signals stored beside score files that are about to be replaced."""
+    for name in (*map(signal_file, SIGNALS), PRELOGITS_FILE):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def feature_dim(model):
+    """Width of the pre-logits feature (the head's input)."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+class SignalStore:
+    """The hook of select_data's scoring pass that stores the extra signals beside the published files.
+
+    Per batch score_images adds batch_scores() to the published scores; per chunk store_rows() moves the
+    pre-logits into PRELOGITS_FILE; after the pass add_chunk()/finish() write sig_<name>.pth (skipped
+    images: nan) and the kNN signal computed over the stored pre-logits (a pass over features, not images).
+    """
+
+    def __init__(self, out_dir, flip=False):
+        self.out_dir, self.flip = out_dir, flip
+        self.feat_path = os.path.join(out_dir, PRELOGITS_FILE)
+        self.full = {}
+
+    def names(self):
+        return [name for name in SIGNALS if self.flip or name not in FLIP_SIGNALS]
+
+    def fingerprint(self):
+        """What the score fingerprint records of this hook (scores_meta.json, resumable chunks)."""
+        return {"signals": True, **({"flip_signal": True} if self.flip else {})}
+
+    def complete(self):
+        """True when every signal of this hook is stored already: a rule needs no rescoring."""
+        return all(os.path.exists(os.path.join(self.out_dir, signal_file(n))) for n in self.names())
+
+    def create(self, n, model):
+        np.lib.format.open_memmap(self.feat_path, mode="w+", dtype=np.float16,
+                                  shape=(n, feature_dim(model))).flush()
+
+    def store_rows(self, merged, ok):
+        feats = merged.pop(PRELOGITS, None)
+        if feats is not None and len(feats):
+            feats[~ok] = 0
+            write_memmap_rows(self.feat_path, merged["index"], feats)
+
+    def add_chunk(self, part, n):
+        idx, ok = part["index"], part["ok"].bool()
+        for key in (key for key in part if key.startswith("sig_")):
+            if key not in self.full:
+                self.full[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
+            self.full[key][idx[ok]] = part[key][ok].float()
+
+    def finish(self, pred, value_out, device):
+        for key, value in self.full.items():
+            atomic_torch_save(value, os.path.join(self.out_dir, signal_file(key[4:])))
+        knn = knn_distance(np.load(self.feat_path, mmap_mode="r"), pred, value_out,
+                           device=device if torch.device(device).type == "cuda" else "cpu")
+        atomic_torch_save(knn, os.path.join(self.out_dir, signal_file("knn")))
 
 
 @torch.no_grad()
@@ -52,6 +122,16 @@ def flip_signals(logits, logits_flip):
     logp, logq = logits.float().log_softmax(1), logits_flip.float().log_softmax(1)
     return {"flip_agree": (logp.argmax(1) == logq.argmax(1)).float(),
             "flip_kl": (logp.exp() * (logp - logq)).sum(1)}
+
+
+def batch_scores(out, logits_flip=None):
+    """The extra signals of one batch (sig_<name>) and its pre-logits feature, from probe_forward's
+    extras output; logits_flip: the flipped batch's logits, for the flip signals."""
+    scores = {f"sig_{k}": v for k, v in batch_signals(out).items()}
+    scores[PRELOGITS] = out.pre_logits.float()
+    if logits_flip is not None:
+        scores.update({f"sig_{k}": v for k, v in flip_signals(out.logits, logits_flip).items()})
+    return scores
 
 
 @torch.no_grad()

@@ -24,12 +24,12 @@ import data
 import engine
 import models
 from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, check_writable, cli_main,
-                   init_distributed, resolve_device)
+                   init_distributed, resolve_device, system_parser)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Train a teacher ViT", allow_abbrev=False)
-    parser.add_argument("--dataset", required=True, choices=data.DATASETS)
+    parser = argparse.ArgumentParser(description="Train a teacher ViT", allow_abbrev=False, parents=[system_parser()])
+    parser.add_argument("--dataset", required=True, choices=list(data.DATASETS))
     parser.add_argument("--data", "--data-path", "--data_path", required=True, help="dataset root (CIFAR pickles, IDX files or ImageFolder tree)")
     parser.add_argument("--model", default="deit_base_patch4_32_teacher", help="registered model name")
     parser.add_argument("--nb_classes", "--num-classes", "--num_classes", type=int, default=None, help="default: the dataset's class count")
@@ -43,11 +43,6 @@ def get_args_parser():
     parser.add_argument("--crop_padding", type=int, default=None, help="default img_size // 8")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="default ImageNet's")
     parser.add_argument("--std", type=float, nargs="+", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8)
     parser.add_argument("--log_every", type=int, default=50)
     parser.add_argument("--resume", default="auto", help="'auto' (default: continue from <output stem>.last.pth "
                         "when present), a last.pth path, or 'no' (start over; an old log is kept as .1.txt)")
@@ -102,7 +97,7 @@ def train_teacher(args, on_epoch=None):
     in_chans, img_size = models.input_spec(probe)
     train = data.load_labeled(args.dataset, args.data, "train", img_size, in_chans)
     test = data.load_labeled(args.dataset, args.data, "val", img_size, in_chans)
-    num_classes = args.nb_classes or data.NUM_CLASSES.get(args.dataset) or train.num_classes
+    num_classes = args.nb_classes or data.DATASETS[args.dataset] or train.num_classes
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
     on_gpu = device.type == "cuda"
     train_batches = engine.make_batches(train, batch_size=args.batch_size, shuffle=True, drop_last=True,

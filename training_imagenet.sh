@@ -10,6 +10,8 @@ cd "$(dirname "$0")"
 DATASET=${DATASET:-imagenet}
 root_wild=${root_wild:-/data/flickr1m}
 root_data=${root_data:-/data/imagenet}     # train/ and val/ class folders
+# the release file, or the same release as timm names it (loaded by timm, from the hub cache):
+#   teacher_file=hf-hub:timm/deit_base_patch16_224.fb_in1k   (or the tag deit_base_patch16_224.fb_in1k)
 teacher_file=${teacher_file:-teachers/imagenet_deit_base_patch16_224.pth}
 selected=${selected:-selected/$DATASET}
 output=${output:-output/$DATASET}

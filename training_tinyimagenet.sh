@@ -9,6 +9,7 @@
 set -euo pipefail
 export DATASET=tinyimagenet
 export root_data=${root_data:-/data/tiny-imagenet-200}
+# a Tiny-ImageNet fine-tune of deit_small_patch16_224; one on the hub loads as teacher_file=hf-hub:org/name
 export teacher_file=${teacher_file:-teachers/tinyimagenet_deit_small_patch16_224.pth}
 export TEACHER=${TEACHER:-deit_small_patch16_224}
 export NB_CLASSES=${NB_CLASSES:-200}

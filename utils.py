@@ -3,11 +3,13 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import sys
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 
 
@@ -231,6 +233,44 @@ def file_sha256(path, limit=None):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_fingerprint(path):
+    """The JSON fingerprint stored at `path`, or None when it is missing or damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def changed_keys(saved, wanted):
+    """Keys of `wanted` whose value `saved` (a stored fingerprint, or None) does not have.
+    Keys only `saved` holds (what an earlier run stored besides) change nothing."""
+    saved = saved if isinstance(saved, dict) else {}
+    return [k for k in wanted if saved.get(k) != wanted[k]]
+
+
+def write_memmap_rows(path, index, rows):
+    """rows (K, ...) into the .npy memmap at `path`, at the row numbers `index` (K,)."""
+    memmap = np.load(path, mmap_mode="r+")
+    memmap[index.numpy()] = rows.numpy()
+    memmap.flush()   # a chunk file written after this marks these rows as written
+    del memmap
+
+
+def system_parser():
+    """The machine's flags, shared by every script's parser as DeiT shares its own: parents=[system_parser()]."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    g = parser.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=8,
+                   help="image decoding processes (default 8)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="autocast (auto: bf16 on CUDA; off: fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model passes")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
 
 
 # ---- run folders ---------------------------------------------------------------------------

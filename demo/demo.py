@@ -5,6 +5,7 @@
     python demo/demo.py --full --device cuda    # both pools (mismatch at relevant share 0.2 and 0.6), 2 seeds
     python demo/demo.py --seeds 0 1 2           # 3 seeds, a teacher + 7 students each: mean ± sd (36 min, 2 cores)
     python demo/demo.py --tiny                  # a few hundred images, 1 epoch: checks the plumbing (tests)
+    python demo/demo.py --ablation pd           # selection x probe distillation: both pools, 3 seeds, 8 rules
 
 Protocol, fixed before any rule was scored: the teacher (train_teacher.py, one per seed) learns its
 classes from Fashion-MNIST train images [0, 30000); pools (the same for every seed) hold only held-out
@@ -39,6 +40,29 @@ import data  # noqa: E402
 import demo_pool as dp  # noqa: E402
 
 RULES = ("random", "outlier", "probe", "outlier_balanced", "probe_balanced", "oracle", "energy")
+# rule -> (what selects, balanced by predicted class, probe distillation in the student's loss)
+RULE_SPECS = {
+    "random": ("random", False, False), "outlier": ("outlier", False, False), "probe": ("probe", False, True),
+    "outlier_balanced": ("outlier", True, False), "probe_balanced": ("probe", True, True),
+    "oracle": ("oracle", False, False), "energy": ("energy", False, False),
+    # opt-in, --ablation pd: the images and the PD loss swapped apart (selection x PD)
+    "random_pd": ("random", False, True), "outlier_pd": ("outlier", False, True),
+    "probe_nopd": ("probe", False, False), "oracle_pd": ("oracle", False, True),
+    # opt-in: the published selection and the signal study's post-hoc rule, plain and balanced, no PD
+    "probe_balanced_nopd": ("probe", True, False),
+    "tok": ("confidence+tok_norm_b2", False, False), "tok_balanced": ("confidence+tok_norm_b2", True, False),
+}
+ABLATIONS = {"pd": ("random", "random_pd", "outlier", "outlier_pd", "probe_nopd", "probe", "oracle", "oracle_pd")}
+# the comparisons the ablation answers: (a, b, what a - b measures)
+ABLATION_PAIRS = {"pd": [("probe", "outlier", "the demo's +3 points: images and PD together"),
+                         ("outlier_pd", "outlier", "PD on outlier's images"),
+                         ("probe", "probe_nopd", "PD on probe's images"),
+                         ("probe_nopd", "outlier", "probe's images vs outlier's, no PD"),
+                         ("probe", "outlier_pd", "probe's images vs outlier's, with PD"),
+                         ("random_pd", "random", "PD on random images"),
+                         ("oracle_pd", "oracle", "PD on the in-domain images"),
+                         ("probe", "random_pd", "probe vs random, both with PD"),
+                         ("probe", "oracle_pd", "probe vs oracle, both with PD")]}
 RESULT_FIELDS = ("selection_precision", "student_acc1", "auroc", "classes_covered", "seconds")
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
 
@@ -64,6 +88,16 @@ PRESETS = {
 DEFAULT_SHARE = {"mismatch": 0.2, "far-ood": 0.25}
 
 
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("Attention Probe on Fashion-MNIST in the wild", allow_abbrev=False)
     g = p.add_mutually_exclusive_group()
@@ -75,7 +109,16 @@ def get_args_parser():
     p.add_argument("--pool_size", type=int, default=None, help="pool images (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (default: the preset's); each seed trains its own teacher and students")
-    p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    p.add_argument("--rules", nargs="+", choices=list(RULE_SPECS), default=None,
+                   help=f"rules to run (default: {' '.join(RULES)}; with --ablation: its rules)")
+    p.add_argument("--ablation", choices=list(ABLATIONS), default=None,
+                   help="pd: selection x probe distillation on the mismatch and far-ood pools, seeds 0 1 2 "
+                        f"(rules {' '.join(ABLATIONS['pd'])}); --pool, --seeds, --rules narrow it")
+    p.add_argument("--keep_ratio", type=_positive, default=1.0,
+                   help="images every rule keeps, relative to the pool's in-domain images (default 1)")
+    p.add_argument("--teachers", default=None,
+                   help="folder holding teacher_<C>cls_seed<S>/ (default --out); finished teachers of the same "
+                        "settings there are reused, missing ones trained there")
     p.add_argument("--teacher_epochs", type=int, default=None)
     p.add_argument("--student_epochs", type=int, default=None)
     p.add_argument("--teacher", default=None, help="teacher model (default: the preset's)")
@@ -99,6 +142,8 @@ def get_args_parser():
 def resolve_config(args):
     name = "full" if args.full else "tiny" if args.tiny else "default"
     cfg = dict(PRESETS[name], preset=name)
+    if args.ablation:
+        cfg.update(pools=[("mismatch", None), ("far-ood", None)], seeds=[0, 1, 2])
     if args.pool:
         cfg["pools"] = [(args.pool, args.relevant_share)]
     elif args.relevant_share is not None:
@@ -113,7 +158,9 @@ def resolve_config(args):
             cfg[key] = getattr(args, key)
     if args.student_epochs is not None:
         cfg["student_samples"] = None
-    cfg["rules"] = list(args.rules)
+    cfg["rules"] = list(args.rules or (ABLATIONS[args.ablation] if args.ablation else RULES))
+    cfg["ablation"] = args.ablation
+    cfg["keep_ratio"] = args.keep_ratio
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cfg["threads"] = args.threads or cores
     cfg["workers"] = args.workers if args.workers is not None else min(cores, 8)
@@ -215,38 +262,28 @@ def get_teacher(cfg, fm, classes, out, device, reuse, seed):
 # ------------------------------------------------------------------------------------------ scoring
 
 def score_pool(cfg, teacher_info, pool_dir, num_select, device):
-    """Score the pool with one seed's teacher through select_data (probe + confidence), then one extra pass
-    for the energy. Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
+    """Score the pool with one seed's teacher through select_data (probe + confidence, and the extra signals
+    for the energy rule). Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
+    import models
     import pool as pool_mod
     import select_data
-    from utils import amp_dtype
     scores_dir = os.path.join(pool_dir, f"scores_seed{teacher_info['seed']}")
     shutil.rmtree(scores_dir, ignore_errors=True)     # never resume another run's scores
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
             "--teacher_dir", teacher_info["checkpoint"], "--num_select", str(num_select),
             "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type),
             # inside pool/: rebuilt with the pool, so never a stale cache of another pool
-            "--cache_dir", os.path.join(pool_dir, "pool", "cache")]
+            "--cache_dir", os.path.join(pool_dir, "pool", "cache"), "--store_signals"]
     sargs = select_data.get_args_parser().parse_args(argv)
-    t = select_data.load_teacher(sargs, device)
+    t = models.teacher_from_args(sargs, device)
     teacher, mean, std = t.model, t.mean, t.std
-    amp = amp_dtype("auto", device)
     with quiet(os.path.join(pool_dir, "scoring.log")):
         select_data.run_selection(sargs, t, device)
     cache_dir = select_data.default_cache_dir(sargs, t)
     cache = pool_mod.open_cache(cache_dir)
-    # energy = -logsumexp(logits): probs_out.npy holds softmax only, so a second (cheap) pass
-    energy = torch.empty(cache.n)
-    with torch.no_grad():
-        for a in range(0, cache.n, 1024):
-            x = data.normalize(cache.batch(np.arange(a, min(cache.n, a + 1024))).to(device), mean, std)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = teacher(x).float()
-            energy[a:a + len(x)] = -torch.logsumexp(logits, dim=1).cpu()
-    energy[torch.from_numpy(~cache.ok)] = float("inf")
-    torch.save(energy, os.path.join(scores_dir, "energy.pth"))
     scores = select_data.load_scores(scores_dir, sargs.probe_blocks)
-    scores["energy"] = energy
+    energy = select_data.load_signals(scores_dir, ["energy"])["energy"]
+    scores["energy"] = energy.nan_to_num(nan=float("inf"))     # skipped images: never kept
     return dict(scores_dir=scores_dir, cache_dir=cache_dir, scores=scores, teacher=teacher, mean=mean, std=std,
                 blocks=sorted(sargs.probe_blocks), attnlier=sargs.attnlier, outlier=sargs.outlier, cache=cache)
 
@@ -254,25 +291,31 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
 def rule_value(rule, sc, relevant):
     """The score each rule ranks by (LOW = keep), or None for random."""
     import select_data
+    import signals
     s = sc["scores"]
-    if rule == "random":
+    how = RULE_SPECS[rule][0]
+    if how == "random":
         return None
-    if rule.startswith("outlier"):
+    if how == "outlier":
         return select_data.combined_value(s, False)
-    if rule.startswith("probe"):
+    if how == "probe":
         return select_data.combined_value(s, True, sc["attnlier"], sc["outlier"], sc["blocks"])
-    if rule == "energy":
-        return s["energy"].double()
-    if rule == "oracle":
+    if how == "energy":        # signals.RULES' energy rule, on the stored signal
+        return signals.rule_value("energy", s, torch.isfinite(s["energy"]))
+    if how == "oracle":
         return torch.from_numpy(~relevant).double()     # in-domain first: exactly the in-domain images
+    if how in signals.RULES:
+        extra = select_data.load_signals(sc["scores_dir"], signals.rule_needs(how))
+        usable = torch.isfinite(s["value_out"]) & (s["pred_out"] >= 0)
+        return signals.rule_value(how, {**s, **extra}, usable, sc["blocks"])
     raise ValueError(rule)
 
 
 def select_rule(rule, value, usable, num_select, pred, per_class, seed):
     import select_data
-    return select_data.select_indices(value, usable, num_select, pred,
-                                      per_class if rule.endswith("_balanced") else None,
-                                      random=rule == "random", seed=seed)
+    how, balanced, _ = RULE_SPECS[rule]
+    return select_data.select_indices(value, usable, num_select, pred, per_class if balanced else None,
+                                      random=how == "random", seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ students
@@ -299,11 +342,16 @@ def student_argv(cfg, rule, teacher_info, pool_dir, sc, num_select, per_class, s
             "--resume", "no", "--log_every", "1000",
             # explicit: the published weight of probe distillation, whatever distill's default is
             "--patchattn", "0.8"]
-    if rule == "random":
+    how, balanced, pd = RULE_SPECS[rule]
+    if how == "random":
         argv += ["--random"]
-    if rule.startswith("probe"):
-        argv += ["--attnprobe_sel", "--attnprobe_dist"]
-    if rule.endswith("_balanced"):
+    elif how == "probe":
+        argv += ["--attnprobe_sel"]
+    elif how not in ("outlier", "oracle", "energy"):
+        argv += ["--rule", how]
+    if pd:
+        argv += ["--attnprobe_dist"]
+    if balanced:
         argv += ["--per_class", str(per_class)]
     return argv, sel_dir, run_dir
 
@@ -372,6 +420,27 @@ def add_spread(target, field, values):
         target[f"{field}_sd"] = sd
 
 
+def compare(a, b):
+    """Student acc1 of rule a minus rule b, seed by seed (seed s's rules share seed s's teacher). Beyond the
+    spread: the mean difference exceeds both rules' sd and the sd of the per-seed differences, with the
+    same sign in every seed (a screen over few seeds, not a significance test). Needs >= 2 seeds."""
+    va, vb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = va - vb
+    diff, sd_d = float(d.mean()), float(d.std(ddof=1))
+    beyond = bool(abs(diff) > max(va.std(ddof=1), vb.std(ddof=1), sd_d) and (np.all(d > 0) or np.all(d < 0)))
+    return {"diff": diff, "diff_per_seed": [float(x) for x in d], "diff_sd": sd_d, "beyond_spread": beyond}
+
+
+def comparison_pairs(cfg):
+    """(a, b, what) for the report: the ablation's own pairs, then every rule against random and the oracle."""
+    pairs = list(ABLATION_PAIRS.get(cfg.get("ablation"), []))
+    for ref in ("random", "oracle"):
+        if ref in cfg["rules"]:
+            pairs += [(x, ref, "") for x in cfg["rules"] if x != ref and (x, ref) not in [p[:2] for p in pairs]
+                      and (ref, x) not in [p[:2] for p in pairs]]
+    return [p for p in pairs if p[0] in cfg["rules"] and p[1] in cfg["rules"]]
+
+
 # ------------------------------------------------------------------------------------------ one pool
 
 def run_pool(cfg, kind, share, name, fm, teachers, out, device):
@@ -391,7 +460,8 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
     overlap = len(teacher_src.intersection(held.tolist()))
     if overlap:
         raise RuntimeError(f"{overlap} pool images are teacher training images")
-    num_select = int(relevant.sum())
+    in_domain = int(relevant.sum())
+    num_select = max(1, round(cfg["keep_ratio"] * in_domain))
     per_class = num_select // len(classes)
     true_teacher = np.array([classes.index(c) if c in classes else -1 for c in manifest["fmnist_label"]])
     epochs = cfg["student_epochs"] or max(1, round(cfg["student_samples"] / num_select))
@@ -415,7 +485,7 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
             chosen = select_rule(rule, value, usable, num_select, pred, per_class, seed)
             argv, sel_dir, run_dir = student_argv(cfg, rule, teachers[seed], pool_dir, sc, num_select, per_class,
                                                   seed, epochs, device)
-            if rule in ("oracle", "energy"):        # rules select_data does not know: hand distill the indices
+            if RULE_SPECS[rule][0] in ("oracle", "energy"):   # rules select_data does not know: pass the indices
                 path = os.path.join(sel_dir, "precomputed_selection.pt")
                 torch.save({"indices": chosen, "pred": pred[chosen], "rule": rule}, path)
                 argv += ["--selection_file", path]
@@ -426,7 +496,7 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
             line.append(f"{rule} {precision:.3f}")
         print(f"pool: seed {seed} scored in {score_seconds[seed]:.0f}s; selection precision: " + ", ".join(line),
               flush=True)
-    print(f"pool: {len(relevant)} images, {num_select} in-domain; every rule selects {num_select}; training "
+    print(f"pool: {len(relevant)} images, {in_domain} in-domain; every rule selects {num_select}; training "
           f"{len(jobs)} students ({cfg['student']}, {epochs} epochs, {cfg['jobs']} at a time)...", flush=True)
     t_students = time.time()
     outs = run_students(jobs, cfg["jobs"])
@@ -436,7 +506,7 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
     for job, o in zip(jobs, outs):
         rule, seed = job["rule"], job["seed"]
         s = selections[(rule, seed)]
-        if rule not in ("oracle", "energy"):      # distill re-selected from the scores: it must agree with us
+        if RULE_SPECS[rule][0] not in ("oracle", "energy"):   # distill re-selected: it must agree with us
             theirs = torch.load(os.path.join(s["sel_dir"], "selection.pt"), weights_only=True)["indices"]
             if not torch.equal(theirs, s["chosen"]):
                 raise RuntimeError(f"{rule}: distill's selection differs from the demo's")
@@ -495,7 +565,8 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
         else:
             per_source[src] = _source_row(s, sc, m, relevant)
     pool_info = {"name": name, "kind": kind, "relevant_share": share, "size": int(len(relevant)),
-                 "in_domain": num_select, "num_select": num_select, "per_class": per_class,
+                 "in_domain": in_domain, "num_select": num_select, "keep_ratio": cfg["keep_ratio"],
+                 "per_class": per_class,
                  "sources": {k: int(v) for k, v in zip(*np.unique(manifest["source"], return_counts=True))},
                  "teacher_classes": [data.FASHION_CLASSES[c] for c in classes],
                  "overlap_with_teacher_train": overlap}
@@ -511,6 +582,10 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
                               "student_phase_seconds": student_seconds}})
     if diag_sd:
         result["auroc_diagnostics_sd"] = diag_sd
+    if len(seeds) > 1:
+        result["comparisons"] = [dict(a=a, b=b, what=what, **compare(res[a]["student_acc1_per_seed"],
+                                                                     res[b]["student_acc1_per_seed"]))
+                                 for a, b, what in comparison_pairs(cfg)]
     print(f"pool: drawing pictures (teacher seed {seeds[0]})...", flush=True)
     t_pic = time.time()
     with quiet(os.path.join(pool_dir, "pictures.log")):
@@ -704,6 +779,9 @@ def markdown(results, cfg, total_seconds, machine):
         p = r["pool"]
         multi = len(r["seeds"]) > 1
         lines += [f"## Pool `{name}`", "",
+                  "Rules: " + "; ".join(f"`{x}` = {RULE_SPECS[x][0]} images" + (", balanced" if RULE_SPECS[x][1]
+                                        else "") + (", with PD" if RULE_SPECS[x][2] else ", no PD")
+                                        for x in cfg["rules"]) + ".", "",
                   f"{p['size']} images ({', '.join(f'{k}: {v}' for k, v in p['sources'].items())}); "
                   f"{p['in_domain']} in-domain (relevant share {p['relevant_share']:g}); every rule keeps "
                   f"{p['num_select']}; balanced rules keep {p['per_class']} per predicted class first.",
@@ -725,6 +803,14 @@ def markdown(results, cfg, total_seconds, machine):
                          + (f" (seed {r['seeds'][0]})" if multi else "") + " | "
                          + (fmt_spread(x, "jaccard_with_outlier", 3) if "jaccard_with_outlier" in x else "–") + " | "
                          + f"{fmt_spread(x, 'student_acc1', 2)} | {x['seconds']:.0f} |")
+        if r.get("comparisons"):
+            lines += ["", "Student acc1 differences (a − b, points; beyond the spread: the mean difference exceeds "
+                      "both rules' sd and the sd of the per-seed differences, same sign in every seed):", "",
+                      "| a − b | what | difference | per seed | beyond the spread |", "|---|---|---|---|---|"]
+            for c in r["comparisons"]:
+                lines.append(f"| {c['a']} − {c['b']} | {c['what']} | {c['diff']:+.2f} ± {c['diff_sd']:.2f} | "
+                             + ", ".join(f"{x:+.2f}" for x in c["diff_per_seed"]) + " | "
+                             + ("yes" if c["beyond_spread"] else "no") + " |")
         lines += ["", "AUROC (in-domain vs the rest, low score = in-domain):", "",
                   "| signal | AUROC |", "|---|---|"]
         sd = r.get("auroc_diagnostics_sd", {})
@@ -770,11 +856,14 @@ def main(argv=None):
     print(f"preset {cfg['preset']}: pools {cfg['pools']}, seeds {cfg['seeds']}, rules {cfg['rules']}, "
           f"device {device}, out {out}", flush=True)
     results, teachers = {}, {}
+    tdir_root = os.path.abspath(args.teachers) if args.teachers else out
+    os.makedirs(tdir_root, exist_ok=True)
     for kind, share in cfg["pools"]:
         classes = tuple(dp.MISMATCH_CLASSES) if kind == "mismatch" else tuple(range(10))
         for seed in cfg["seeds"]:      # one teacher per seed: the spread includes the teacher's
             if (classes, seed) not in teachers:
-                teachers[(classes, seed)] = get_teacher(cfg, fm, classes, out, device, args.reuse, seed)
+                teachers[(classes, seed)] = get_teacher(cfg, fm, classes, tdir_root, device,
+                                                        args.reuse or bool(args.teachers), seed)
         name = pool_name(kind, share, cfg)
         by_seed = {seed: teachers[(classes, seed)] for seed in cfg["seeds"]}
         results[name] = run_pool(cfg, kind, share, name, fm, by_seed, out, device)

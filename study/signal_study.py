@@ -79,7 +79,7 @@ def score(pool_dir, teacher_path, out_dir, num_select):
     argv = ["--data_imagenet", os.path.join(pool_dir, "images"), "--teacher", cfg["teacher"],
             "--teacher_dir", teacher_path, "--num_select", str(num_select), "--selected_file", out_dir,
             "--cache_dir", os.path.join(pool_dir, "cache"), "--workers", "0", "--device", "cpu",
-            "--flip_signal", "--attnprobe_sel"]
+            "--store_signals", "--flip_signal", "--attnprobe_sel"]
     os.makedirs(out_dir, exist_ok=True)
     with demo.quiet(os.path.join(out_dir, "scoring.log")):
         select_data.main(select_data.get_args_parser().parse_args(argv))

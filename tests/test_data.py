@@ -367,12 +367,12 @@ def test_224_test_transform_is_torchvision_resize_center_crop(tmp_path):
         assert img.dtype == torch.uint8 and img.shape == (3, 224, 224) and lab == label
         assert torch.equal(img, want), path
     # the non-square images really were cropped, not squashed to 224x224
-    squash = data.decode_image(val.samples[0][0], 224, 3)
+    squash = data.read_image(val.samples[0][0], 224, 3)
     assert not torch.equal(val[0][0], squash)
     # 32-px paths unchanged: resized to (32, 32), train split too
     for split in ("train", "val"):
         small = data.load_labeled("imagenet", tmp_path, split, 32, 3)
-        assert torch.equal(small[0][0], data.decode_image(small.samples[0][0], 32, 3))
+        assert torch.equal(small[0][0], data.read_image(small.samples[0][0], 32, 3))
 
 
 def test_positives_published_random_crop_per_image_and_epoch(tmp_path):

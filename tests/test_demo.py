@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import demo
 import demo_pool as dp
@@ -136,3 +137,56 @@ def test_tiny_preset_two_seeds_progress_and_spread(tmp_path, capsys):
         assert r["auroc_diagnostics_sd"][key] == pytest.approx(np.std(per, ddof=1), abs=1e-12)
     md = (out / "results.md").read_text()
     assert "mean ± sample sd (ddof=1)" in md and f"{r['outlier']['student_acc1_sd']:.2f}" in md
+
+
+def test_compare_spread_criterion():
+    # +2 in every seed, both sds and the sd of the differences below 2: beyond the spread
+    c = demo.compare([62.0, 63.0, 64.0], [60.0, 61.0, 62.0])
+    assert c["diff"] == pytest.approx(2.0) and c["diff_per_seed"] == [2.0, 2.0, 2.0] and c["beyond_spread"]
+    # the same mean difference, one seed the other way: not beyond
+    assert not demo.compare([62.0, 63.0, 58.0], [60.0, 61.0, 62.0])["beyond_spread"]
+    # same sign everywhere, but one rule's own sd (2.8) exceeds the difference (2.0)
+    c = demo.compare([58.5, 63.1, 63.5], [56.5, 61.1, 61.5])
+    assert c["diff"] == pytest.approx(2.0) and not c["beyond_spread"]
+    c = demo.compare([60.0, 61.0, 62.0], [62.0, 63.0, 64.0])
+    assert c["diff"] == pytest.approx(-2.0) and c["beyond_spread"]
+
+
+def test_ablation_pd_config():
+    cfg = demo.resolve_config(demo.get_args_parser().parse_args(["--ablation", "pd"]))
+    assert cfg["pools"] == [("mismatch", 0.2), ("far-ood", 0.25)] and cfg["seeds"] == [0, 1, 2]
+    assert cfg["rules"] == list(demo.ABLATIONS["pd"]) and cfg["student_epochs"] == 25
+    # every selection appears with and without PD
+    specs = {demo.RULE_SPECS[r] for r in cfg["rules"]}
+    assert {(how, pd) for how, _, pd in specs} == {(h, pd) for h in ("random", "outlier", "probe", "oracle")
+                                                   for pd in (False, True)}
+    plain = demo.resolve_config(demo.get_args_parser().parse_args([]))
+    assert plain["rules"] == list(demo.RULES) and plain["seeds"] == [0] and plain["pools"] == [("mismatch", 0.2)]
+
+
+def test_tiny_ablation_pd_swaps_images_and_loss(tmp_path):
+    out = tmp_path / "abl"
+    demo.main(["--tiny", "--ablation", "pd", "--pool", "mismatch", "--seeds", "0", "1", "--keep_ratio", "0.5",
+               "--out", str(out), "--threads", "1", "--device", "cpu"])
+    r = json.load(open(out / "results_mismatch.json"))
+    p = r["pool"]
+    assert p["num_select"] == round(0.5 * p["in_domain"]) and p["keep_ratio"] == 0.5
+    assert r["oracle_pd"]["selection_precision_per_seed"] == [1.0, 1.0]
+    rules_dir = out / "mismatch" / "rules"
+    for rule in demo.ABLATIONS["pd"]:
+        how, balanced, pd = demo.RULE_SPECS[rule]
+        for seed in (0, 1):
+            a = json.load(open(rules_dir / rule / f"student_seed{seed}" / "args.json"))
+            assert a["attnprobe_dist"] == pd and a["attnprobe_sel"] == (how == "probe"), rule
+            assert a["random"] == (how == "random") and a["num_select"] == p["num_select"], rule
+    for seed in (0, 1):   # the same images with and without PD
+        for x, y in (("outlier", "outlier_pd"), ("probe", "probe_nopd"), ("random", "random_pd")):
+            ix, iy = (torch.load(rules_dir / z / f"selected_seed{seed}" / "selection.pt", weights_only=True)
+                      ["indices"] for z in (x, y))
+            assert torch.equal(ix, iy), (x, y, seed)
+    pairs = {(c["a"], c["b"]): c for c in r["comparisons"]}
+    for a, b, _ in demo.ABLATION_PAIRS["pd"]:
+        c = pairs[(a, b)]
+        assert c == {**demo.compare(r[a]["student_acc1_per_seed"], r[b]["student_acc1_per_seed"]),
+                     "a": a, "b": b, "what": c["what"]}
+    assert "| probe − outlier_pd | probe's images vs outlier's, with PD |" in (out / "results.md").read_text()

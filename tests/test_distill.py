@@ -319,12 +319,18 @@ def test_images_their_dataset_cropped_get_no_second_crop():
     batches = engine.LoaderBatches(ds, batch_size=12, shuffle=False, drop_last=False, workers=0)
     seen = []
 
-    def loss_fn(x, flags):
-        seen.append((x.clone(), flags.clone()))
+    class Spy(engine.Augment):
+        def __call__(self, images, cropped=None):
+            seen.append(cropped.clone())
+            return super().__call__(images, cropped)
+
+    def loss_fn(x, labels):
+        seen.append((x.clone(), labels))
         return {"loss": (x.sum() * 0).requires_grad_()}
-    augment = engine.Augment((0.5,) * 3, (0.25,) * 3, padding=4)
-    engine.train_one_epoch(loss_fn, batches, [], augment, 0, torch.device("cpu"), labels_mark_cropped=True)
-    x, flags = seen[0]
+    augment = Spy((0.5,) * 3, (0.25,) * 3, padding=4)
+    engine.train_one_epoch(loss_fn, batches, [], augment, 0, torch.device("cpu"), crop_flags=True)
+    flags, (x, labels) = seen
+    assert labels is None                                 # flags are no labels
     plain = data.normalize(torch.cat([wild, marked]), (0.5,) * 3, (0.25,) * 3)
     assert flags.tolist() == [0] * 6 + [1] * 6
     assert torch.equal(x[6:], plain[6:])                  # marked: untouched

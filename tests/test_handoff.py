@@ -42,8 +42,9 @@ def test_run_selection_returns_what_it_writes(world, tmp_path):
     """The Selection handed to stage 2 is the one in selection.pt / selected.txt / class_weights.pth."""
     args = select_data.get_args_parser().parse_args(argv(select_flags(world, tmp_path / "sel",
                                                                       **{"--attnprobe_sel": True})))
-    teacher = select_data.load_teacher(args, torch.device("cpu"))
-    assert isinstance(teacher, models.Teacher) and args.nb_classes == teacher.num_classes == 10
+    teacher = models.teacher_from_args(args, torch.device("cpu"))
+    assert isinstance(teacher, models.Teacher) and teacher.num_classes == 10
+    assert args.nb_classes is None                          # read from the file; args stay as parsed
     sel = select_data.run_selection(args, teacher, torch.device("cpu"))
     saved = torch.load(tmp_path / "sel" / "selection.pt", weights_only=True)
     assert torch.equal(sel.indices, saved["indices"]) and torch.equal(sel.pred, saved["pred"])

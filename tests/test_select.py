@@ -208,3 +208,49 @@ def test_default_decoding_scores_equal_the_published_transform(tmp_path):
     # scores of one decoding are never reused for the other
     proc = run_select(*common, "--selected_file", str(tmp_path / "cache"), "--fast_decode", check=False)
     assert proc.returncode == 2 and "image decoding (--fast_decode)" in proc.stderr
+
+
+def _select_with_scores(scored, dst, pred, value, *flags):
+    """Select from the generated pool's real score files with the teacher's predictions and confidences
+    replaced by `pred` / `value` (a teacher that is sure of some classes only) -> (stdout, selection.pt)."""
+    import contextlib
+    import io
+    import shutil
+    tmp, paths, _, _ = scored
+    shutil.copytree(tmp / "sel", dst)
+    torch.save(torch.as_tensor(pred), dst / "pred_out.pth")
+    torch.save(torch.as_tensor(value, dtype=torch.float32), dst / "value_out.pth")
+    args = select_data.get_args_parser().parse_args(
+        ["--data_imagenet", str(tmp / "pool"), "--teacher", "deit_base_patch4_32_teacher", "--teacher_dir",
+         str(tmp / "teacher.pth"), "--selected_file", str(dst), "--workers", "0", "--device", "cpu", *flags])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        select_data.main(args)
+    return out.getvalue(), torch.load(dst / "selection.pt", weights_only=True)
+
+
+def test_class_collapse_warns_and_is_recorded(scored, tmp_path):
+    n = len(scored[1])                                            # 24 images, a 10-class teacher
+    # the teacher is most confident on class 0: the 10 best images are all class 0, the other
+    # classes are in the pool (images 12..23) but less confident
+    pred = [0] * 12 + [i % 10 for i in range(12, n)]
+    out, sel = _select_with_scores(scored, tmp_path / "sel", pred, list(range(n)), "--num_select", "10")
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "class collapse: 9 of 10" in warnings[0] and "--per_class 1" in warnings[0]
+    assert "1: 0" in warnings[0] and "9: 0" in warnings[0] and "0: 10" not in warnings[0]
+    assert sel["collapsed_classes"] == [(c, 0) for c in range(1, 10)]
+    # the way out the warning names: balanced, every class is kept and nothing is said
+    out, sel = _select_with_scores(scored, tmp_path / "sel_balanced", pred, list(range(n)),
+                                   "--num_select", "10", "--per_class", "1")
+    assert "warning:" not in out and sel["collapsed_classes"] == []
+    assert sorted(sel["pred"].tolist()) == list(range(10))
+
+
+def test_balanced_selection_is_silent(scored, tmp_path):
+    n = len(scored[1])
+    pred = [i % 10 for i in range(n)]                             # the best 10 cover every class once
+    out, sel = _select_with_scores(scored, tmp_path / "sel", pred, list(range(n)), "--num_select", "10")
+    assert "warning:" not in out and sel["collapsed_classes"] == []
+    # the threshold is a tenth of an even share: 20 kept of 10 classes (2 each), a class with 0 is lost
+    assert select_data.class_collapse(torch.tensor([0] * 4 + [1, 2, 3, 4, 5, 6, 7, 8] * 2), 10) == [(9, 0)]
+    assert select_data.class_collapse(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2), 10) == []

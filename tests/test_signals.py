@@ -14,6 +14,7 @@ import reference
 import select_data
 import signals
 from attention_probe import probe_forward
+from utils import InputError
 from tests.fixtures import MICRO, run_script_inprocess, write_pool, write_teacher
 
 
@@ -210,17 +211,37 @@ def test_rule_selects_by_its_signals(scored):
     assert os.path.getmtime(tmp / "sel" / "value_out.pth") == before     # no rescoring
 
 
-def test_rule_without_its_signal_file_is_one_error(scored, tmp_path, capsys):
+def test_default_pass_stores_no_signals_and_a_rule_adds_them(scored, tmp_path, capsys):
     tmp, common = scored
-    import shutil
-    shutil.copytree(tmp / "sel", tmp_path / "sel")
-    os.unlink(tmp_path / "sel" / "sig_knn.pth")
     args = [a if a != tmp / "sel" else tmp_path / "sel" for a in common]
-    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--rule", "knn") == 2
-    err = capsys.readouterr().err
-    assert "sig_knn.pth is missing" in err and "Traceback" not in err
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--attnprobe_sel") == 0
+    sel = tmp_path / "sel"
+    assert not list(sel.glob("sig_*.pth")) and not (sel / "prelogits_out.npy").exists()
+    for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):   # the same numbers as with the signals
+        assert torch.equal(torch.load(sel / f"{key}.pth", weights_only=True),
+                           torch.load(tmp / "sel" / f"{key}.pth", weights_only=True)), key
+    value = select_data.combined_value(select_data.load_scores(str(sel), [3, 7]), True)
+    want = select_data.select_indices(value, torch.ones(30, dtype=torch.bool), 8)
+    assert torch.equal(torch.load(sel / "selection.pt", weights_only=True)["indices"], want)
+    capsys.readouterr()
+    # a rule whose signals were not stored: one extra pass stores them, the published files unchanged
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--rule", "knn") == 0
+    assert "scoring again to store them" in capsys.readouterr().out
+    assert torch.equal(torch.load(sel / "sig_knn.pth", weights_only=True),
+                       torch.load(tmp / "sel" / "sig_knn.pth", weights_only=True))
+    assert torch.equal(torch.load(sel / "value_out.pth", weights_only=True),
+                       torch.load(tmp / "sel" / "value_out.pth", weights_only=True))
+    # rescoring without signals drops the old ones: no rule reads signals of other scores
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--force") == 0
+    assert not list(sel.glob("sig_*.pth"))
     assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--rule", "knn", "--random") == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_missing_signal_file_is_one_error(scored, capsys):
+    tmp, _ = scored
+    with pytest.raises(InputError, match="sig_nope.pth is missing.*--store_signals --force"):
+        select_data.load_signals(str(tmp / "sel"), ["nope"])
 
 
 def test_distillation_takes_the_rule():

@@ -180,3 +180,42 @@ def test_distillation_runs_on_each_teacher_file(teacher_files, kind, capsys):
     student.load_state_dict(final["model"])
     acc1, acc5 = hand_accuracy(student, tmp / "cifar", final["mean"], final["std"])
     assert (final["acc1"], final["acc5"]) == (pytest.approx(acc1), pytest.approx(acc5))
+
+
+# ---- weights timm loads itself: hf-hub:org/name, from a hub cache laid out as huggingface_hub writes it
+
+HUB_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=8, num_heads=2, num_classes=4)
+
+
+def _hub_cache(root, repo="timm/tiny_vit_test.hub", rev="0123456789abcdef0123456789abcdef01234567"):
+    """<root>/models--timm--tiny_vit_test.hub/{refs/main, snapshots/<rev>/{config.json, model.safetensors}}."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **HUB_ARGS)
+    timm.models.save_for_hf(model, folder / "snapshots" / rev, model_args=HUB_ARGS, safe_serialization=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(rev)
+    return model
+
+
+def test_hf_hub_teacher_loads_through_timm_offline(tmp_path):
+    made = _hub_cache(tmp_path / "hub")
+    make_pool(tmp_path / "pool", 12)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    argv = ["--data_imagenet", tmp_path / "pool", "--teacher_dir", "hf-hub:timm/tiny_vit_test.hub",
+            "--num_select", 4, "--selected_file", tmp_path / "sel", "--workers", 0, "--device", "cpu"]
+    r = fx.run_script("select_data.py", *argv, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "4 classes, 3x32px" in r.stdout and "the model's pretrained config" in r.stdout
+    # the scores are those of the very weights written into the cache, normalised as its config says
+    import pool
+    import select_data
+    cfg = made.pretrained_cfg
+    ds = pool.PoolDataset(pool.list_pool(str(tmp_path / "pool")), 32, 3)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    want = select_data.score_images(made.eval(), images, cfg["mean"], cfg["std"], [3, 7], 0)
+    assert torch.equal(torch.load(tmp_path / "sel" / "value_out.pth", weights_only=True), want["value_out"])
+    # nothing cached under that name: one error line naming the flag, exit 2
+    r = fx.run_script("select_data.py", *[a if a != "hf-hub:timm/tiny_vit_test.hub" else "hf-hub:timm/absent"
+                                          for a in argv], env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --teacher_dir hf-hub:timm/absent"), r.stderr
