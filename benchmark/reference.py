@@ -12,10 +12,14 @@ attention and Gram matrices, a Python-loop noise matrix). Selection and distilla
 import torch
 import torch.nn.functional as F
 
-from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
 from losses import csloss
 
-PATCHATTN = 1.0                 # published weight of probe distillation
+# The published constants, written out here (not imported from the code this file checks), so that a
+# changed constant in our code makes the comparison tests fail.
+PROBE_BLOCKS = (3, 7)           # identify_attnlier: value_blk3, value_blk7
+FEATURE_BLOCKS = (3, 7, 11)     # TeacherVisionTransformer: outputs of blocks 3, 7, 11 for probe distillation
+ATTNLIER, OUTLIER = 0.05, 0.9   # get_positive: weights of the probe scores and of the confidence score
+PATCHATTN = 0.8                 # weight of probe distillation
 
 
 class PublishedView:
@@ -110,6 +114,13 @@ def published_scores(model, x, probe_blocks=PROBE_BLOCKS, head=0):
     """Published scores of a normalised float batch x (B, C, H, W) -> dict of (B,) tensors."""
     with PublishedScorer(model, probe_blocks, head) as scorer:
         return scorer(x)
+
+
+def published_selection(value_blk3, value_blk7, value_out, num_select, attnlier=ATTNLIER, outlier=OUTLIER):
+    """get_positive with the probe in the score (the published flag is inverted; this is the rule the
+    paper describes): indices of the num_select lowest attnlier · (blk3 + blk7) + outlier · out."""
+    value = attnlier * (value_blk3 + value_blk7) + outlier * value_out
+    return value.topk(num_select, largest=False)[1]
 
 
 def published_kdloss(y, teacher_scores, T=4.0):

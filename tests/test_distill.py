@@ -103,7 +103,21 @@ def test_eval_only_reads_dataparallel_checkpoint(world, tmp_path):
                            "--workers", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["n"] == 40 and 0 <= result["acc1"] <= 100 and result["student"] == "deit_tiny_patch4_32"
+    assert result["n"] == 40 and result["student"] == "deit_tiny_patch4_32"
+    acc1, acc5 = hand_accuracy(student, world / "cifar", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (result["acc1"], result["acc5"]) == (pytest.approx(acc1), pytest.approx(acc5))
+
+
+def hand_accuracy(model, cifar_root, mean, std):
+    """Top-1 / top-5 accuracy (%) of `model` on the CIFAR-10 test pickle, computed here without our loaders."""
+    with open(os.path.join(cifar_root, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    x = torch.from_numpy(raw[b"data"]).view(-1, 3, 32, 32).float() / 255
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    y = torch.tensor(raw[b"labels"])
+    with torch.no_grad():
+        top = model.eval()(x).topk(5, dim=1).indices
+    return 100 * (top[:, 0] == y).float().mean().item(), 100 * (top == y[:, None]).any(1).float().mean().item()
 
 
 def test_published_readme_command(world):
@@ -118,7 +132,25 @@ def test_published_readme_command(world):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("class_weights.pth", "pred_out.pth", "value_blk3.pth", "value_blk7.pth", "value_out.pth"):
         assert (world / "sel_pub" / name).exists()
+    assert_published_run(world / "pool", world / "sel_pub", world / "out_pub", 16, [7.5e-4])
     assert (world / "out_pub" / "student" / "checkpoint.pth").exists()
+
+
+def assert_published_run(pool_dir, sel, out, num_select, lrs):
+    """What a published command must produce: the num_select images of lowest
+    0.05 · (value_blk3 + value_blk7) + 0.9 · value_out (the re-enactment's rule on the stored scores),
+    best first, and one log line per epoch at the scheduled lr."""
+    import reference
+    scores = {k: torch.load(sel / f"{k}.pth", weights_only=True).double()
+              for k in ("value_out", "value_blk3", "value_blk7")}
+    order = reference.published_selection(scores["value_blk3"], scores["value_blk7"], scores["value_out"],
+                                          num_select).tolist()
+    ids = sorted(os.path.relpath(os.path.join(d, f), pool_dir).replace(os.sep, "/")
+                 for d, _, files in os.walk(pool_dir) for f in files)
+    assert (sel / "selected.txt").read_text().split() == [ids[i] for i in order]
+    epochs = [r for r in read_log(out / "log.txt") if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == list(range(len(lrs)))
+    assert [r["train_lr"] for r in epochs] == pytest.approx(lrs)
 
 
 def test_torchrun_two_processes_select_the_same_images(world):
@@ -155,6 +187,7 @@ def test_training_sh_runs_with_generated_data(world):
            "EXTRA": "--teacher deit_tiny_patch4_32_teacher --epochs 1 --batch_size 8 --workers 0"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "training.sh")], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_published_run(world / "pool", world / "sel_sh", world / "out_sh", 16, [7.5e-4])
     assert (world / "out_sh" / "student" / "last.pth").exists()
 
 
@@ -208,6 +241,7 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     # the labeled images are part of this run: recorded in its folder; stage 1's folder is not written
     assert torch.load(out / "labelset_index_dict.pth", weights_only=True)["positive_index"] == [0, 1, 4, 5, 8, 9]
     assert (sel / "value_out.pth").exists() and not (sel / "labelset_index_dict.pth").exists()
+    assert_published_run(tmp_path / "pool", sel, out, 6, [7.5e-4])
     epochs = [r for r in read_log(out / "log.txt") if "epoch" in r]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["train_loss"])
 

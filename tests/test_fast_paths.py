@@ -14,6 +14,7 @@ sys.path.insert(0, REPO)
 
 import benchmark  # noqa: E402
 import data  # noqa: E402
+import distill  # noqa: E402
 import engine  # noqa: E402
 import fixtures  # noqa: E402
 import models  # noqa: E402
@@ -23,15 +24,7 @@ from attention_probe import FEATURE_BLOCKS  # noqa: E402
 from losses import NoiseAdaptation  # noqa: E402
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two spinning OpenMP threads on shared cores run several times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peaked_vit(depth=8, dim=64, heads=2, classes=10, seed=0):
@@ -77,8 +70,11 @@ def test_published_reenactment_matches_one_pass(name, head):
     torch.manual_seed(0)
     teacher = models.create(name, 100).eval().requires_grad_(False)
     images = uint8_images(4 if "base" in name else 8)
-    ours = select_data.score_images(teacher, images, MEAN, STD, (3, 7), head)
-    published = reference.published_scores(teacher, data.normalize(images, MEAN, STD), (3, 7), head)
+    # our default probe blocks against the re-enactment's own (3, 7)
+    ours = select_data.score_images(teacher, images, MEAN, STD, select_data.get_args_parser().get_default(
+        "probe_blocks"), head)
+    published = reference.published_scores(teacher, data.normalize(images, MEAN, STD), head=head)
+    assert sorted(published) == sorted(k for k in ours if k.startswith(("value_", "pred_")))
     for key in ("value_out", "value_blk3", "value_blk7"):
         assert published[key].shape == ours[key].shape
         assert torch.allclose(published[key], ours[key], atol=1e-4, rtol=0), key
@@ -88,7 +84,8 @@ def test_published_reenactment_matches_one_pass(name, head):
 
 
 def test_published_training_loss_matches_engine():
-    """Same student, teacher and batch: the published KD + NA + PD equals engine.distill_losses (fp32)."""
+    """Same student, teacher and batch: the published KD + NA + PD equals engine.distill_losses (fp32), ours
+    with the blocks and the PD weight stage 2 uses by default, the re-enactment with its own constants."""
     torch.manual_seed(0)
     teacher = models.create("deit_tiny_patch4_32_teacher", 10).eval().requires_grad_(False)
     student = models.create("deit_tiny_patch4_32", 10).eval()   # eval: no dropout either way
@@ -99,10 +96,11 @@ def test_published_training_loss_matches_engine():
         published_noise.theta.copy_(noise.theta)
     x = data.normalize(uint8_images(6), MEAN, STD)
     blocks = FEATURE_BLOCKS
+    patchattn = distill.get_args_parser().get_default("patchattn")
     ours = engine.distill_losses(engine.TeacherWithFeatures(teacher, blocks),
-                                 engine.StudentWithFeatures(student, noise, blocks), x, None, patchattn=1.0)
+                                 engine.StudentWithFeatures(student, noise, blocks), x, None, patchattn=patchattn)
     with reference.PublishedView(student) as s_view, reference.PublishedView(teacher) as t_view:
-        published = reference.published_step_loss(s_view, t_view, published_noise.matrix, x, patchattn=1.0)
+        published = reference.published_step_loss(s_view, t_view, published_noise.matrix, x)
     assert torch.allclose(published, ours["loss"], atol=1e-5, rtol=1e-5)
 
 

@@ -64,7 +64,9 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     assert not set(chosen_x.tolist()) & set(chosen_y.tolist())
     torch.save({"indices": chosen_y, "pred": pred[chosen_y], "rule": "worst"}, tmp_path / "y.pt")
     probs = np.load(sel_dir / "probs_out.npy", mmap_mode="r")
-    right = select_data.class_weights_from_probs(probs, chosen_y, 10)
+    # 1 / (softmax summed per class over exactly these images), rescaled to sum to 10 classes
+    inverse = 1 / torch.from_numpy(np.asarray(probs[np.sort(chosen_y.numpy())], dtype=np.float64)).sum(0)
+    right = (inverse / inverse.sum() * 10).float()
     assert not torch.allclose(right, stale)       # the stale file would change the loss
 
     flags = distill_flags(world, tmp_path, **{"--selected_file": sel_dir, "--selection_file": tmp_path / "y.pt",
@@ -90,7 +92,8 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     os.makedirs(tmp_path / "empty")
     got = select_data.load_selection(args.selection_file, distill.get_args_parser().parse_args(
         argv(fresh)), teacher)
-    assert torch.allclose(got.class_weights, select_data.class_weights_from_preds(pred[chosen_y], torch.arange(8), 10))
+    inverse = 1 / torch.bincount(pred[chosen_y], minlength=10).double().clamp_min(1)   # hard counts
+    assert torch.allclose(got.class_weights, (inverse / inverse.sum() * 10).float())
 
 
 @pytest.mark.parametrize("case", ["num_select", "locked"])

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import distill
 import pool
+import reference
 import select_data
 import signals
 from attention_probe import probe_forward
@@ -164,9 +165,9 @@ def test_published_files_and_default_selection_unchanged(scored):
     for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):
         assert torch.equal(torch.load(sel / f"{key}.pth", weights_only=True), plain[key]), key
         assert torch.equal(extra[key], plain[key]), key                  # extras change no published number
-    value = select_data.combined_value(plain, True)
-    want = select_data.select_indices(value, torch.ones(30, dtype=torch.bool), 8)
-    assert torch.equal(torch.load(sel / "selection.pt", weights_only=True)["indices"], want)
+    want = reference.published_selection(plain["value_blk3"].double(), plain["value_blk7"].double(),
+                                         plain["value_out"].double(), 8)
+    assert torch.load(sel / "selection.pt", weights_only=True)["indices"].tolist() == want.tolist()
     # the extra signals sit beside them under their own names, one row per pool image
     for name in ("energy", "maxlogit", "feat_norm", "cls_norm", "tok_norm", "probe_heads", "flip_agree",
                  "flip_kl", "knn"):

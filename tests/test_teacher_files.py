@@ -13,7 +13,7 @@ import torch
 
 import fixtures as fx
 import models
-from test_distill import make_cifar10
+from test_distill import hand_accuracy, make_cifar10
 from test_select import make_pool
 from utils import InputError
 
@@ -170,6 +170,16 @@ def test_distillation_runs_on_each_teacher_file(teacher_files, kind, capsys):
             *_select_argv(tmp, files[kind], tmp / f"dsel_{kind}")]
     assert fx.run_script_inprocess("DFND_DeiT-train.py", *map(str, argv)) == 0, capsys.readouterr().err
     assert (out / "student" / "last.pth").exists()
+    # the same weights in every file: the same selection, whatever the file's layout
+    first = tmp / "dsel_deit_main" / "selected.txt"
+    if kind != "deit_main" and first.exists():
+        assert (tmp / f"dsel_{kind}" / "selected.txt").read_text() == first.read_text()
+    # the reported accuracy is the saved student's on the test set, recomputed here
+    final = torch.load(out / "student" / "final.pth", weights_only=True)
+    student = timm.create_model(final["student"], num_classes=10)
+    student.load_state_dict(final["model"])
+    acc1, acc5 = hand_accuracy(student, tmp / "cifar", final["mean"], final["std"])
+    assert (final["acc1"], final["acc5"]) == (pytest.approx(acc1), pytest.approx(acc5))
 
 
 # ---- weights timm loads itself: hf-hub:org/name, from a hub cache laid out as huggingface_hub writes it
