@@ -279,7 +279,7 @@ def teacher_file_info(meta):
     return info, where
 
 
-def _resolve(flag, given, info, where, key, notes, default=None, same=lambda a, b: a == b):
+def _resolve(flag, given, info, where, key, notes, default=None, same=lambda a, b: a == b, origin="the teacher file"):
     """The flag's value when given (noted when the file disagrees), else the file's, else `default`."""
     in_file = info.get(key)
     if given is not None:
@@ -287,7 +287,7 @@ def _resolve(flag, given, info, where, key, notes, default=None, same=lambda a, 
             notes.append(f"{flag} {given} differs from the teacher file's {where[key]} {in_file}: using {flag}")
         return given, flag
     if in_file is not None:
-        return in_file, f"the teacher file ({where[key]})"
+        return in_file, f"{origin} ({where[key]})"
     return default, None
 
 
@@ -309,13 +309,14 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     name None: the file's model name, else the published default. mean/std None: the file's (a pretrained
     model's config), else ImageNet's. img_size, when given, must be the model's input size (--img_size).
     """
-    notes = []
+    notes, origin = [], "the teacher file"
     if is_pretrained(path):
         if ema:
             raise InputError(f"--teacher_ema applies to checkpoint files, not to {path}")
         name = os.fspath(path)
         model, meta, path = load_pretrained(name, num_classes)
         info, where = teacher_file_info(meta)
+        origin = "the model's pretrained config"
     else:
         state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
         info, where = teacher_file_info(meta)
@@ -334,9 +335,9 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     in_chans, size = input_spec(model)
     if img_size not in (None, size):
         raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
-    mean, mean_from = _resolve("--mean", mean, info, where, "mean", notes, same=_same_numbers)
-    std, std_from = _resolve("--std", std, info, where, "std", notes, same=_same_numbers)
-    source = " and ".join(dict.fromkeys(s for s in (mean_from, std_from) if s)) or "ImageNet's (the teacher file has none)"
+    mean, mean_from = _resolve("--mean", mean, info, where, "mean", notes, same=_same_numbers, origin=origin)
+    std, std_from = _resolve("--std", std, info, where, "std", notes, same=_same_numbers, origin=origin)
+    source = " and ".join(dict.fromkeys(s for s in (mean_from, std_from) if s)) or f"ImageNet's ({origin} has none)"
     teacher = Teacher.of(model.to(device), name, mean, std, os.fspath(path), info["accuracy"])
     teacher.ema, teacher.norm_source, teacher.notes = ema, source, notes
     teacher.accuracy_source = f"the teacher file ({where['accuracy']})" if info["accuracy"] is not None else None

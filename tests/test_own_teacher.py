@@ -242,7 +242,8 @@ def test_under_torchrun_a_refusal_is_one_line_and_torchrun_reports_exit_code_2(w
                                                          "--selected_file": tmp_path / "sel",
                                                          "--output_dir": tmp_path / "out"}))
     ours = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
-    assert ours == [f"error: --teacher_dir {tmp_path / 't.pth'}: no such file"], proc.stderr[-3000:]
+    assert ours == [f"error: --teacher_dir {tmp_path / 't.pth'}: no such file (nor hf-hub:org/name or a timm "
+                    "pretrained tag)"], proc.stderr[-3000:]
     # torchrun's own ending, as docs/failures.md describes it
     assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr
 
