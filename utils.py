@@ -106,12 +106,20 @@ def _temp_beside(path):
         raise
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` through a temp file in the same folder, then rename."""
+@contextlib.contextmanager
+def _atomic_file(path):
+    """A binary file object whose content replaces `path` whole, synced, when the block ends; a full
+    disk inside it is one OutOfSpace naming `path`."""
     with writing(path), _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write `data` to `path` through a temp file in the same folder, then rename."""
+    with _atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str):
@@ -122,10 +130,8 @@ def atomic_torch_save(obj, path):
     """torch.save that never leaves a half-written file at `path`."""
     # through a file object: torch's own writer turns a full disk into "unexpected pos", the
     # file object's OSError names the cause
-    with writing(path), _temp_beside(os.fspath(path)) as tmp, open(tmp, "wb") as f:
+    with _atomic_file(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # Globals a checkpoint may hold besides tensors and plain containers. DeiT's main.py and timm's
