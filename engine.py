@@ -157,6 +157,9 @@ class Augment:
 
 def distill_losses(teacher, student_module, images, class_weights=None, patchattn=0.0, temperature=4.0):
     """KD (robust when class_weights is given) + noise adaptation + patchattn · probe distillation."""
+    # with CUDA graphs (--compile --cuda_graphs) the no-grad teacher would otherwise start a new graph
+    # generation of its own, and the student's call would free its outputs: one step is one generation
+    torch.compiler.cudagraph_mark_step_begin()
     t_logits, t_feats = teacher(images)
     s_logits, s_feats, na = student_module(images, t_logits.float())
     s_logits, t_logits = s_logits.float(), t_logits.float()

@@ -45,7 +45,7 @@ import select_data
 from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
 from losses import NoiseAdaptation
 from reference import PATCHATTN, PublishedNoise, PublishedScorer, PublishedView, published_step_loss
-from utils import amp_dtype, cpu_cores
+from utils import amp_dtype, cpu_cores, resolve_device
 
 TEACHER_ACC = 0.7630            # published CIFAR-100 teacher accuracy (noise adaptation)
 LR_S, WEIGHT_DECAY = 7.5e-4, 0.025
@@ -580,9 +580,7 @@ def table_lines(res):
 def main(args):
     t_start = time.time()
     resolve_sizes(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = resolve_device(args.device)   # 'cuda' -> 'cuda:0': torch.cuda.set_device wants an index
     if args.threads is None and args.quick and device.type == "cpu":
         args.threads = 1
     if args.threads:

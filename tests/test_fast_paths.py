@@ -104,6 +104,20 @@ def test_published_training_loss_matches_engine():
     assert torch.allclose(published, ours["loss"], atol=1e-5, rtol=1e-5)
 
 
+
+def test_each_distill_step_begins_a_cuda_graph_step(monkeypatch):
+    """With --cuda_graphs, a teacher call that began a graph generation of its own had its outputs freed
+    by the student's call (found on an H200): every step must mark a new step before the teacher runs."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append("mark"))
+    teacher = engine.TeacherWithFeatures(models.create("deit_tiny_patch4_32_teacher", 10).eval(), FEATURE_BLOCKS)
+    student = engine.StudentWithFeatures(models.create("deit_tiny_patch4_32", 10), None, FEATURE_BLOCKS)
+    traced_teacher = lambda x: (calls.append("teacher"), teacher(x))[1]   # noqa: E731
+    x = data.normalize(uint8_images(2), MEAN, STD)
+    for _ in range(2):
+        engine.distill_losses(traced_teacher, student, x, None, patchattn=0.8)
+    assert calls == ["mark", "teacher"] * 2
+
 # ---- (iii) per-image random crop + flip -----------------------------------------------------------
 
 def decode_crop_flip(out, size, padding):
