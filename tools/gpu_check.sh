@@ -19,11 +19,8 @@
 #   3 benchmark (GC_T3=240):   benchmark.py --compile --cuda_graphs --seconds 1 --cache_images 1024 (GC_BENCH_ARGS)
 #   4 demo (GC_T4=240):        demo.py --full cut to the mismatch pool at share 0.2, seeds 0 1, rules random
 #                              outlier probe_balanced oracle, and GC_DEMO_ARGS (default --teacher_epochs 15
-#                              --student_epochs 15). Estimate, from the ~8k img/s of an eager batch-256
-#                              28x28 step on an H200 (docs/demo.md, "--full on one GPU"): teachers 2 x 15 x 18k =
-#                              0.54 M samples (~70 s), students 8 x 15 x 4k = 0.48 M (~60 s, 4 at once),
-#                              pool/scoring/start-up ~60 s: ~3-3.5 min. The preset's own 40 teacher epochs and
-#                              120k samples per student would be ~2.5x that: GC_DEMO_ARGS="" if time allows.
+#                              --student_epochs 15). Measured on one H200: 95 s (teachers 42 s, students 33 s,
+#                              the rest pool and scoring); GC_DEMO_ARGS="--teacher_epochs 30 --student_epochs 30": 157 s.
 # OUTDIR/summary.txt gets one line per part as it finishes (PASS/FAIL/SKIP/TIMEOUT + key figures);
 # bulky inputs (pool, checkpoints, demo images) go to GC_WORK (default /tmp/gpu_check_work), and the
 # small results (bench.json, log.txt, summary.json, results*.json/md, figures) are copied into OUTDIR.
