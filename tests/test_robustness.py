@@ -28,14 +28,8 @@ S, D = "select_data.py", "DFND_DeiT-train.py"
 fx.register_test_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # same thread count as the children (fixtures.CHILD_ENV): identical float results, and no
-    # OpenMP oversubscription on shared CPUs
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# same thread count as the children (fixtures.CHILD_ENV): identical float results
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(flags):
