@@ -17,12 +17,7 @@ S, D = "select_data.py", "DFND_DeiT-train.py"
 fx.register_test_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)   # as the children (fixtures.CHILD_ENV): identical float results
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread_module")   # as the children: identical float results
 
 
 @pytest.fixture(scope="module")

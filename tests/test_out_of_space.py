@@ -22,11 +22,12 @@ import torch
 import engine
 import fixtures as fx
 import utils
-from test_robustness import argv, error_lines, one_thread  # noqa: F401  (autouse: one thread, as the children)
+from test_robustness import argv, error_lines
 
 S, D, T = "select_data.py", "DFND_DeiT-train.py", "train_teacher.py"
 TIMINGS = ("seconds", "img_per_s")
 fx.register_test_models()
+pytestmark = pytest.mark.usefixtures("one_thread_module")   # as the children: identical float results
 
 
 @pytest.fixture

@@ -28,8 +28,7 @@ S, D = "select_data.py", "DFND_DeiT-train.py"
 fx.register_test_models()
 
 
-# same thread count as the children (fixtures.CHILD_ENV): identical float results
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread_module")   # as the children: identical float results
 
 
 def argv(flags):
