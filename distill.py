@@ -281,9 +281,14 @@ def check_args(args):
     select_data.check_selection_args(args)   # last: it creates --selected_file
 
 
+def published_epochs_numerator(img_size):
+    """320000 in the published 32-px script's formula, 640000 in the 224-px one's."""
+    return 320000 if img_size <= LARGE_INPUT else 640000
+
+
 def published_epochs(num_select, img_size):
     """The published E: its loop `for e in range(1, E)` trains E - 1 epochs."""
-    return int((320000 if img_size <= LARGE_INPUT else 640000) / num_select * 512)
+    return int(published_epochs_numerator(img_size) / num_select * 512)
 
 
 def epoch_plan(args, num_selected, img_size, saved=None):
@@ -302,7 +307,7 @@ def epoch_plan(args, num_selected, img_size, saved=None):
         return args.epochs, offset, "--epochs"
     epochs = published_epochs(num_selected, img_size) - 1
     if epochs > MAX_FORMULA_EPOCHS:
-        raise InputError(f"the published epoch formula int({320000 if img_size <= 64 else 640000} / num_select * 512) "
+        raise InputError(f"the published epoch formula int({published_epochs_numerator(img_size)} / num_select * 512) "
                          f"gives {epochs:,} epochs for {num_selected:,} selected images (it was made for hundreds of "
                          "thousands: 650,000 give 251); pass --epochs N")
     return epochs, offset, "the published formula"

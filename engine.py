@@ -376,7 +376,7 @@ def trim_log(path, resumed_epoch, record=None):
     if os.path.exists(path):
         with open(path) as f:
             lines = f.readlines()
-    keep = []
+    keep, logged = [], set()
     for line in lines:
         try:
             rec = json.loads(line)
@@ -384,7 +384,7 @@ def trim_log(path, resumed_epoch, record=None):
             continue   # torn by a kill
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
             keep.append(line if line.endswith("\n") else line + "\n")
-    logged = {json.loads(line)["epoch"] for line in keep}
+            logged.add(rec["epoch"])
     if record is not None and resumed_epoch not in logged and (resumed_epoch - 1 in logged or (
             resumed_epoch == 0 and os.path.exists(path))):   # not into the log of another run folder
         keep.append(json.dumps(record) + "\n")

@@ -577,16 +577,6 @@ def weights_from_mass(mass, kind):
     return (weights / weights.sum() * len(mass)).float()
 
 
-def class_weights_from_probs(probs, selected, num_classes):
-    """1 / (teacher softmax summed per class over the selection), rescaled to sum to num_classes."""
-    return weights_from_mass(*class_mass(probs, None, selected, num_classes))
-
-
-def class_weights_from_preds(pred, selected, num_classes):
-    """Fallback for published caches without probs: hard counts of predicted classes."""
-    return weights_from_mass(*class_mass(None, pred, selected, num_classes))
-
-
 def ids_of(pool_index, indices):
     """The pool ids (relative paths or shard members) of pool indices (K,)."""
     return [pool_index.ids[i] for i in indices.tolist()]

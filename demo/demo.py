@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import demo_pool as dp  # noqa: E402
+from utils import cpu_cores  # noqa: E402
 
 RULES = ("random", "outlier", "probe", "outlier_balanced", "probe_balanced", "oracle", "energy")
 # rule -> (what selects, balanced by predicted class, probe distillation in the student's loss)
@@ -161,7 +162,7 @@ def resolve_config(args):
     cfg["rules"] = list(args.rules or (ABLATIONS[args.ablation] if args.ablation else RULES))
     cfg["ablation"] = args.ablation
     cfg["keep_ratio"] = args.keep_ratio
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     cfg["threads"] = args.threads or cores
     cfg["workers"] = args.workers if args.workers is not None else min(cores, 8)
     return cfg
@@ -839,7 +840,7 @@ def markdown(results, cfg, total_seconds, machine):
 def machine_text(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_cores()
     return f"{platform.processor() or platform.machine()} CPU, {cores} cores, torch {torch.__version__}"
 
 
