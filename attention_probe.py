@@ -8,6 +8,7 @@ and its own `qkv` weights: O(B·N·d_head) extra work, no weight copies, no seco
     out.logits      # (B, num_classes)
     out.probes[3]   # (B, N - num_prefix_tokens): softmax(q_cls · Kᵀ / sqrt(d_head)) without prefix columns
     out.features    # (L, B, N, C): token outputs of the feature blocks, before the final norm
+    WithFeatures(model, (3, 7, 11))(images) -> (logits, features)   # the module stage 2 trains through
 
 With extras=True the same pass also returns what signals.py scores (no second forward):
     out.pre_logits      # (B, C): the head's input
@@ -123,6 +124,19 @@ def probe_forward(model, images, probe_blocks=PROBE_BLOCKS, head=0, feature_bloc
     out.block_tok_norm = torch.stack(tok_norm, dim=1)                        # (B, depth)
     out.head_rows = torch.stack(head_rows, dim=1)                             # (B, depth, heads, N - prefix)
     return out
+
+
+class WithFeatures(torch.nn.Module):
+    """model(x) -> (logits, (L, B, N, C) token outputs of `blocks`): one module for DDP and torch.compile
+    to wrap, so the block features of probe distillation come from the same forward as the logits."""
+
+    def __init__(self, model, blocks=()):
+        super().__init__()
+        self.model, self.blocks = model, tuple(blocks)
+
+    def forward(self, x):
+        out = probe_forward(self.model, x, probe_blocks=(), feature_blocks=self.blocks)
+        return out.logits, out.features
 
 
 def probe_uniformity(probe):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import pool
-from utils import InputError, writing
+from safety import atomic_write_bytes
+from utils import InputError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
@@ -192,10 +193,6 @@ def read_idx(root, train: bool):
 
 # --------------------------------------------------------------------------- ImageFolder
 
-def is_image_file(name):
-    return name.lower().endswith(pool.IMG_EXTENSIONS) and not name.startswith(".")
-
-
 def find_classes(root):
     """-> (class_to_idx: {folder name: label}, classes: list indexed by label).
 
@@ -243,7 +240,7 @@ def list_image_folder(root, class_to_idx=None, classes=None):
         label = class_to_idx[e.name]
         for dirpath, dirnames, filenames in os.walk(e.path, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            samples += [(os.path.join(dirpath, f), label) for f in filenames if is_image_file(f)]
+            samples += [(os.path.join(dirpath, f), label) for f in filenames if pool.is_image_file(f)]
     # torchvision ImageFolder's order, which --pos_num's "first K per class" follows
     samples.sort(key=lambda s: pool.image_folder_key(os.path.relpath(s[0], root).replace(os.sep, "/")))
     if not samples:
@@ -471,7 +468,7 @@ def _folder_split(root, split):
     return list_image_folder(split_dir)
 
 
-def load_labeled(dataset, root, split, img_size, in_chans):
+def load_labelled(dataset, root, split, img_size, in_chans):
     """Labeled train/val ('val' = the test set) split as a Dataset of (uint8 (C,H,W), label).
 
     cifar10/100: pickle root or converter ImageFolder tree; mnist/fashionmnist: IDX root or
@@ -516,6 +513,82 @@ def load_labeled(dataset, root, split, img_size, in_chans):
     return ds
 
 
+# --------------------------------------------------------------------------- the student's training set
+
+def holdout_size(k, share):
+    """Images of a k-image selection held out by --holdout `share` (none of a single image)."""
+    return int(round(share * k)) if share > 0 and k >= 2 else 0
+
+
+def split_holdout(indices, share, seed):
+    """Deterministic split of the selection -> (train positions, holdout positions) into `indices`."""
+    k = len(indices)
+    n_hold = holdout_size(k, share)
+    g = torch.Generator().manual_seed(seed + 7)
+    perm = torch.randperm(k, generator=g)
+    hold = perm[:n_hold].sort().values
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[hold] = False
+    return keep.nonzero().squeeze(1), hold
+
+
+def labelled_positives(dataset, root, per_class, img_size, in_chans, padding, seed):
+    """The first `per_class` images of each class of the labelled train set (--pos_num) -> (the dataset to
+    train on, their train indices, the same images unaugmented).
+
+    Above LARGE_INPUT px each comes out as published: Resize(img_size) -> RandomCrop(img_size, padding) -> flip,
+    drawn per image and epoch on the CPU (the images differ in shape before the crop); unaugmented:
+    Resize(img_size) -> CenterCrop(img_size)."""
+    train = load_labelled(dataset, root, "train", img_size, in_chans)
+    labels = torch.as_tensor(train.targets)
+    chosen = []
+    for c in range(int(labels.max()) + 1):
+        chosen += (labels == c).nonzero().squeeze(1)[:per_class].tolist()
+    chosen.sort()
+    plain = torch.utils.data.Subset(train, chosen)
+    if img_size > LARGE_INPUT:
+        if isinstance(train, FolderDataset):
+            plain = FolderDataset([train.samples[i] for i in chosen], train.classes, img_size, in_chans,
+                                  train.num_classes, center_crop=True)
+        return RandomCropImages(train, chosen, img_size, padding, seed=seed), chosen, plain
+    return plain, chosen, plain
+
+
+class ImagesWithCropFlag(torch.utils.data.Dataset):
+    """The images of a PoolDataset or labelled set as {'images', 'cropped'} items for the distillation loader;
+    cropped = 1 marks images their dataset already cropped and flipped, which the training step leaves alone."""
+
+    def __init__(self, dataset, cropped=0):
+        self.dataset, self.cropped = dataset, cropped
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {"images": self.dataset[i][0], "cropped": self.cropped}
+
+
+def training_set(selection, img_size, in_chans, holdout, seed, workers=0, fast_decode=False, positives=None):
+    """The student's training images -> (in memory: uint8 (K, C, H, W) up to LARGE_INPUT px, else a decoding
+    Dataset; (holdout images uint8 (H, C, H, W), their teacher classes (H,))). `holdout`: the share of the
+    selection held out; `positives`: the --pos_num images, trained on with the selection."""
+    train_pos, hold_pos = split_holdout(selection.indices, holdout, seed)
+    train_idx, hold_idx = selection.indices[train_pos], selection.indices[hold_pos]
+    source = selection.source
+    held = (pool.load_selected_uint8(source, hold_idx, img_size, in_chans, workers, fast_decode=fast_decode),
+            selection.pred[hold_pos].long())
+    if img_size <= LARGE_INPUT:
+        train = pool.load_selected_uint8(source, train_idx, img_size, in_chans, workers, fast_decode=fast_decode)
+        if positives is not None and len(positives):
+            train = torch.cat([train, torch.stack([positives[i][0] for i in range(len(positives))])])
+        return train, held
+    train = ImagesWithCropFlag(pool.PoolDataset(selection.pool_index, img_size, in_chans, indices=train_idx.numpy(),
+                                                fast_decode=fast_decode))
+    if positives is not None:
+        train = torch.utils.data.ConcatDataset([train, ImagesWithCropFlag(positives, cropped=1)])
+    return train, held
+
+
 # --------------------------------------------------------------------------- converters
 
 def class_folder_names(classes):
@@ -526,20 +599,6 @@ def class_folder_names(classes):
         safe = re.sub(r"[^0-9A-Za-z_.+-]+", "-", str(name)).strip("-.")
         out.append(f"{i:0{width}d}" if safe in ("", str(i)) else f"{i:0{width}d}_{safe}")
     return out
-
-
-def _write_atomic(path, data):
-    # temp + rename: an interrupted run leaves no half image. No fsync (utils' version does
-    # one per file, ~0.7 ms, i.e. most of the time for 70k tiny PNGs).
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with writing(path), open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_image_folder(images, labels, classes, out_dir, desc=None):
@@ -565,7 +624,8 @@ def export_image_folder(images, labels, classes, out_dir, desc=None):
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         buf = io.BytesIO()
         pil.save(buf, format="PNG")
-        _write_atomic(os.path.join(out_dir, folder, name), buf.getvalue())
+        # no fsync per file: most of the time for 70k tiny PNGs, and a rerun writes a lost one again
+        atomic_write_bytes(os.path.join(out_dir, folder, name), buf.getvalue(), sync=False)
         written += 1
     return written, skipped
 

@@ -1,14 +1,14 @@
-"""The training engine shared by probe distillation and teacher training.
+"""The training engine shared by probe distillation and teacher training: batches, on-device augmentation,
+one epoch's bookkeeping, evaluation and the learning rate. The loops themselves stand in the scripts.
 
-Batches are uint8 images (B, C, H, W); augmentation (per-image random crop + flip) and
-normalisation run on the training device, so the data path is a memory gather. Each epoch's
-shuffle and augmentation are seeded by (seed, epoch, rank): resuming from `last.pth` at an
-epoch boundary reproduces an uninterrupted run exactly on the CPU.
+Batches are uint8 images (B, C, H, W); augmentation (per-image random crop + flip) and normalisation run
+on the training device, so the data path is a memory gather. Each epoch's shuffle and augmentation are
+seeded by (seed, epoch, rank): resuming from `last.pth` at an epoch boundary reproduces an uninterrupted
+run exactly on the CPU.
 """
-import json
 import math
-import os
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,13 +16,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from attention_probe import probe_forward
-from losses import kdloss, patch_attention_probe_loss, robust_kdloss
-from utils import (InputError, atomic_torch_save, atomic_write_text, on_rank0, rank_world, safe_torch_load,
-                   signals_deferred, writing)
+from utils import rank_world
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor                # (B, C, H, W): uint8 from the batches, float once augmented
+    labels: torch.Tensor = None         # (B,) long; None for the wild images of distillation
+    cropped: torch.Tensor = None        # (B,) bool: images their dataset already cropped and flipped
+
 
 # ---- batches ----------------------------------------------------------------------------
-
 
 def rank_batch(n, batch_size, shuffle):
     """-> (this rank's batch, its images per epoch) for n images and a global batch. Shuffled epochs
@@ -61,11 +64,12 @@ class TensorBatches:
         order = order.to(self.images.device)
         for b in range(len(self)):
             idx = order[b * self.per_rank:(b + 1) * self.per_rank]
-            yield self.images[idx], (None if self.labels is None else self.labels[idx])
+            yield Batch(self.images[idx], None if self.labels is None else self.labels[idx])
 
 
 class LoaderBatches:
-    """Epochs over a Dataset of (uint8 (C,H,W), label) decoded by DataLoader workers (224-px data)."""
+    """Epochs over a Dataset decoded by DataLoader workers (224-px data). Items are (uint8 (C,H,W), label),
+    or {'images': uint8 (C,H,W), 'cropped': 0 or 1} for the unlabelled images of distillation."""
 
     def __init__(self, dataset, batch_size=256, shuffle=True, drop_last=True, seed=0, workers=8, pin=False):
         rank, world = rank_world()
@@ -88,8 +92,10 @@ class LoaderBatches:
             self.sampler.set_epoch(epoch)
         data.set_epoch(self.loader.dataset, epoch)   # per-epoch draws of datasets that crop themselves
         for batch in self.loader:
-            images, labels = batch[0], batch[1]
-            yield images, (labels if torch.is_tensor(labels) else None)
+            if isinstance(batch, dict):
+                yield Batch(batch["images"], cropped=batch["cropped"].bool())
+            else:
+                yield Batch(batch[0], batch[1] if torch.is_tensor(batch[1]) else None)
 
 
 def make_batches(dataset_or_images, labels=None, device=None, workers=0, **kw):
@@ -106,35 +112,6 @@ def make_batches(dataset_or_images, labels=None, device=None, workers=0, **kw):
             labels = labels.to(device) if labels is not None else None
         return TensorBatches(dataset_or_images, labels, **kw)
     return LoaderBatches(dataset_or_images, workers=workers, pin=on_gpu, **kw)
-
-
-# ---- models used in training ------------------------------------------------------------
-
-class StudentWithFeatures(torch.nn.Module):
-    """Student forward that also returns block features and the noise-adaptation loss.
-
-    One module, so DistributedDataParallel syncs the gradients of the student and the noise layer.
-    """
-
-    def __init__(self, student, noise=None, feature_blocks=()):
-        super().__init__()
-        self.student, self.noise, self.feature_blocks = student, noise, tuple(feature_blocks)
-
-    def forward(self, x, teacher_logits=None):
-        out = probe_forward(self.student, x, probe_blocks=(), feature_blocks=self.feature_blocks)
-        na = self.noise(out.logits, teacher_logits) if self.noise is not None else out.logits.new_zeros(())
-        return out.logits, out.features, na
-
-
-class TeacherWithFeatures(torch.nn.Module):
-    def __init__(self, teacher, feature_blocks=()):
-        super().__init__()
-        self.teacher, self.feature_blocks = teacher, tuple(feature_blocks)
-
-    @torch.no_grad()
-    def forward(self, x):
-        out = probe_forward(self.teacher, x, probe_blocks=(), feature_blocks=self.feature_blocks)
-        return out.logits, out.features
 
 
 class Augment:
@@ -155,29 +132,9 @@ class Augment:
         return data.normalize(images, self.mean, self.std)
 
 
-def distill_losses(teacher, student_module, images, class_weights=None, patchattn=0.0, temperature=4.0):
-    """KD (robust when class_weights is given) + noise adaptation + patchattn · probe distillation."""
-    # with CUDA graphs (--compile --cuda_graphs) the no-grad teacher would otherwise start a new graph
-    # generation of its own, and the student's call would free its outputs: one step is one generation
-    torch.compiler.cudagraph_mark_step_begin()
-    t_logits, t_feats = teacher(images)
-    s_logits, s_feats, na = student_module(images, t_logits.float())
-    s_logits, t_logits = s_logits.float(), t_logits.float()
-    if class_weights is not None:
-        kd = robust_kdloss(s_logits, t_logits, class_weights[t_logits.argmax(1)], temperature)
-    else:
-        kd = kdloss(s_logits, t_logits, temperature)
-    losses = {"kd": kd, "na": na}
-    if patchattn > 0:
-        losses["pd"] = patch_attention_probe_loss(t_feats, s_feats)
-    losses["loss"] = kd + na + patchattn * losses.get("pd", 0.0)
-    return losses
-
-
-def supervised_losses(model, images, labels, label_smoothing=0.0):
-    logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    return {"loss": loss, "ce": loss}
+def autocast(device, dtype):
+    """torch.autocast to `dtype` on `device`'s type; dtype None: off (fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ---- one epoch --------------------------------------------------------------------------
@@ -194,58 +151,73 @@ def lr_at(epoch, base_lr, epochs, schedule=(), cosine=False):
     return base_lr * 0.1 ** sum(epoch >= m for m in schedule)
 
 
-def train_one_epoch(loss_fn, batches, optimizers, augment, epoch, device, seed=0, amp_dtype=None,
-                    log_every=50, desc="train", modules=(), crop_flags=False):
-    """Run one epoch; loss_fn(images_float, labels) -> dict with 'loss'. Returns mean metrics.
+class TrainEpoch:
+    """One training epoch's bookkeeping, for any loop: the modules in train mode, the epoch's augmentation
+    seeded by (seed, epoch, rank), a progress bar, loss sums kept on the device (read every `log_every`
+    steps, so steps do not wait on the host) and the epoch's mean metrics over every rank.
 
-    crop_flags: the batches' second item is not labels but (B,) flags, 1 for images their dataset already
-    cropped and flipped (distillation's --pos_num images at 224 px), which `augment` leaves alone;
-    loss_fn then gets labels None.
-
-    Metric sums stay on the device and are read every `log_every` steps, so steps do not wait on the host.
+        epoch_run = TrainEpoch(batches, augment, epoch, device, seed, log_every, "distill", modules)
+        for batch in epoch_run:                  # batch.images: augmented float (B, C, H, W) on the device
+            losses = ...                         # a dict with the total under 'loss'
+            epoch_run.step(losses, optimizers)   # backward, one step of each optimizer
+        metrics = epoch_run.metrics()            # the mean of each loss, img_per_s, seconds
     """
-    rank, world = rank_world()
-    for m in modules:
-        m.train()
-    augment.seed(seed * 1000003 + epoch * 1009 + rank, device)
-    sums, count, seen, t0 = {}, 0, 0, time.time()
-    bar = tqdm(total=len(batches), desc=f"{desc} {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
-    for step, (images, second) in enumerate(batches.epoch(epoch)):
-        images = images.to(device, non_blocking=True)
-        second = second.to(device, non_blocking=True) if second is not None else None
-        cropped = second.bool() if crop_flags and second is not None else None
-        labels = None if crop_flags else second
-        x = augment(images, cropped)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = loss_fn(x, labels)
+
+    def __init__(self, batches, augment, epoch, device, seed=0, log_every=50, desc="train", modules=()):
+        self.batches, self.augment, self.epoch, self.device = batches, augment, epoch, device
+        self.log_every, self.desc, self.modules = log_every, desc, modules
+        self.seed_value = seed * 1000003 + epoch * 1009 + rank_world()[0]
+        self.sums, self.count, self.seen = {}, 0, 0
+
+    def __iter__(self):
+        for m in self.modules:
+            m.train()
+        self.augment.seed(self.seed_value, self.device)
+        self.t0 = time.time()
+        self.bar = tqdm(total=len(self.batches), desc=f"{self.desc} {self.epoch}", disable=rank_world()[0] != 0,
+                        leave=False, dynamic_ncols=True)
+        for batch in self.batches.epoch(self.epoch):
+            images = batch.images.to(self.device, non_blocking=True)
+            labels, cropped = (None if t is None else t.to(self.device, non_blocking=True)
+                               for t in (batch.labels, batch.cropped))
+            self.batch_size = images.shape[0]
+            yield Batch(self.augment(images, cropped), labels, cropped)
+        self.bar.close()
+
+    def step(self, losses, optimizers):
+        """Backward of losses['loss'], a step of each optimizer; the losses summed for the epoch's means."""
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         for opt in optimizers:
             opt.step()
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        count += 1
-        seen += images.shape[0]
-        bar.update(1)
-        if (step + 1) % log_every == 0:
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+        self.seen += self.batch_size
+        self.bar.update(1)
+        if self.count % self.log_every == 0:
             if not torch.isfinite(losses["loss"].detach()).item():
-                raise FloatingPointError(f"loss became {losses['loss'].item()} at epoch {epoch} step {step}")
-            bar.set_postfix(loss=f"{(sums['loss'] / count).item():.4f}")
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.time() - t0
-    metrics = {k: v.item() / max(1, count) for k, v in sums.items()}
-    if world > 1:
-        t = torch.tensor([metrics.get(k, 0.0) for k in sorted(metrics)], device=device)
-        dist.all_reduce(t)
-        metrics = dict(zip(sorted(metrics), (t / world).tolist()))
-    metrics["img_per_s"] = seen * world / max(seconds, 1e-9)
-    metrics["seconds"] = seconds
-    if not all(math.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(f"non-finite training metrics at epoch {epoch}: {metrics}")
-    return metrics
+                raise FloatingPointError(f"loss became {losses['loss'].item()} at epoch {self.epoch} "
+                                         f"step {self.count - 1}")
+            self.bar.set_postfix(loss=f"{(self.sums['loss'] / self.count).item():.4f}")
+
+    def metrics(self):
+        """The epoch's mean losses (averaged over the ranks), its img/s and seconds."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.t0
+        world = rank_world()[1]
+        metrics = {k: v.item() / max(1, self.count) for k, v in self.sums.items()}
+        if world > 1:
+            t = torch.tensor([metrics.get(k, 0.0) for k in sorted(metrics)], device=self.device)
+            dist.all_reduce(t)
+            metrics = dict(zip(sorted(metrics), (t / world).tolist()))
+        metrics["img_per_s"] = self.seen * world / max(seconds, 1e-9)
+        metrics["seconds"] = seconds
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite training metrics at epoch {self.epoch}: {metrics}")
+        return metrics
 
 
 @torch.no_grad()
@@ -253,10 +225,10 @@ def evaluate(model, batches, augment, device, amp_dtype=None):
     """Top-1 / top-5 accuracy (%) over the test batches; sharded under torchrun and summed."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # top1, top5, count, summed cross-entropy
-    for images, labels in batches.epoch(0):
-        labels = labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(augment(images.to(device, non_blocking=True))).float()
+    for batch in batches.epoch(0):
+        labels = batch.labels.to(device)
+        with autocast(device, amp_dtype):
+            logits = model(augment(batch.images.to(device, non_blocking=True))).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == labels[:, None]
         loss = F.cross_entropy(logits, labels, reduction="sum")
@@ -266,137 +238,3 @@ def evaluate(model, batches, augment, device, amp_dtype=None):
         dist.all_reduce(sums)
     top1, top5, n, loss = sums.tolist()
     return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
-
-
-# ---- run folder: lock, log, checkpoints -------------------------------------------------
-
-def rng_state():
-    """Global RNG states (the run itself reseeds per epoch; these restore anything else drawn)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def save_checkpoint(path, **state):
-    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True)."""
-    atomic_torch_save(state, path)
-
-
-def load_resume(path):
-    try:
-        ckpt = safe_torch_load(path)
-    except InputError as err:
-        raise InputError(f"cannot resume: {err}") from None
-    if not isinstance(ckpt, dict):
-        raise InputError(f"cannot resume from {path}: it holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
-
-
-def unwrap(module):
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module"):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def log_line(path, record):
-    """Append one JSON line; a write cut short (full disk) is taken back, so no torn line stays."""
-    with writing(path), open(path, "a") as f:
-        size = f.tell()
-        try:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        except OSError:
-            f.truncate(size)
-            raise
-
-
-def commit_epoch(log_path, record, save):
-    """End an epoch: save() its checkpoint, which must hold `record` (the resume restores a line a
-    failure cut off), then log the line; so the log never holds an epoch that no checkpoint backs.
-    SIGINT/SIGTERM wait until both are written. Runs on rank 0; under torchrun every rank raises
-    rank 0's failure (a full disk: OutOfSpace on each)."""
-    def commit():
-        with signals_deferred():
-            save()
-            log_line(log_path, record)
-    on_rank0(commit)
-
-
-def resume_path(flag, last_path):
-    """--resume 'auto' | 'no' | PATH -> the checkpoint to resume from, or None."""
-    if flag == "no":
-        return None
-    if flag == "auto":
-        return last_path if os.path.exists(last_path) else None
-    if not os.path.isfile(flag):
-        raise InputError(f"--resume {flag}: no such file")
-    return flag
-
-
-def check_same_settings(saved, args, ignore, path, output_flag, why=None):
-    """Refuse to resume `path` when its saved args differ from this command's in a setting not in `ignore`:
-    one error naming each changed flag, its old and new value (and `why[flag]` where given), and the way out."""
-    current = vars(args)
-    changed = sorted(k for k in saved if k not in ignore and k in current and saved[k] != current[k])
-    if changed:
-        raise InputError(f"{path} belongs to a run with other settings: " + ", ".join(
-            f"--{k} {saved[k]!r} (now {current[k]!r})" + ((why or {}).get(k) or "") for k in changed)
-            + f"; rerun with the old values to continue it, or pass --resume no (or another {output_flag}) "
-            "to start over")
-
-
-def move_aside(paths):
-    """Keep a previous run's files (and folders) beside the new run's: each of `paths` that exists becomes
-    <stem>.<n><ext> (log.txt -> log.1.txt, student -> student.1), with one n free for all of them.
-    Returns the new names."""
-    present = [p for p in paths if os.path.exists(p)]
-
-    def numbered(p, n):
-        stem, ext = os.path.splitext(p)
-        return f"{stem}.{n}{ext}"
-    n = 1
-    while any(os.path.exists(numbered(p, n)) for p in paths):
-        n += 1
-    for p in present:
-        os.replace(p, numbered(p, n))
-    return [numbered(p, n) for p in present]
-
-
-def trim_log(path, resumed_epoch, record=None):
-    """A resumed run's JSON-lines log keeps exactly the lines of epochs <= resumed_epoch (a kill may have
-    torn a line); `record`, the resumed checkpoint's own line, is appended when a failure after its
-    save cut it off."""
-    lines = []
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.readlines()
-    keep, logged = [], set()
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue   # torn by a kill
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
-            keep.append(line if line.endswith("\n") else line + "\n")
-            logged.add(rec["epoch"])
-    if record is not None and resumed_epoch not in logged and (resumed_epoch - 1 in logged or (
-            resumed_epoch == 0 and os.path.exists(path))):   # not into the log of another run folder
-        keep.append(json.dumps(record) + "\n")
-    if keep != lines:
-        atomic_write_text(path, "".join(keep))
-
-
-def remove_temp_files(folder, targets=None):
-    """Temp files of a save that a kill cut off: all in `folder` (the caller holds its lock), or only
-    those of the files named in `targets` (a folder shared with other runs)."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        if name.startswith(".tmp-") and (targets is None or name.endswith(tuple(targets))):
-            os.unlink(os.path.join(folder, name))

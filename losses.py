@@ -1,30 +1,35 @@
 """Losses of probe distillation (the paper; the published loss.py), under the published names and argument orders.
 
-    loss = kdloss(s, t) + noise_adaptation(s, t) + patchattn * patch_attention_probe_loss(f_t, f_s)
+    loss = KD + NA + patchattn · PD
+    KD = kdloss(s, t)                            (robust_kdloss with --robust: each sample's KL x a class weight)
+    NA = NoiseAdaptation(C, acc)(s, t)
+    PD = patch_attention_probe_loss(f_t, f_s)
+
+Each term's variants stand in TERMS by name; a run's choice travels as one LossConfig. A new variant is one
+TERMS entry (it becomes a choice of --pd_loss) and its test.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from published import KD_TEMPERATURE, PATCHATTN
 
-def kdloss(y, teacher_scores, T=4):
+
+def kdloss(y, teacher_scores, T=KD_TEMPERATURE):
     """T² · Σ_classes KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch."""
     log_p = F.log_softmax(y / T, dim=1)
     q = F.softmax(teacher_scores / T, dim=1)
     return F.kl_div(log_p, q, reduction="sum") * T * T / y.shape[0]
 
 
-def robust_kdloss(y, teacher_scores, weights, T=4):
+def robust_kdloss(y, teacher_scores, weights, T=KD_TEMPERATURE):
     """kdloss with each sample's KL scaled by `weights` (B,): the class weight of its teacher-predicted class."""
     log_p = F.log_softmax(y / T, dim=1)
     q = F.softmax(teacher_scores / T, dim=1)
     per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=1)   # (B,)
     return (per_sample * weights).sum() * T * T / y.shape[0]
-
-
-def csloss(y, uniform):
-    """Cosine similarity of each row of `y` with `uniform` (broadcast): (B, M) -> (B,)."""
-    return F.cosine_similarity(y, uniform.expand_as(y), dim=1)
 
 
 def patch_attention_probe_loss(feature_T, feature_S, num_prefix_tokens=1):
@@ -73,3 +78,28 @@ class NoiseAdaptation(nn.Module):
     def forward(self, student_logits, teacher_logits):
         probs = student_logits.float().softmax(dim=1) @ self.transition()       # (B, C), rows sum to 1
         return F.nll_loss(probs.clamp_min(1e-12).log(), teacher_logits.argmax(dim=1))
+
+
+# ---- the terms by name ---------------------------------------------------------------------------
+# kd variants: (student logits, teacher logits, per-sample weights or None, T) -> scalar
+# pd variants: (teacher features, student features), each (L, B, N, C) -> scalar
+TERMS = {
+    "kd": {"plain": lambda s, t, weights, T: kdloss(s, t, T),
+           "robust": lambda s, t, weights, T: robust_kdloss(s, t, weights, T)},
+    "pd": {"cls_gram": patch_attention_probe_loss},     # the published probe distillation
+}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which variant of each term a run uses, and the weights: loss = kd + na + patchattn · pd."""
+    kd_loss: str = "plain"          # "robust" with --robust
+    pd_loss: str = "cls_gram"       # --pd_loss
+    patchattn: float = PATCHATTN    # the weight of PD; 0: no PD (no --attnprobe_dist)
+    temperature: float = KD_TEMPERATURE
+
+    def kd(self, student_logits, teacher_logits, weights=None):
+        return TERMS["kd"][self.kd_loss](student_logits, teacher_logits, weights, self.temperature)
+
+    def pd(self, teacher_features, student_features):
+        return TERMS["pd"][self.pd_loss](teacher_features, student_features)

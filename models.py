@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import data
+import published
 from utils import InputError, safe_torch_load
 
 # size name -> (embed_dim, num_heads); depth is 12 for all (the published vision_transformer.py)
@@ -160,13 +161,6 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_checkpoint(model, path, ema=False):
-    """Load a checkpoint file into `model` strictly; returns the checkpoint's meta dict."""
-    state_dict, meta = read_checkpoint(path, ema)
-    load_state_dict_strict(model, state_dict, source=os.fspath(path))
-    return meta
-
-
 @dataclass
 class Teacher:
     """A frozen teacher and everything the stages need to feed it: what stage 1 scores with and stage 2
@@ -246,9 +240,6 @@ def _pretrained_file(cfg):
     raise InputError(f"cannot find the weights file of {cfg.get('architecture')} in the local caches")
 
 
-DEFAULT_TEACHER = "deit_base_patch4_32_teacher"   # the published --teacher default
-
-
 def teacher_file_info(meta):
     """What a teacher file says about itself -> ({'model', 'mean', 'std', 'num_classes', 'accuracy'}, {key: where
     it says it}); None where it says nothing. Read: 'arch' (ours; timm's train.py writes args.model there),
@@ -320,7 +311,7 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     else:
         state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
         info, where = teacher_file_info(meta)
-        name, _ = _resolve("--teacher", name, info, where, "model", notes, DEFAULT_TEACHER)
+        name, _ = _resolve("--teacher", name, info, where, "model", notes, published.TEACHER)
         head = state_dict.get("head.weight")
         if info["num_classes"] is not None and head is not None and info["num_classes"] != head.shape[0]:
             notes.append(f"the teacher file's {where['num_classes']} says {info['num_classes']} classes but its "
@@ -333,8 +324,7 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
                 raise InputError(f"{e} (the teacher file names model {info['model']}, --teacher is {name})") from None
             raise
     in_chans, size = input_spec(model)
-    if img_size not in (None, size):
-        raise InputError(f"--img_size {img_size} does not fit {name}, which takes {size}x{size}")
+    check_img_size(img_size, name, size)
     mean, mean_from = _resolve("--mean", mean, info, where, "mean", notes, same=_same_numbers, origin=origin)
     std, std_from = _resolve("--std", std, info, where, "std", notes, same=_same_numbers, origin=origin)
     source = " and ".join(dict.fromkeys(s for s in (mean_from, std_from) if s)) or f"ImageNet's ({origin} has none)"
@@ -344,10 +334,39 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     return teacher
 
 
-def teacher_from_args(args, device):
-    """The teacher of --teacher/--teacher_dir/--nb_classes/--img_size/--mean/--std/--teacher_ema."""
-    return load_teacher(args.teacher, args.nb_classes, args.teacher_dir, device, mean=args.mean, std=args.std,
-                        img_size=args.img_size, ema=args.teacher_ema)
+def default_student(img_size):
+    """The paper's student for a teacher's input size: the tiny DeiT (patch 4 at 32 and 28 px, timm's at 224)."""
+    return {32: "deit_tiny_patch4_32", 28: "deit_tiny_patch4_28"}.get(img_size, "deit_tiny_patch16_224")
+
+
+def load_student(path, name=None, num_classes=None, img_size=None):
+    """A student checkpoint (student/final.pth, checkpoint.pth) -> (model, its name, the file's meta). name
+    None: the one the file records, else the default student whose patch embedding and positions fit it;
+    num_classes None: its head's; img_size (--img_size), when given, must be the model's."""
+    sd, meta = read_checkpoint(path)
+    saved = meta.get("args") or {}
+    num_classes = num_classes or num_classes_of(sd, path)
+    name = name or meta.get("student") or saved.get("student") or _default_student_fitting(sd, num_classes)
+    model = create(name, num_classes)
+    load_state_dict_strict(model, sd, source=os.fspath(path))
+    check_img_size(img_size, name, input_spec(model)[1])
+    return model, name, meta
+
+
+def _default_student_fitting(state_dict, num_classes):
+    keys = ("pos_embed", "patch_embed.proj.weight")
+    for size in (32, 28, 224):
+        name = default_student(size)
+        own = create(name, num_classes).state_dict()
+        if all(k in state_dict and state_dict[k].shape == own[k].shape for k in keys):
+            return name
+    raise InputError("cannot tell which student this checkpoint holds: pass --student")
+
+
+def check_img_size(flag, name, size):
+    """--img_size, when given, must be the model's input size."""
+    if flag not in (None, size):
+        raise InputError(f"--img_size {flag} does not fit {name}, which takes {size}x{size}")
 
 
 def input_spec(model):

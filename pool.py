@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from utils import (InputError, OutOfSpace, atomic_write_bytes, atomic_write_text, changed_keys, cpu_cores,
-                   read_fingerprint, reserve_space)
+from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space
+from utils import InputError, changed_keys, cpu_cores, read_fingerprint
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _EXT_SET = frozenset(IMG_EXTENSIONS)
@@ -56,8 +56,9 @@ class BadImage(Exception):
     """An image PIL cannot load (empty, not an image, corrupt beyond its truncation, too large)."""
 
 
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in _EXT_SET
+def is_image_file(name: str) -> bool:
+    """An image file by its name: one of IMG_EXTENSIONS (any case), not hidden."""
+    return os.path.splitext(name)[1].lower() in _EXT_SET and not name.startswith(".")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def _list_folder(root: str) -> PoolIndex:
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
         for name in filenames:
-            if name.startswith(".") or not _is_image_name(name):
+            if not is_image_file(name):
                 continue
             if _bad_name(prefix + name):
                 skipped_names += 1
@@ -220,7 +221,7 @@ def _list_tars(paths, root: str) -> PoolIndex:
                     while name.startswith("./"):
                         name = name[2:]
                     parts = name.split("/")
-                    if any(c.startswith(".") for c in parts) or not _is_image_name(parts[-1]):
+                    if any(c.startswith(".") for c in parts) or not is_image_file(parts[-1]):
                         continue
                     # WebDataset convention: key = path up to the first '.' of the file name
                     key = "/".join(parts[:-1] + [parts[-1].split(".", 1)[0]])
@@ -604,10 +605,9 @@ def _mp_context():
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
 
 
-def _reserve_cache(img_path, nbytes):
-    # written through memory maps: space not reserved now would end the build with SIGBUS
-    reserve_space(img_path, nbytes, "the image cache", "free space there, put the cache on a larger disk "
-                  "with --cache_dir DIR, or decode the images on the fly with --no_cache")
+# written through memory maps: space not reserved first would end the build with SIGBUS
+CACHE_WAY_OUT = ("free space there, put the cache on a larger disk with --cache_dir DIR, or decode the images "
+                 "on the fly with --no_cache")
 
 
 def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=None,
@@ -627,14 +627,47 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
         raise ValueError(f"bad cache geometry size={size} in_chans={in_chans}")
     workers = cpu_cores() if workers is None else int(workers)
     n = len(index)
-    fp = pool_fingerprint(index)
-    want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": fp,
+    want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": pool_fingerprint(index),
             "decode": decode_mode(fast_decode)}
+    meta = _start_cache(cache_dir, want, n * size * size * in_chans, chunk_size, force)
+    if meta.get("complete"):
+        return open_cache(cache_dir)
+    chunk_size = int(meta["chunk_size"])  # a resumed build keeps its original chunking
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    results = _chunks_done(cache_dir, n_chunks)  # chunk -> its bad images
+    todo = [k for k in range(n_chunks) if k not in results]
+    done_imgs = n - sum(min(n, (k + 1) * chunk_size) - k * chunk_size for k in todo)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, initial=done_imgs, unit="img", desc=f"cache {size}px", file=sys.stderr,
+                   dynamic_ncols=True)
+    t0 = time.time()
+    builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size, fast_decode)
+    try:
+        for k, cnt, bad in _decode_chunks(builder, todo, workers):
+            results[k] = bad
+            if bar:
+                bar.update(cnt)
+    finally:
+        if bar:
+            bar.close()
+    dt = time.time() - t0
+    skipped = _finish_cache(cache_dir, index, results, meta)
+    if progress:
+        decoded = n - done_imgs
+        rate = decoded / dt if dt > 0 else float("inf")
+        print(f"cache {cache_dir}: decoded {decoded:,} of {n:,} images in {dt:.1f}s "
+              f"({rate:,.0f} img/s, {max(1, workers)} worker(s)); {skipped:,} bad", file=sys.stderr)
+    return open_cache(cache_dir)
+
+
+def _start_cache(cache_dir, want, nbytes, chunk_size, force):
+    """The cache's meta.json: a finished or resumable build's, else a fresh start's, with its images.u8
+    on disk (space reserved; on a full disk nothing of a cache is left behind)."""
     meta_path = os.path.join(cache_dir, "meta.json")
     img_path = os.path.join(cache_dir, "images.u8")
     chunk_dir = os.path.join(cache_dir, "chunks")
-    nbytes = n * size * size * in_chans
-
     meta = read_fingerprint(meta_path)
     if meta is not None:
         diff = changed_keys(meta, want)
@@ -645,35 +678,27 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
         if diff:
             meta = None  # rebuild from scratch
         elif meta.get("complete"):
-            return open_cache(cache_dir)
-    if meta is not None and (not os.path.isfile(img_path) or os.path.getsize(img_path) != nbytes):
-        meta = None
-    if meta is None:  # fresh start: drop our old files, create a sparse images.u8
-        for name in ("meta.json", "ok.npy", "ids.txt", "skipped.txt", "images.u8"):
-            p = os.path.join(cache_dir, name)
-            if os.path.exists(p):
-                os.unlink(p)
-        shutil.rmtree(chunk_dir, ignore_errors=True)
+            return meta
+    if meta is not None and os.path.isfile(img_path) and os.path.getsize(img_path) == nbytes:
+        reserve_space(img_path, nbytes, "the image cache", CACHE_WAY_OUT)
         os.makedirs(chunk_dir, exist_ok=True)
-        with open(img_path, "wb") as f:
-            f.truncate(nbytes)
-        try:
-            _reserve_cache(img_path, nbytes)
-        except OutOfSpace:   # nothing of a cache left behind
-            shutil.rmtree(chunk_dir, ignore_errors=True)
-            os.unlink(img_path)
-            with contextlib.suppress(OSError):
-                os.rmdir(cache_dir)
-            raise
-        meta = dict(want, chunk_size=int(chunk_size), complete=False)
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    else:
-        _reserve_cache(img_path, nbytes)
-    os.makedirs(chunk_dir, exist_ok=True)
-    chunk_size = int(meta["chunk_size"])  # a resumed build keeps its original chunking
-    n_chunks = (n + chunk_size - 1) // chunk_size
+        return meta
+    # fresh start: drop our old files, create a sparse images.u8
+    for name in ("meta.json", "ok.npy", "ids.txt", "skipped.txt", "images.u8"):
+        p = os.path.join(cache_dir, name)
+        if os.path.exists(p):
+            os.unlink(p)
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    allocate_file(img_path, nbytes, "the image cache", CACHE_WAY_OUT)
+    os.makedirs(chunk_dir)
+    meta = dict(want, chunk_size=int(chunk_size), complete=False)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    return meta
 
-    results = {}  # chunk -> bad list
+
+def _chunks_done(cache_dir, n_chunks):
+    """{chunk: its bad images} of the chunks a done marker says are decoded (a damaged marker: redo it)."""
+    results = {}
     for k in range(n_chunks):
         p = _marker_path(cache_dir, k)
         if os.path.isfile(p):
@@ -681,44 +706,25 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
                 with open(p) as f:
                     results[k] = json.load(f)["bad"]
             except (OSError, ValueError, KeyError):
-                pass  # damaged marker: redo that chunk
-    todo = [k for k in range(n_chunks) if k not in results]
-    done_imgs = n - sum(min(n, (k + 1) * chunk_size) - k * chunk_size for k in todo)
+                pass
+    return results
 
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=n, initial=done_imgs, unit="img", desc=f"cache {size}px",
-                       file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            bar = None
-    t0 = time.time()
-    builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size, fast_decode)
-    try:
-        if todo and (workers <= 1 or len(todo) == 1):
-            for k in todo:
-                _, cnt, bad = builder.run(k)
-                results[k] = bad
-                if bar:
-                    bar.update(cnt)
-        elif todo:
-            ctx = _mp_context()
-            with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
-                          initargs=(builder,)) as mp_pool:
-                for k, cnt, bad in mp_pool.imap_unordered(_worker_run, todo, chunksize=1):
-                    results[k] = bad
-                    if bar:
-                        bar.update(cnt)
-    finally:
-        if bar:
-            bar.close()
-    dt = time.time() - t0
-    decoded = n - done_imgs
 
-    ok = np.ones(n, dtype=bool)
+def _decode_chunks(builder, todo, workers):
+    """Yields (chunk, images, bad images) as chunks finish: in this process, or a fork pool of workers."""
+    if todo and (workers <= 1 or len(todo) == 1):
+        for k in todo:
+            yield builder.run(k)
+    elif todo:
+        with _mp_context().Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(builder,)) as mp_pool:
+            yield from mp_pool.imap_unordered(_worker_run, todo, chunksize=1)
+
+
+def _finish_cache(cache_dir, index, results, meta):
+    """ok.npy, skipped.txt, ids.txt and meta.json marked complete; the chunk markers go. -> bad images"""
+    ok = np.ones(len(index), dtype=bool)
     skipped = []
-    for k in range(n_chunks):
+    for k in sorted(results):
         for i, reason in results[k]:
             ok[i] = False
             skipped.append((i, reason))
@@ -729,15 +735,9 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     write_skipped(os.path.join(cache_dir, "skipped.txt"), [(index.ids[i], r) for i, r in skipped])
     atomic_write_bytes(os.path.join(cache_dir, "ids.txt"),
                        "".join(i + "\n" for i in index.ids).encode("utf-8", "surrogateescape"))
-    meta["complete"] = True
-    atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    shutil.rmtree(chunk_dir, ignore_errors=True)
-    if progress:
-        rate = decoded / dt if dt > 0 else float("inf")
-        print(f"cache {cache_dir}: decoded {decoded:,} of {n:,} images in {dt:.1f}s "
-              f"({rate:,.0f} img/s, {max(1, workers)} worker(s)); {len(skipped):,} bad",
-              file=sys.stderr)
-    return open_cache(cache_dir)
+    atomic_write_text(os.path.join(cache_dir, "meta.json"), json.dumps(dict(meta, complete=True), indent=1))
+    shutil.rmtree(os.path.join(cache_dir, "chunks"), ignore_errors=True)
+    return len(skipped)
 
 
 def load_selected_uint8(index_or_cache, indices, size: int, in_chans: int, workers=0,

@@ -7,7 +7,7 @@ OUT/train/<NN_class>/<index>.png and OUT/val/... (val = the test set); the zero-
 prefix keeps class order under a string sort. Re-running skips images already written.
 """
 import data
-from utils import cli_main
+from safety import cli_main
 
 
 def get_args_parser():

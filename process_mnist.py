@@ -11,7 +11,7 @@ order. Re-running skips images already written.
 import argparse
 
 import data
-from utils import cli_main
+from safety import cli_main
 
 
 def get_args_parser():

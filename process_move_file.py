@@ -9,8 +9,9 @@ emptied images/ folder. Non-image files (anything not .jpg/.png/...) are left wh
 import argparse
 import os
 
-from data import is_image_file
-from utils import InputError, cli_main
+from pool import is_image_file
+from safety import cli_main
+from utils import InputError
 
 
 def get_args_parser():

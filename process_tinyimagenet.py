@@ -9,7 +9,8 @@ to resume after an interruption (each move is one rename). Run process_move_file
 import argparse
 import os
 
-from utils import InputError, cli_main
+from safety import cli_main
+from utils import InputError
 
 
 def get_args_parser():

@@ -1,5 +1,5 @@
-"""Selection signals beyond the paper's, from the one teacher pass that select_data makes when asked
-(--store_signals, --flip_signal, or a --rule other than published): a SignalStore is its hook.
+"""Selection signals beyond the paper's, from the one teacher pass that scoring.py makes when asked
+(--store_signals, --flip_signal, or a --rule that reads a signal not yet stored): a SignalStore is its hook.
 
     out = probe_forward(teacher, x, probe_blocks, head, extras=True)
     sig = batch_signals(out)                           # per-image tensors, stored as sig_<name>.pth
@@ -7,8 +7,8 @@
     knn = knn_distance(pre_logits, pred, value_out)    # after the pass, on the stored pre-logits
 
 Every signal is stored in its natural units (an energy is an energy, a norm a norm); which way is
-"in the teacher's domain" is the rule's business (RULES: sign +1 = a LOW value means keep, like
-the published value_out). Multi-column signals (per block, per head) are (N, depth[, heads]).
+"in the teacher's domain" is the rule's business (selection.RULES: sign +1 = a LOW value means keep,
+like the published value_out). Multi-column signals (per block, per head) are (N, depth[, heads]).
 """
 import os
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from attention_probe import probe_uniformity
-from utils import atomic_torch_save, write_memmap_rows
+from safety import atomic_torch_save, write_npy_rows
 
 # stored per-image signals: name -> what it is (all (N,) unless noted)
 SIGNALS = {
@@ -79,15 +79,15 @@ class SignalStore:
         """True when every signal of this hook is stored already: a rule needs no rescoring."""
         return all(os.path.exists(os.path.join(self.out_dir, signal_file(n))) for n in self.names())
 
-    def create(self, n, model):
-        np.lib.format.open_memmap(self.feat_path, mode="w+", dtype=np.float16,
-                                  shape=(n, feature_dim(model))).flush()
+    def array(self, n, model):
+        """(path, dtype, shape) of the pre-logits array the pass fills (safety.allocate_npy creates it)."""
+        return self.feat_path, np.float16, (n, feature_dim(model))
 
     def store_rows(self, merged, ok):
         feats = merged.pop(PRELOGITS, None)
         if feats is not None and len(feats):
             feats[~ok] = 0
-            write_memmap_rows(self.feat_path, merged["index"], feats)
+            write_npy_rows(self.feat_path, merged["index"], feats)
 
     def add_chunk(self, part, n):
         idx, ok = part["index"], part["ok"].bool()
@@ -172,91 +172,3 @@ def _unit(features, idx, device):
         else features[idx].float()
     x = torch.as_tensor(rows, device=device)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-# ---- columns and rules --------------------------------------------------------------------------
-
-def columns(scores, probe_blocks=()):
-    """Flatten stored signals into named 1-D columns: cls_norm_b3, probe_b7_h1, ...; value_out and
-    the published probe sum (probe_pub = Σ value_blk{b}) included when present."""
-    cols = {}
-    if "value_out" in scores:
-        cols["value_out"] = scores["value_out"].double()
-    if probe_blocks and all(f"value_blk{b}" in scores for b in probe_blocks):
-        cols["probe_pub"] = sum(scores[f"value_blk{b}"].double() for b in probe_blocks)
-    for name, v in scores.items():
-        if name not in SIGNALS:
-            continue
-        v = v.double()
-        if v.ndim == 1:
-            cols[name] = v
-        elif name == "probe_heads":                                    # (N, depth, heads)
-            for b in range(v.shape[1]):
-                for h in range(v.shape[2]):
-                    cols[f"probe_b{b}_h{h}"] = v[:, b, h]
-        else:                                                          # (N, depth)
-            for b in range(v.shape[1]):
-                cols[f"{name}_b{b}"] = v[:, b]
-    return cols
-
-
-def zscore(v, usable):
-    """(v - mean) / sd over the usable images; unusable ones stay +inf (never kept)."""
-    u = v[usable]
-    z = (v - u.mean()) / u.std().clamp_min(1e-12)
-    return torch.where(usable, z, torch.full_like(z, float("inf")))
-
-
-def combine(cols, terms, usable):
-    """Σ sign · z(column): the rule's value, LOW = keep. terms: [(column, sign)], sign +1 keeps low values."""
-    if len(terms) == 1:       # one signal needs no z-score: its own order
-        name, sign = terms[0]
-        v = sign * cols[name]
-        return torch.where(usable, v, torch.full_like(v, float("inf")))
-    value = torch.zeros(len(usable), dtype=torch.float64)
-    for name, sign in terms:
-        value += sign * zscore(cols[name], usable).where(usable, torch.zeros(()))
-    return torch.where(usable, value, torch.full_like(value, float("inf")))
-
-
-# Opt-in selection rules of select_data.py --rule: name -> [(column, sign)]; sign +1 = low value kept.
-# "published" (the default) is select_data.combined_value and not listed here.
-RULES = {
-    "confidence": [("value_out", +1)],
-    "energy": [("energy", +1)],
-    "maxlogit": [("maxlogit", -1)],
-    "feat_norm": [("feat_norm", -1)],
-    "knn": [("knn", +1)],
-    "confidence+feat_norm": [("value_out", +1), ("feat_norm", -1)],
-    # the signal study's choice (docs/signal_study.md: mismatch 0.2 pool, seed-0 teacher): a FLAT
-    # published probe (high Σ value_blk, the paper's sign reversed) plus large block-2 patch-token norms
-    "flatprobe+tok_norm_b2": [("probe_pub", -1), ("tok_norm_b2", -1)],
-    # POST HOC, not the study's choice: the probe's useful sign flips between teacher seeds, this pair does
-    # not (it beat the published rule on every pool and seed of the study); needs its own confirmation
-    "confidence+tok_norm_b2": [("value_out", +1), ("tok_norm_b2", -1)],
-}
-
-
-def rule_uses_probe(rule):
-    """True when a rule reads the published probe files value_blk{b}.pth."""
-    return any(col == "probe_pub" for col, _ in RULES[rule])
-
-
-def rule_needs(rule):
-    """Signal names (sig_<name>.pth files) a rule reads."""
-    need = set()
-    for col, _ in RULES[rule]:
-        base = col.split("_b")[0] if col.startswith(("cls_norm_b", "tok_norm_b")) else \
-            "probe_heads" if col.startswith("probe_b") else col
-        if base in SIGNALS:
-            need.add(base)
-    return sorted(need)
-
-
-def rule_value(rule, scores, usable, probe_blocks=()):
-    """The value a named rule ranks by (LOW = keep), from the loaded score dict."""
-    cols = columns(scores, probe_blocks)
-    missing = [c for c, _ in RULES[rule] if c not in cols]
-    if missing:
-        raise ValueError(f"rule {rule} needs {', '.join(missing)}, which these scores do not have")
-    return combine(cols, RULES[rule], usable)

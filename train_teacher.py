@@ -20,11 +20,16 @@ import time
 
 import torch
 
+import torch.nn.functional as F
+
 import data
 import engine
 import models
-from utils import (InputError, amp_dtype, atomic_torch_save, atomic_write_text, check_writable, cli_main,
-                   init_distributed, on_rank0, resolve_device, system_parser)
+import published
+from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, resume_path, rng_state,
+                        save_checkpoint, trim_log, unwrap)
+from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
+from utils import InputError, amp_dtype, init_distributed, resolve_device, system_parser
 
 
 def get_args_parser():
@@ -40,7 +45,8 @@ def get_args_parser():
     parser.add_argument("--weight_decay", "--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup_epochs", "--warmup-epochs", type=int, default=1, help="linear warm-up epochs (default 1)")
     parser.add_argument("--label_smoothing", "--smoothing", type=float, default=0.1)
-    parser.add_argument("--crop_padding", type=int, default=None, help="default img_size // 8")
+    parser.add_argument("--crop_padding", type=int, default=None,
+                        help="default 4 at 32 and 224 px (the published RandomCrop), img_size // 8 at other sizes")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="default ImageNet's")
     parser.add_argument("--std", type=float, nargs="+", default=None)
     parser.add_argument("--log_every", type=int, default=50)
@@ -65,32 +71,29 @@ def output_paths(output):
     return {"last": stem + ".last.pth", "log": stem + ".log.txt", "args": stem + ".args.json"}
 
 
-def _resume_state(args, last_path):
-    """The checkpoint to continue from (or None), refused when it would change the run."""
-    path = engine.resume_path(args.resume, last_path)
-    if path is None:
-        return None, None
-    ckpt = engine.load_resume(path)
-    missing = [k for k in ("model", "optimizer", "epoch", "args") if k not in ckpt]
-    if missing:
-        raise InputError(f"--resume {path} is not a last.pth of train_teacher.py (no {', '.join(missing)})")
-    engine.check_same_settings(ckpt["args"], args, RESUME_IGNORES, path, "--output", why={
-        "epochs": " (the warm-up + cosine schedule depends on --epochs: a longer run would change the learning "
-                  "rates of the epochs already trained)"})
+def _resume_state(flag, flags, last_path):
+    """The checkpoint to continue from (or None), refused when it would change the run (`flags`: vars(args))."""
+    path = resume_path(flag, last_path)
+    ckpt = load_resume(path, ("model", "optimizer", "epoch", "args"), "train_teacher.py")
+    if ckpt is not None:
+        check_same_settings(ckpt["args"], flags, RESUME_IGNORES, path, "--output", why={
+            "epochs": " (the warm-up + cosine schedule depends on --epochs: a longer run would change the learning "
+                      "rates of the epochs already trained)"})
     return path, ckpt
 
 
-def _prepare_files(args, paths, resume, done, resumed_record):
+def _prepare_files(flags, paths, resume, done, resumed_record):
     """Rank 0, before the first epoch: the log of a resumed run trimmed to its checkpoint, or a fresh
     start's previous log kept aside; temp files of a save a kill cut off removed; args written."""
     if resume:
-        engine.trim_log(paths["log"], done, resumed_record)
-        print(f"resumed from {resume} after epoch {done}" + (" (already finished)" if done >= args.epochs - 1 else ""))
+        trim_log(paths["log"], done, resumed_record)
+        print(f"resumed from {resume} after epoch {done}" + (" (already finished)" if done >= flags["epochs"] - 1
+                                                             else ""))
     elif os.path.exists(paths["log"]) and os.path.getsize(paths["log"]):
-        print(f"fresh start: the previous log is kept as {engine.move_aside([paths['log']])[0]}")
-    engine.remove_temp_files(os.path.dirname(os.path.abspath(args.output)),
-                             [os.path.basename(p) for p in (args.output, *paths.values())])
-    atomic_write_text(paths["args"], json.dumps(vars(args), indent=1, sort_keys=True))
+        print(f"fresh start: the previous log is kept as {move_aside([paths['log']])[0]}")
+    remove_temp_files(os.path.dirname(os.path.abspath(flags["output"])),
+                      [os.path.basename(p) for p in (flags["output"], *paths.values())])
+    atomic_write_text(paths["args"], json.dumps(flags, indent=1, sort_keys=True))
 
 
 def train_teacher(args, on_epoch=None):
@@ -105,11 +108,11 @@ def train_teacher(args, on_epoch=None):
     amp = amp_dtype(args.amp, device)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     paths = output_paths(args.output)
-    resume, ckpt = _resume_state(args, paths["last"])
+    resume, ckpt = _resume_state(args.resume, vars(args), paths["last"])
     probe = models.create(args.model, 2)
     in_chans, img_size = models.input_spec(probe)
-    train = data.load_labeled(args.dataset, args.data, "train", img_size, in_chans)
-    test = data.load_labeled(args.dataset, args.data, "val", img_size, in_chans)
+    train = data.load_labelled(args.dataset, args.data, "train", img_size, in_chans)
+    test = data.load_labelled(args.dataset, args.data, "val", img_size, in_chans)
     num_classes = args.nb_classes or data.DATASETS[args.dataset] or train.num_classes
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
     on_gpu = device.type == "cuda"
@@ -135,35 +138,38 @@ def train_teacher(args, on_epoch=None):
     if args.compile:
         train_model = torch.compile(train_model)
 
-    def loss_fn(images, labels):
-        return engine.supervised_losses(train_model, images, labels, args.label_smoothing)
-
-    padding = args.crop_padding if args.crop_padding is not None else img_size // 8
+    padding = args.crop_padding if args.crop_padding is not None else published.crop_padding(img_size)
     augment, plain = engine.Augment(mean, std, padding), engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
               f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
-    on_rank0(_prepare_files, args, paths, resume, done, resumed_record)
+    on_rank0(_prepare_files, vars(args), paths, resume, done, resumed_record)
     for epoch in range(done + 1, args.epochs):
         lr = warmup_cosine(epoch, args.lr, args.epochs, args.warmup_epochs)
         engine.set_lr(optimizer, lr)
         t0 = time.time()
-        metrics = engine.train_one_epoch(loss_fn, train_batches, [optimizer], augment, epoch, device, args.seed,
-                                         amp, args.log_every, "teacher", modules=(model,))
+        epoch_run = engine.TrainEpoch(train_batches, augment, epoch, device, args.seed, args.log_every, "teacher",
+                                      modules=(model,))
+        for batch in epoch_run:
+            with engine.autocast(device, amp):
+                loss = F.cross_entropy(train_model(batch.images).float(), batch.labels,
+                                       label_smoothing=args.label_smoothing)
+            epoch_run.step({"loss": loss, "ce": loss}, [optimizer])
+        metrics = epoch_run.metrics()
         stats = engine.evaluate(model, test_batches, plain, device, amp)
         # DeiT's log keys, then ours
         record = {"train_lr": lr, "train_loss": metrics["loss"], "test_loss": stats["loss"],
                   "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
                   "n_parameters": n_parameters, "img_per_s": metrics["img_per_s"], "epoch_seconds": time.time() - t0}
-        engine.commit_epoch(paths["log"], record, lambda: engine.save_checkpoint(
-            paths["last"], model=engine.unwrap(model).state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-            stats=stats, args=vars(args), rng=engine.rng_state(), record=record))
+        commit_epoch(paths["log"], record, lambda: save_checkpoint(
+            paths["last"], model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+            stats=stats, args=vars(args), rng=rng_state(), record=record))
         if rank == 0:
             print(json.dumps(record))
             if on_epoch is not None:
                 on_epoch(record)
-    on_rank0(atomic_torch_save, {"model": engine.unwrap(model).state_dict(), "acc1": stats["acc1"],
+    on_rank0(atomic_torch_save, {"model": unwrap(model).state_dict(), "acc1": stats["acc1"],
                                  "acc5": stats["acc5"], "mean": list(mean), "std": list(std), "arch": args.model,
                                  "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs}, args.output)
     if rank == 0:

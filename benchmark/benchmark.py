@@ -6,10 +6,10 @@
     python benchmark/benchmark.py --sections c                               # only the JPEG -> uint8 cache build
 
 One run, one device. Sections (each fails alone, as an error row):
-  (a) scoring the wild pool: select_data.score_images (one pass, bf16 on CUDA) vs the published
+  (a) scoring the wild pool: scoring.score_images (one pass, bf16 on CUDA) vs the published
       identify_attnlier + identify_outlier (fp32, two teacher passes, per-image qkv weight copies,
       all heads' full attention matrices);
-  (b) one distillation step: engine.train_one_epoch with the real student/teacher modules, on-device
+  (b) one distillation step: distill.distill_step in engine.TrainEpoch with the real modules, on-device
       crop+flip of uint8 batches, bf16, fused AdamW vs the published step (fp32, hooks for
       features, foreach AdamW, Python-loop noise matrix, full Gram matrices, two host syncs a step);
   (c) building the 32-px uint8 cache from ImageNet-sized JPEGs vs the published per-epoch full decode;
@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import traceback
+from types import SimpleNamespace
 
 import numpy as np
 import timm
@@ -38,12 +39,13 @@ import torch
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the pipeline modules at the root
 import data  # noqa: E402
+import distill
 import engine
 import models
 import pool
-import select_data
+import scoring
 from attention_probe import FEATURE_BLOCKS, PROBE_BLOCKS
-from losses import NoiseAdaptation
+from losses import LossConfig, NoiseAdaptation
 from reference import PATCHATTN, PublishedNoise, PublishedScorer, PublishedView, published_step_loss
 from utils import amp_dtype, cpu_cores, resolve_device
 
@@ -233,14 +235,14 @@ def section_scoring(args, device, teacher, res):
                 fn(teacher.model, u8, mean, std, PROBE_BLOCKS, 0, amp, *extra)
         return run
     # ours first: on the CPU the peak is RSS growth, which memory freed by an earlier run would hide
-    record("ours", f"ours: select_data.score_images, 1 pass, {amp_name}", ours(select_data.score_images), 1)
+    record("ours", f"ours: scoring.score_images, 1 pass, {amp_name}", ours(scoring.score_images), 1)
     # what the extra signals of signals.py (--store_signals) cost, and the flip's cost
     record("ours_signals", f"ours + the extra signals (--store_signals), {amp_name}",
-           ours(select_data.score_images, True, False), 1)
+           ours(scoring.score_images, True, False), 1)
     record("ours_flip", f"ours + --flip_signal (2 forwards), {amp_name}",
-           ours(select_data.score_images, True, True), 1)
+           ours(scoring.score_images, True, True), 1)
     if args.compile:
-        compiled = torch.compile(select_data.score_images, dynamic=False)
+        compiled = torch.compile(scoring.score_images, dynamic=False)
         record("ours_compiled", f"ours + torch.compile, {amp_name}", ours(compiled), 3)
 
     with PublishedScorer(teacher.model) as scorer:
@@ -275,28 +277,22 @@ def _rate(rows, name):
 # ---- section (b): distillation step ---------------------------------------------------------
 
 def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
-    """run(n): n steps of engine.train_one_epoch exactly as distill.py wires it."""
+    """run(n): n steps of distill.distill_step in engine.TrainEpoch, the modules built as distill.wrap builds them."""
     in_chans, size, mean, std = teacher.in_chans, teacher.img_size, teacher.mean, teacher.std
     on_gpu = device.type == "cuda"
     amp = amp_dtype("auto", device)
     torch.manual_seed(0)
-    student = models.create(args.student, args.num_classes).to(device)
+    model = models.create(args.student, args.num_classes).to(device)
     noise = NoiseAdaptation(args.num_classes, TEACHER_ACC).to(device)
-    opt_s = torch.optim.AdamW(student.parameters(), lr=LR_S, weight_decay=WEIGHT_DECAY,
+    opt_s = torch.optim.AdamW(model.parameters(), lr=LR_S, weight_decay=WEIGHT_DECAY,
                               **({"fused": True} if on_gpu else {}))
     opt_n = torch.optim.Adam(noise.parameters(), lr=1e-3)
-    train_module = engine.StudentWithFeatures(student, noise, FEATURE_BLOCKS)
-    teacher_module = engine.TeacherWithFeatures(teacher.model, FEATURE_BLOCKS)
     if variant != "eager":
-        # a fresh compile cache, as in a real run, which only ever sees this one batch shape
-        torch._dynamo.reset()
-        mode = "reduce-overhead" if variant == "cuda_graphs" else None
-        train_module = torch.compile(train_module, mode=mode, dynamic=False)
-        teacher_module = torch.compile(teacher_module, mode=mode, dynamic=False)
-
-    def loss_fn(images, _labels):
-        return engine.distill_losses(teacher_module, train_module, images, None, PATCHATTN)
-
+        torch._dynamo.reset()   # a fresh compile cache, as in a real run, which only ever sees this one batch shape
+    flags = SimpleNamespace(pd_blocks=(FEATURE_BLOCKS, FEATURE_BLOCKS), compile=variant != "eager",
+                            cuda_graphs=variant == "cuda_graphs")
+    teacher_net, student = distill.wrap(flags, teacher, distill.Student(model, noise, [opt_s, opt_n]), device)
+    loss = LossConfig(patchattn=PATCHATTN)
     augment = engine.Augment(mean, std, padding=4)
     g = torch.Generator(device="cpu").manual_seed(2)
     images = torch.randint(0, 256, (pool_batches * batch, in_chans, size, size), dtype=torch.uint8,
@@ -309,8 +305,12 @@ def ours_train_runner(args, device, teacher, batch, variant, pool_batches=8):
             m = min(n - done, pool_batches)
             batches = engine.TensorBatches(images[:m * batch], None, batch_size=batch, shuffle=True,
                                            drop_last=True, seed=0)
-            engine.train_one_epoch(loss_fn, batches, [opt_s, opt_n], augment, epoch[0], device, seed=0,
-                                   amp_dtype=amp, desc="bench", modules=(student, noise))
+            epoch_run = engine.TrainEpoch(batches, augment, epoch[0], device, desc="bench", modules=(model, noise))
+            for b in epoch_run:
+                with engine.autocast(device, amp):
+                    terms = distill.distill_step(b.images, teacher_net, student.net, student.noise_net, loss)
+                epoch_run.step(terms, student.optimizers)
+            epoch_run.metrics()
             epoch[0] += 1
             done += m
     return run

@@ -265,9 +265,10 @@ def get_teacher(cfg, fm, classes, out, device, reuse, seed):
 def score_pool(cfg, teacher_info, pool_dir, num_select, device):
     """Score the pool with one seed's teacher through select_data (probe + confidence, and the extra signals
     for the energy rule). Scores go to <pool>/scores_seed<S>/; the uint8 image cache is shared by every seed."""
-    import models
     import pool as pool_mod
+    import scoring
     import select_data
+    import settings
     scores_dir = os.path.join(pool_dir, f"scores_seed{teacher_info['seed']}")
     shutil.rmtree(scores_dir, ignore_errors=True)     # never resume another run's scores
     argv = ["--data_imagenet", os.path.join(pool_dir, "pool", "images"), "--teacher", cfg["teacher"],
@@ -275,48 +276,47 @@ def score_pool(cfg, teacher_info, pool_dir, num_select, device):
             "--selected_file", scores_dir, "--workers", str(cfg["workers"]), "--device", str(device.type),
             # inside pool/: rebuilt with the pool, so never a stale cache of another pool
             "--cache_dir", os.path.join(pool_dir, "pool", "cache"), "--store_signals"]
-    sargs = select_data.get_args_parser().parse_args(argv)
-    t = models.teacher_from_args(sargs, device)
-    teacher, mean, std = t.model, t.mean, t.std
+    s = settings.resolve_select_settings(select_data.get_args_parser().parse_args(argv), device)
     with quiet(os.path.join(pool_dir, "scoring.log")):
-        select_data.run_selection(sargs, t, device)
-    cache_dir = select_data.default_cache_dir(sargs, t)
+        t = select_data.load_teacher(s, device)
+        select_data.run_selection(s, t)
+    cache_dir = select_data.default_cache_dir(s, t)
     cache = pool_mod.open_cache(cache_dir)
-    scores = select_data.load_scores(scores_dir, sargs.probe_blocks)
-    energy = select_data.load_signals(scores_dir, ["energy"])["energy"]
+    scores = scoring.load_scores(scores_dir, s.probe_blocks)
+    energy = scoring.load_signals(scores_dir, ["energy"])["energy"]
     scores["energy"] = energy.nan_to_num(nan=float("inf"))     # skipped images: never kept
-    return dict(scores_dir=scores_dir, cache_dir=cache_dir, scores=scores, teacher=teacher, mean=mean, std=std,
-                blocks=sorted(sargs.probe_blocks), attnlier=sargs.attnlier, outlier=sargs.outlier, cache=cache)
+    return dict(scores_dir=scores_dir, cache_dir=cache_dir, scores=scores, teacher=t.model, mean=t.mean, std=t.std,
+                blocks=list(s.probe_blocks), attnlier=s.attnlier, outlier=s.outlier, cache=cache)
 
 
 def rule_value(rule, sc, relevant):
     """The score each rule ranks by (LOW = keep), or None for random."""
-    import select_data
-    import signals
+    import scoring
+    import selection
     s = sc["scores"]
     how = RULE_SPECS[rule][0]
     if how == "random":
         return None
     if how == "outlier":
-        return select_data.combined_value(s, False)
+        return selection.combined_value(s, False)
     if how == "probe":
-        return select_data.combined_value(s, True, sc["attnlier"], sc["outlier"], sc["blocks"])
-    if how == "energy":        # signals.RULES' energy rule, on the stored signal
-        return signals.rule_value("energy", s, torch.isfinite(s["energy"]))
+        return selection.combined_value(s, True, sc["attnlier"], sc["outlier"], sc["blocks"])
+    if how == "energy":        # selection.RULES' energy rule, on the stored signal
+        return selection.rule_value("energy", s, torch.isfinite(s["energy"]))
     if how == "oracle":
         return torch.from_numpy(~relevant).double()     # in-domain first: exactly the in-domain images
-    if how in signals.RULES:
-        extra = select_data.load_signals(sc["scores_dir"], signals.rule_needs(how))
+    if how in selection.RULES:
+        arrays = scoring.load_arrays(sc["scores_dir"], selection.rule_needs(how), sc["blocks"])
         usable = torch.isfinite(s["value_out"]) & (s["pred_out"] >= 0)
-        return signals.rule_value(how, {**s, **extra}, usable, sc["blocks"])
+        return selection.rule_value(how, arrays, usable, sc["blocks"])
     raise ValueError(rule)
 
 
 def select_rule(rule, value, usable, num_select, pred, per_class, seed):
-    import select_data
+    import selection
     how, balanced, _ = RULE_SPECS[rule]
-    return select_data.select_indices(value, usable, num_select, pred, per_class if balanced else None,
-                                      random=how == "random", seed=seed)
+    return selection.select_indices(value, usable, num_select, pred, per_class if balanced else None,
+                                    random=how == "random", seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ students

@@ -26,7 +26,9 @@ import torch  # noqa: E402
 
 import demo  # noqa: E402
 import demo_pool as dp  # noqa: E402
+import scoring  # noqa: E402
 import select_data  # noqa: E402
+import selection  # noqa: E402
 import signals  # noqa: E402
 
 POOLS = (("mismatch-r0.2", "mismatch", 0.2), ("mismatch-r0.6", "mismatch", 0.6), ("far-ood", "far-ood", 0.25))
@@ -83,15 +85,15 @@ def score(pool_dir, teacher_path, out_dir, num_select):
     os.makedirs(out_dir, exist_ok=True)
     with demo.quiet(os.path.join(out_dir, "scoring.log")):
         select_data.main(select_data.get_args_parser().parse_args(argv))
-    scores = select_data.load_scores(out_dir, [3, 7])
-    scores.update(select_data.load_signals(out_dir, list(signals.SIGNALS)))
+    scores = scoring.load_scores(out_dir, [3, 7])
+    scores.update(scoring.load_signals(out_dir, list(signals.SIGNALS)))
     return scores
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
 def precision(value, usable, relevant):
-    keep = select_data.select_indices(value, usable, int(relevant.sum()))
+    keep = selection.select_indices(value, usable, int(relevant.sum()))
     return float(relevant[keep.numpy()].mean())
 
 
@@ -165,8 +167,8 @@ def run(args):
             info = json.load(open(os.path.join(os.path.dirname(path), "teacher.json")))
             meta["teachers"][f"{n_cls}cls_seed{seed}"] = {"checkpoint": path, "acc1": info.get("acc1")}
             usable = torch.isfinite(scores["value_out"]) & (scores["pred_out"] >= 0)
-            cols = signals.columns(scores, (3, 7))
-            cols["published"] = select_data.combined_value(scores, True)
+            cols = selection.columns(scores, (3, 7))
+            cols["published"] = selection.combined_value(scores, True)
             cols_all.setdefault(name, {})[seed] = (cols, usable, relevant, source_labels(manifest))
             print(f"{name} seed {seed}: scored in {meta['seconds'][f'{name}_seed{seed}']:.0f}s", flush=True)
     if SELECTION_SEED not in cols_all.get(SELECTION_POOL, {}):
@@ -179,7 +181,7 @@ def run(args):
             r = results.setdefault(name, {}).setdefault(seed, {})
             r["published"] = evaluate(cols["published"], usable, relevant, source)
             for terms in cands:
-                r[rule_name(terms)] = evaluate(signals.combine(cols, terms, usable), usable, relevant, source)
+                r[rule_name(terms)] = evaluate(selection.combine(cols, terms, usable), usable, relevant, source)
     chosen = choose(results, cands)
     report = {"protocol": "docs/signal_study.md (pre-registered)", "selection": [SELECTION_POOL, SELECTION_SEED],
               "signs": signs, **picked, "chosen": {"name": rule_name(chosen), "terms": chosen},

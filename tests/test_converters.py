@@ -64,7 +64,7 @@ def test_cifar10_cli_round_trip_and_idempotent(tmp_path):
             i = int(os.path.splitext(os.path.basename(path))[0])  # file name = source index
             assert label == y[i]
             assert np.array_equal(np.array(Image.open(path)), x[i])
-        ds = data.load_labeled("cifar10", out, split, 32, 3)
+        ds = data.load_labelled("cifar10", out, split, 32, 3)
         order = np.argsort([int(os.path.basename(p)[:-4]) for p, _ in samples])
         assert torch.equal(ds.images[order], torch.from_numpy(x).permute(0, 3, 1, 2))
         assert torch.equal(ds.labels[order], torch.from_numpy(y))
@@ -81,7 +81,7 @@ def test_cifar100_label_order_and_resume(tmp_path):
     assert len(folders) == 100 and folders[:2] == ["000_apple", "001_aquarium_fish"]
     assert folders[10] == "010_class10" and folders[2] == "002_class2"  # no '10' < '2' scramble
     x, y, classes = data.read_cifar(src, "cifar100", True)
-    ds = data.load_labeled("cifar100", out, "train", 32, 3)
+    ds = data.load_labelled("cifar100", out, "train", 32, 3)
     assert ds.num_classes == 100 and ds.classes == classes
     samples, _ = data.list_image_folder(out / "train")
     idx = [int(os.path.basename(p)[:-4]) for p, _ in samples]
@@ -122,7 +122,7 @@ def test_mnist_converter_fashion_names(tmp_path, capsys):
     assert sorted(os.listdir(out / "val"))[0] == "00_T-shirt-top"
     assert sorted(os.listdir(out / "val"))[9] == "09_Ankle-boot"
     for split, x, y in (("train", xtr, ytr), ("val", xte, yte)):
-        ds = data.load_labeled("fashionmnist", out, split, 28, 1)
+        ds = data.load_labelled("fashionmnist", out, split, 28, 1)
         samples, _ = data.list_image_folder(out / split)
         idx = [int(os.path.basename(p)[:-4]) for p, _ in samples]
         assert np.array_equal(ds.labels.numpy(), y[idx])
@@ -169,7 +169,7 @@ def test_tinyimagenet_scripts(tmp_path):
     root = tmp_path / "tiny"
     ann = make_tiny(root)
     with pytest.raises(data.InputError, match="process_tinyimagenet.py"):
-        data.load_labeled("tinyimagenet", root, "val", 64, 3)
+        data.load_labelled("tinyimagenet", root, "val", 64, 3)
     # resume: one file was already moved by an interrupted run
     os.makedirs(root / "val" / "n10")
     os.replace(root / "val" / "images" / "val_1.JPEG", root / "val" / "n10" / "val_1.JPEG")
@@ -182,8 +182,8 @@ def test_tinyimagenet_scripts(tmp_path):
     for w in WNIDS:
         assert not (root / "train" / w / "images").exists()
         assert sorted(os.listdir(root / "train" / w)) == [f"{w}_0.JPEG", f"{w}_1.JPEG", f"{w}_boxes.txt"]
-    train = data.load_labeled("tinyimagenet", root, "train", 32, 3)
-    val = data.load_labeled("tinyimagenet", root, "val", 32, 3)
+    train = data.load_labelled("tinyimagenet", root, "train", 32, 3)
+    val = data.load_labelled("tinyimagenet", root, "val", 32, 3)
     assert train.classes == sorted(WNIDS) == val.classes and len(train) == 6 and len(val) == 6
     for path, label in val.samples:
         assert val.classes[label] == ann[os.path.basename(path)]

@@ -15,11 +15,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data  # noqa: E402
+import distill  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402
+import scoring  # noqa: E402
 import select_data  # noqa: E402
-from attention_probe import FEATURE_BLOCKS  # noqa: E402
-from losses import NoiseAdaptation  # noqa: E402
+from attention_probe import FEATURE_BLOCKS, WithFeatures  # noqa: E402
+from losses import LossConfig, NoiseAdaptation  # noqa: E402
 from test_fast_paths import MEAN, STD, decode_crop_flip, peaked_vit, uint8_images  # noqa: E402
 
 DEVICE = os.environ.get("AP_TEST_DEVICE", "cuda")
@@ -38,8 +40,8 @@ def fresh_dynamo():
 def test_bf16_scores_agree_with_fp32_on_device():
     model = peaked_vit().to(DEVICE)
     images = uint8_images(256).to(DEVICE)
-    fp32 = select_data.score_images(model, images, MEAN, STD, (3, 7), 0)
-    bf16 = select_data.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
+    fp32 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0)
+    bf16 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
     assert bf16["value_out"].device.type == torch.device(DEVICE).type
     assert not torch.equal(fp32["value_out"], bf16["value_out"]), "autocast had no effect: bf16 not exercised"
     # the tolerances of test_fast_paths' CPU check: bf16 keeps 8 mantissa bits through 8 blocks
@@ -52,9 +54,9 @@ def test_bf16_scores_agree_with_fp32_on_device():
 def test_compiled_scorer_matches_eager_on_device():
     model = peaked_vit(depth=3, dim=32).to(DEVICE)
     images = uint8_images(64).to(DEVICE)
-    eager = select_data.score_images(model, images, MEAN, STD, (1, 2), 0)
+    eager = scoring.score_images(model, images, MEAN, STD, (1, 2), 0)
     backend = "inductor" if CUDA else "aot_eager"   # inductor's C++ build takes minutes on a shared CPU
-    compiled = torch.compile(select_data.score_images, backend=backend, dynamic=False)
+    compiled = torch.compile(scoring.score_images, backend=backend, dynamic=False)
     out = compiled(model, images, MEAN, STD, (1, 2), 0)
     for key in ("value_out", "value_blk1", "value_blk2", "probs"):
         assert torch.allclose(out[key], eager[key], atol=2e-4, rtol=0), key
@@ -69,12 +71,10 @@ def _distill_steps(compiled, steps=3, seed=0):
     student = models.create("deit_tiny_patch4_32", 10).to(DEVICE)
     noise = NoiseAdaptation(10, 0.7630).to(DEVICE)
     before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
-    blocks = FEATURE_BLOCKS
-    train_module = engine.StudentWithFeatures(student, noise, blocks)
-    teacher_module = engine.TeacherWithFeatures(teacher, blocks)
+    student_net, teacher_net = WithFeatures(student, FEATURE_BLOCKS), WithFeatures(teacher, FEATURE_BLOCKS)
     if compiled:
         kw = dict(mode="reduce-overhead") if CUDA else dict(backend="aot_eager")
-        train_module, teacher_module = torch.compile(train_module, **kw), torch.compile(teacher_module, **kw)
+        student_net, teacher_net = torch.compile(student_net, **kw), torch.compile(teacher_net, **kw)
     fused = {"fused": True} if CUDA else {}
     opts = [torch.optim.AdamW(student.parameters(), lr=1e-3, **fused), torch.optim.AdamW(noise.parameters(), lr=1e-3)]
     augment = engine.Augment(MEAN, STD, 4)
@@ -82,7 +82,7 @@ def _distill_steps(compiled, steps=3, seed=0):
     losses = []
     for step in range(steps):
         x = augment(uint8_images(16, seed=10 + step).to(DEVICE))
-        out = engine.distill_losses(teacher_module, train_module, x, None, patchattn=0.8)
+        out = distill.distill_step(x, teacher_net, student_net, noise, LossConfig(patchattn=0.8))
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         out["loss"].backward()

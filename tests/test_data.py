@@ -125,13 +125,13 @@ def test_read_cifar_refuses_foreign_pickle(tmp_path):
 def test_load_labeled_cifar_pickles(tmp_path):
     written, names = write_cifar(tmp_path, "cifar10")
     x, y = cifar_expected(written, False, "cifar10")
-    ds = data.load_labeled("cifar10", tmp_path, "val", 32, 3)
+    ds = data.load_labelled("cifar10", tmp_path, "val", 32, 3)
     assert isinstance(ds, data.ArrayDataset) and len(ds) == len(y)
     assert ds.num_classes == 10 and ds.classes == names
     img, label = ds[4]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == y[4]
     assert np.array_equal(img.numpy().reshape(-1), x[4])
-    gray = data.load_labeled("cifar10", tmp_path, "train", 28, 1)
+    gray = data.load_labelled("cifar10", tmp_path, "train", 28, 1)
     assert gray.images.shape == (20, 1, 28, 28)
 
 
@@ -149,7 +149,7 @@ def test_read_idx(tmp_path, gz):
     assert np.array_equal(imgs[..., 0], xtr) and np.array_equal(labels, ytr)
     imgs, labels = data.read_idx(tmp_path, False)
     assert np.array_equal(imgs[..., 0], xte) and np.array_equal(labels, yte)
-    ds = data.load_labeled("fashionmnist", tmp_path, "train", 32, 3)
+    ds = data.load_labelled("fashionmnist", tmp_path, "train", 32, 3)
     assert ds.images.shape == (7, 3, 32, 32) and ds.classes[0] == "T-shirt/top"
     assert torch.equal(ds.images[:, 0], ds.images[:, 2])  # gray copied to all channels
 
@@ -233,23 +233,23 @@ def test_list_image_folder_names_extensions_and_errors(tmp_path):
 def test_load_labeled_folder_resize_convert_and_val_mapping(tmp_path):
     make_folder(tmp_path / "train", ["ant", "bee", "cow"], size=(10, 7))
     make_folder(tmp_path / "val", ["bee", "cow"], per_class=1, size=(10, 7), mode="L")
-    ds = data.load_labeled("folder", tmp_path, "train", 16, 3)
+    ds = data.load_labelled("folder", tmp_path, "train", 16, 3)
     assert isinstance(ds, data.FolderDataset) and len(ds) == 6 and ds.num_classes == 3
     img, label = ds[2]
     assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
-    val = data.load_labeled("folder", tmp_path, "val", 16, 3)
+    val = data.load_labelled("folder", tmp_path, "val", 16, 3)
     assert [lab for _, lab in val.samples] == [1, 2]  # mapped with train's classes, not shifted
-    g = data.load_labeled("folder", tmp_path, "train", 7, 1)
+    g = data.load_labelled("folder", tmp_path, "train", 7, 1)
     path = g.samples[0][0]
     want = np.array(Image.open(path).convert("L").resize((7, 7), Image.BILINEAR))
     assert torch.equal(g[0][0][0], torch.from_numpy(want))
-    native = data.load_labeled("folder", tmp_path, "val", None, 3)[0][0]
+    native = data.load_labelled("folder", tmp_path, "val", None, 3)[0][0]
     assert native.shape == (3, 7, 10) and torch.equal(native[0], native[1])  # L -> RGB
     (tmp_path / "bare").mkdir()
     with pytest.raises(InputError, match=os.path.join(str(tmp_path / "bare"), "val")):
-        data.load_labeled("imagenet", tmp_path / "bare", "val", 8, 3)
+        data.load_labelled("imagenet", tmp_path / "bare", "val", 8, 3)
     with pytest.raises(InputError, match="--dataset"):
-        data.load_labeled("svhn", tmp_path, "val", 8, 3)
+        data.load_labelled("svhn", tmp_path, "val", 8, 3)
 
 
 def test_array_dataset_gray_matches_pil(tmp_path):
@@ -358,7 +358,7 @@ SIZES = [(300, 200), (199, 301), (64, 64), (500, 375), (225, 640)]
 def test_224_test_transform_is_torchvision_resize_center_crop(tmp_path):
     from torchvision import transforms
     write_photos(tmp_path, SIZES)
-    val = data.load_labeled("imagenet", tmp_path, "val", 224, 3)
+    val = data.load_labelled("imagenet", tmp_path, "val", 224, 3)
     ref = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.PILToTensor()])
     assert len(val) == 2 * len(SIZES)
     for i, (path, label) in enumerate(val.samples):
@@ -371,7 +371,7 @@ def test_224_test_transform_is_torchvision_resize_center_crop(tmp_path):
     assert not torch.equal(val[0][0], squash)
     # 32-px paths unchanged: resized to (32, 32), train split too
     for split in ("train", "val"):
-        small = data.load_labeled("imagenet", tmp_path, split, 32, 3)
+        small = data.load_labelled("imagenet", tmp_path, split, 32, 3)
         assert torch.equal(small[0][0], data.read_image(small.samples[0][0], 32, 3))
 
 
@@ -379,7 +379,7 @@ def test_positives_published_random_crop_per_image_and_epoch(tmp_path):
     import torchvision.transforms.functional as TF
     from torchvision import transforms
     write_photos(tmp_path, SIZES)
-    train = data.load_labeled("tinyimagenet", tmp_path, "train", 224, 3)
+    train = data.load_labelled("tinyimagenet", tmp_path, "train", 224, 3)
     pos = data.RandomCropImages(train, [0, 2, 3, 6], img_size=224, padding=4, seed=5)
     assert len(pos) == 4 and pos.targets == [train.targets[i] for i in (0, 2, 3, 6)]
     by_epoch = []

@@ -287,28 +287,31 @@ def test_robust_class_weights_count_the_labelled_images(world):
     import distill
     import models
     teacher = models.load_teacher("deit_tiny_patch4_32_teacher", None, world / "teacher.pth")
-    train = data.load_labeled("cifar10", world / "cifar", "train", 32, 3)
+    train = data.load_labelled("cifar10", world / "cifar", "train", 32, 3)
     labelled = torch.utils.data.Subset(train, list(range(0, 50, 5)))
     x = torch.stack([labelled[i][0] for i in range(len(labelled))]).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
         logits = teacher.model(x)
-    args = SimpleNamespace(workers=0)
+    from selection import robust_kd_weights
+    flags = SimpleNamespace(workers=0, amp=None, seed=3)
     cpu = torch.device("cpu")
     selection_mass = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
     for kind, extra in (("softmax", logits.softmax(1).sum(0).double()),
                         ("counts", torch.bincount(logits.argmax(1), minlength=10).double())):
         selection = SimpleNamespace(class_weights=None, class_mass=(selection_mass, kind))
-        got = distill.robust_weights(args, selection, teacher, labelled, cpu, None)
+        got = distill.kd_class_weights(flags, selection, teacher, labelled, cpu)
         inverse = 1 / (selection_mass + extra).clamp_min(1e-12 if kind == "softmax" else 1.0)
-        assert torch.allclose(got.double(), inverse / inverse.sum() * 10, rtol=1e-5), kind
+        want = robust_kd_weights((inverse / inverse.sum() * 10).float(), 3)   # then the published perturbation
+        assert torch.allclose(got, want, rtol=1e-5), kind
     own = torch.full((10,), 1.0)
-    assert distill.robust_weights(args, SimpleNamespace(class_weights=own), teacher, None, cpu, None) is own
+    got = distill.kd_class_weights(flags, SimpleNamespace(class_weights=own), teacher, None, cpu)
+    assert torch.equal(got, robust_kd_weights(own, 3))
 
 
 def test_images_their_dataset_cropped_get_no_second_crop():
     """224-px --pos_num images arrive cropped and flipped (data.RandomCropImages): the training step
-    crops and flips only the wild images (loader label 0), never the marked ones (label 1)."""
+    crops and flips only the wild images (cropped 0), never the marked ones (cropped 1)."""
     import distill
     import engine
     import data
@@ -316,8 +319,8 @@ def test_images_their_dataset_cropped_get_no_second_crop():
     wild = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
     marked = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
     ds = torch.utils.data.ConcatDataset([
-        distill._ImagesOnly(torch.utils.data.TensorDataset(wild)),
-        distill._ImagesOnly(torch.utils.data.TensorDataset(marked), cropped=1)])
+        data.ImagesWithCropFlag(torch.utils.data.TensorDataset(wild)),
+        data.ImagesWithCropFlag(torch.utils.data.TensorDataset(marked), cropped=1)])
     batches = engine.LoaderBatches(ds, batch_size=12, shuffle=False, drop_last=False, workers=0)
     seen = []
 
@@ -326,11 +329,11 @@ def test_images_their_dataset_cropped_get_no_second_crop():
             seen.append(cropped.clone())
             return super().__call__(images, cropped)
 
-    def loss_fn(x, labels):
-        seen.append((x.clone(), labels))
-        return {"loss": (x.sum() * 0).requires_grad_()}
     augment = Spy((0.5,) * 3, (0.25,) * 3, padding=4)
-    engine.train_one_epoch(loss_fn, batches, [], augment, 0, torch.device("cpu"), crop_flags=True)
+    epoch_run = engine.TrainEpoch(batches, augment, 0, torch.device("cpu"))
+    for batch in epoch_run:
+        seen.append((batch.images.clone(), batch.labels))
+        epoch_run.step({"loss": (batch.images.sum() * 0).requires_grad_()}, [])
     flags, (x, labels) = seen
     assert labels is None                                 # flags are no labels
     plain = data.normalize(torch.cat([wild, marked]), (0.5,) * 3, (0.25,) * 3)

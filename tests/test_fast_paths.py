@@ -19,9 +19,10 @@ import engine  # noqa: E402
 import fixtures  # noqa: E402
 import models  # noqa: E402
 import reference  # noqa: E402
+import scoring  # noqa: E402
 import select_data  # noqa: E402
-from attention_probe import FEATURE_BLOCKS  # noqa: E402
-from losses import NoiseAdaptation  # noqa: E402
+from attention_probe import FEATURE_BLOCKS, WithFeatures  # noqa: E402
+from losses import LossConfig, NoiseAdaptation  # noqa: E402
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,8 +50,8 @@ def uint8_images(n, seed=1, chans=3, size=32):
 def test_bf16_scores_agree_with_fp32():
     model = peaked_vit()
     images = uint8_images(64)
-    fp32 = select_data.score_images(model, images, MEAN, STD, (3, 7), 0)
-    bf16 = select_data.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
+    fp32 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0)
+    bf16 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
     assert not torch.equal(fp32["value_out"], bf16["value_out"]), "autocast had no effect: bf16 not exercised"
     for key in ("value_out", "value_blk3", "value_blk7"):
         assert bf16[key].dtype == torch.float32 and torch.isfinite(bf16[key]).all()
@@ -71,7 +72,7 @@ def test_published_reenactment_matches_one_pass(name, head):
     teacher = models.create(name, 100).eval().requires_grad_(False)
     images = uint8_images(4 if "base" in name else 8)
     # our default probe blocks against the re-enactment's own (3, 7)
-    ours = select_data.score_images(teacher, images, MEAN, STD, select_data.get_args_parser().get_default(
+    ours = scoring.score_images(teacher, images, MEAN, STD, select_data.get_args_parser().get_default(
         "probe_blocks"), head)
     published = reference.published_scores(teacher, data.normalize(images, MEAN, STD), head=head)
     assert sorted(published) == sorted(k for k in ours if k.startswith(("value_", "pred_")))
@@ -83,8 +84,8 @@ def test_published_reenactment_matches_one_pass(name, head):
     assert all(not blk._forward_hooks and not blk.attn._forward_hooks for blk in teacher.blocks)
 
 
-def test_published_training_loss_matches_engine():
-    """Same student, teacher and batch: the published KD + NA + PD equals engine.distill_losses (fp32), ours
+def test_published_training_loss_matches_ours():
+    """Same student, teacher and batch: the published KD + NA + PD equals distill.distill_step (fp32), ours
     with the blocks and the PD weight stage 2 uses by default, the re-enactment with its own constants."""
     torch.manual_seed(0)
     teacher = models.create("deit_tiny_patch4_32_teacher", 10).eval().requires_grad_(False)
@@ -97,8 +98,8 @@ def test_published_training_loss_matches_engine():
     x = data.normalize(uint8_images(6), MEAN, STD)
     blocks = FEATURE_BLOCKS
     patchattn = distill.get_args_parser().get_default("patchattn")
-    ours = engine.distill_losses(engine.TeacherWithFeatures(teacher, blocks),
-                                 engine.StudentWithFeatures(student, noise, blocks), x, None, patchattn=patchattn)
+    ours = distill.distill_step(x, WithFeatures(teacher, blocks), WithFeatures(student, blocks), noise,
+                                LossConfig(patchattn=patchattn))
     with reference.PublishedView(student) as s_view, reference.PublishedView(teacher) as t_view:
         published = reference.published_step_loss(s_view, t_view, published_noise.matrix, x)
     assert torch.allclose(published, ours["loss"], atol=1e-5, rtol=1e-5)
@@ -110,12 +111,12 @@ def test_each_distill_step_begins_a_cuda_graph_step(monkeypatch):
     by the student's call (found on an H200): every step must mark a new step before the teacher runs."""
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append("mark"))
-    teacher = engine.TeacherWithFeatures(models.create("deit_tiny_patch4_32_teacher", 10).eval(), FEATURE_BLOCKS)
-    student = engine.StudentWithFeatures(models.create("deit_tiny_patch4_32", 10), None, FEATURE_BLOCKS)
+    teacher = WithFeatures(models.create("deit_tiny_patch4_32_teacher", 10).eval(), FEATURE_BLOCKS)
+    student = WithFeatures(models.create("deit_tiny_patch4_32", 10), FEATURE_BLOCKS)
     traced_teacher = lambda x: (calls.append("teacher"), teacher(x))[1]   # noqa: E731
     x = data.normalize(uint8_images(2), MEAN, STD)
     for _ in range(2):
-        engine.distill_losses(traced_teacher, student, x, None, patchattn=0.8)
+        distill.distill_step(x, traced_teacher, student, NoiseAdaptation(10, 0.9), LossConfig(patchattn=0.8))
     assert calls == ["mark", "teacher"] * 2
 
 # ---- (iii) per-image random crop + flip -----------------------------------------------------------
@@ -172,8 +173,8 @@ def _compiled_matches_eager(backend):
     torch._dynamo.reset()
     model = peaked_vit(depth=3, dim=32)    # 3 blocks keep tracing short; which blocks are probed does not matter
     images = uint8_images(4)
-    eager = select_data.score_images(model, images, MEAN, STD, (1, 2), 0)
-    compiled = torch.compile(select_data.score_images, backend=backend, fullgraph=True, dynamic=False)
+    eager = scoring.score_images(model, images, MEAN, STD, (1, 2), 0)
+    compiled = torch.compile(scoring.score_images, backend=backend, fullgraph=True, dynamic=False)
     out = compiled(model, images, MEAN, STD, (1, 2), 0)   # fullgraph: any graph break is an error
     for key in ("value_out", "value_blk1", "value_blk2", "probs"):
         assert torch.allclose(out[key], eager[key], atol=1e-4, rtol=0), key

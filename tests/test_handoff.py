@@ -11,6 +11,7 @@ import distill
 import fixtures as fx
 import models
 import select_data
+import settings
 from test_robustness import argv, distill_flags, run, select_flags
 
 S, D = "select_data.py", "DFND_DeiT-train.py"
@@ -29,10 +30,11 @@ def test_run_selection_returns_what_it_writes(world, tmp_path):
     """The Selection handed to stage 2 is the one in selection.pt / selected.txt / class_weights.pth."""
     args = select_data.get_args_parser().parse_args(argv(select_flags(world, tmp_path / "sel",
                                                                       **{"--attnprobe_sel": True})))
-    teacher = models.teacher_from_args(args, torch.device("cpu"))
+    s = settings.resolve_select_settings(args, torch.device("cpu"))
+    teacher = select_data.load_teacher(s, torch.device("cpu"))
     assert isinstance(teacher, models.Teacher) and teacher.num_classes == 10
     assert args.nb_classes is None                          # read from the file; args stay as parsed
-    sel = select_data.run_selection(args, teacher, torch.device("cpu"))
+    sel = select_data.run_selection(s, teacher)
     saved = torch.load(tmp_path / "sel" / "selection.pt", weights_only=True)
     assert torch.equal(sel.indices, saved["indices"]) and torch.equal(sel.pred, saved["pred"])
     assert sel.ids == (tmp_path / "sel" / "selected.txt").read_text().split("\n")[:-1] == saved["ids"]
@@ -78,15 +80,16 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     # the Selection itself: this file's images, weights from the stored softmax of exactly these
     args = distill.get_args_parser().parse_args(argv(flags))
     teacher = models.load_teacher(fx.MICRO, 10, world.teacher)
-    got = select_data.load_selection(args.selection_file, args, teacher)
+    cpu = torch.device("cpu")
+    got = select_data.load_selection(args.selection_file, settings.resolve_select_settings(args, cpu), teacher)
     assert torch.equal(got.indices, chosen_y) and torch.allclose(got.class_weights, right)
     assert got.ids == [got.pool_index.ids[i] for i in chosen_y.tolist()] and got.rule == "worst"
 
     # without score files for this pool and teacher: weights from the file's predicted classes
     fresh = {**flags, "--selected_file": tmp_path / "empty"}
     os.makedirs(tmp_path / "empty")
-    got = select_data.load_selection(args.selection_file, distill.get_args_parser().parse_args(
-        argv(fresh)), teacher)
+    got = select_data.load_selection(args.selection_file, settings.resolve_select_settings(
+        distill.get_args_parser().parse_args(argv(fresh)), cpu), teacher)
     inverse = 1 / torch.bincount(pred[chosen_y], minlength=10).double().clamp_min(1)   # hard counts
     assert torch.allclose(got.class_weights, (inverse / inverse.sum() * 10).float())
 

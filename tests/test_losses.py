@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from losses import NoiseAdaptation, csloss, kdloss, patch_attention_probe_loss, robust_kdloss
+from losses import TERMS, LossConfig, NoiseAdaptation, kdloss, patch_attention_probe_loss, robust_kdloss
 
 
 def test_kd_zero_for_equal_logits_and_known_value():
@@ -26,10 +26,22 @@ def test_robust_kd_weights_per_sample():
     assert robust_kdloss(y, t, w).item() == pytest.approx(2 * kdloss(y[:1], t[:1]).item() / 5, rel=1e-5)
 
 
-def test_csloss():
-    u = torch.full((1, 4), 0.25)
-    y = torch.tensor([[1.0, 1, 1, 1], [1.0, 0, 0, 0]])
-    assert torch.allclose(csloss(y, u), torch.tensor([1.0, 0.5]))
+def test_loss_config_picks_each_term_by_name():
+    """LossConfig names a variant of each term of losses.TERMS; the published ones by default."""
+    torch.manual_seed(0)
+    s, t, w = torch.randn(5, 6), torch.randn(5, 6), torch.rand(5)
+    assert LossConfig().kd(s, t).item() == kdloss(s, t).item()
+    assert LossConfig(kd_loss="robust").kd(s, t, w).item() == robust_kdloss(s, t, w).item()
+    assert LossConfig(temperature=2).kd(s, t).item() == kdloss(s, t, T=2).item() != kdloss(s, t).item()
+    f, g = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 4)
+    assert LossConfig().pd(f, g).item() == patch_attention_probe_loss(f, g).item()
+    assert (LossConfig().patchattn, LossConfig().temperature, LossConfig().kd_loss) == (0.8, 4, "plain")
+    with pytest.raises(KeyError):
+        LossConfig(pd_loss="nope").pd(f, g)
+    import distill
+    parser = distill.get_args_parser()
+    assert parser.parse_args([]).pd_loss == "cls_gram"      # --pd_loss offers every PD variant of the table
+    assert next(a for a in parser._actions if a.dest == "pd_loss").choices == list(TERMS["pd"])
 
 
 def test_probe_loss_zero_and_known_value():

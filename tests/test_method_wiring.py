@@ -19,6 +19,7 @@ import distill
 import engine
 import fixtures as fx
 import losses
+import published
 import reference
 
 N_POOL = 16
@@ -154,34 +155,34 @@ def kl_by_hand(t_row, s_row, T):
 
 
 class _Fixed(torch.nn.Module):
-    """A teacher (returns (logits, features)) or student module (returns (logits, features, na))."""
+    """A teacher or student module: returns (logits, features), whatever the images."""
 
-    def __init__(self, logits, feats, na=None):
+    def __init__(self, logits, feats):
         super().__init__()
-        self.logits, self.feats, self.na = logits, feats, na
+        self.logits, self.feats = logits, feats
 
-    def forward(self, x, teacher_logits=None):
-        out = self.logits + 0 * x.sum()
-        return (out, self.feats) if self.na is None else (out, self.feats, self.na)
+    def forward(self, x):
+        return self.logits + 0 * x.sum(), self.feats
 
 
-def test_distill_losses_robust_kd_weights_by_teacher_class():
+def test_distill_step_robust_kd_weights_by_teacher_class():
     # every student disagrees with its teacher: the weight must be the teacher-predicted class's
     t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.0, 4.0], [1.0, 0.0, 0.2]])
     s = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 2.5]])
     w = torch.tensor([0.5, 1.0, 3.0])     # per-sample weights sum to 5, not to the batch size 4
     ft = torch.tensor([3.0, 4.0]).view(1, 1, 2, 1)     # token-normalised [0.6, 0.8]: CLS row 0.48
     fs = torch.tensor([1.0, 0.0]).view(1, 1, 2, 1)     # [1, 0]: CLS row 0 -> PD = 0.48²
-    na = torch.tensor(0.3)
+    noise = lambda s_logits, t_logits: torch.tensor(0.3)    # noqa: E731  (NA by hand: its own test)
     x = torch.zeros(4, 3, 2, 2)
-    got = engine.distill_losses(_Fixed(t, ft), _Fixed(s, fs, na), x, class_weights=w, patchattn=0.8)
+    got = distill.distill_step(x, _Fixed(t, ft), _Fixed(s, fs), noise, losses.LossConfig("robust", patchattn=0.8),
+                               class_weights=w)
     teacher_class = [0, 1, 2, 0]
     kd = 16 * sum(w[c].item() * kl_by_hand(t[i].tolist(), s[i].tolist(), 4.0)
                   for i, c in enumerate(teacher_class)) / 4
     assert got["kd"].item() == pytest.approx(kd, rel=1e-5)
     assert got["pd"].item() == pytest.approx(0.48 ** 2, rel=1e-5)
     assert got["loss"].item() == pytest.approx(kd + 0.3 + 0.8 * 0.48 ** 2, rel=1e-5)
-    plain = engine.distill_losses(_Fixed(t, ft), _Fixed(s, fs, na), x)
+    plain = distill.distill_step(x, _Fixed(t, ft), _Fixed(s, fs), noise, losses.LossConfig(patchattn=0.0))
     kd_plain = 16 * sum(kl_by_hand(t[i].tolist(), s[i].tolist(), 4.0) for i in range(4)) / 4
     assert plain["kd"].item() == pytest.approx(kd_plain, rel=1e-5)
     assert plain["loss"].item() == pytest.approx(kd_plain + 0.3, rel=1e-5)   # no PD without patchattn
@@ -249,7 +250,7 @@ class Spy:
             return rk(y, teacher_scores, weights, *a, **k)
 
         def ev_spy(model, batches, *a, **k):
-            got = [(i.cpu().clone(), l.cpu().clone()) for i, l in batches.epoch(0)]
+            got = [(b.images.cpu().clone(), b.labels.cpu().clone()) for b in batches.epoch(0)]
             self.evals.append((torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])))
             return ev(model, batches, *a, **k)
 
@@ -266,15 +267,13 @@ class Spy:
 
         mp.setattr(data, "random_crop_flip", crop_spy)
         mp.setattr(losses.NoiseAdaptation, "forward", na_spy)
-        for module in (attention_probe, engine):
-            mp.setattr(module, "probe_forward", pf_spy, raising=module is attention_probe)
-        for module in (losses, engine):
-            mp.setattr(module, "robust_kdloss", rk_spy, raising=module is losses)
+        mp.setattr(attention_probe, "probe_forward", pf_spy)
+        mp.setattr(losses, "robust_kdloss", rk_spy)
         mp.setattr(engine, "evaluate", ev_spy)
         mp.setattr(torch.optim.Adam, "step", step_spy)
         if "step" in vars(torch.optim.AdamW):
             mp.setattr(torch.optim.AdamW, "step", step_spy)
-        mp.setattr(distill, "published_epochs", epochs_spy)
+        mp.setattr(published, "epochs", epochs_spy)
 
 
 def run_stage2(tmp, teacher, sel, out, *flags):

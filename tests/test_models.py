@@ -78,8 +78,8 @@ def test_checkpoint_variants(tmp_path, wrap):
         from safetensors.torch import save_file
         path = tmp_path / "c.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    dst = timm.create_model("deit_tiny_patch4_32", num_classes=10)
-    models.load_checkpoint(dst, path)
+    dst, name, _ = models.load_student(path, "deit_tiny_patch4_32")
+    assert name == "deit_tiny_patch4_32" and dst.num_classes == 10
     for k, v in dst.state_dict().items():
         assert torch.equal(v, sd[k])
 
@@ -96,7 +96,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "c.pth")
     with pytest.raises(InputError, match=r"missing keys: blocks\.3\.attn\.qkv\.weight.*unexpected keys: extra\.weight"):
-        models.load_checkpoint(timm.create_model("deit_tiny_patch4_32", num_classes=10), tmp_path / "c.pth")
+        models.load_student(tmp_path / "c.pth", "deit_tiny_patch4_32", num_classes=10)
 
 
 def test_unsafe_and_broken_files_refused(tmp_path):

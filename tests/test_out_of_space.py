@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine
+import checkpoint
 import fixtures as fx
-import utils
+import safety
+import scoring
 from test_robustness import argv, error_lines
 
 S, D, T = "select_data.py", "DFND_DeiT-train.py", "train_teacher.py"
@@ -54,10 +55,10 @@ def fill(folder):
     filler = os.path.join(folder, ".filler")
     fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
     try:
-        os.posix_fallocate(fd, 0, utils.free_bytes(folder))
+        os.posix_fallocate(fd, 0, safety.free_bytes(folder))
     finally:
         os.close(fd)
-    assert utils.free_bytes(folder) == 0
+    assert safety.free_bytes(folder) == 0
     return lambda: os.unlink(filler)
 
 
@@ -161,13 +162,13 @@ def test_disk_full_while_scoring_resumes_to_the_same_selection(scored, small_dis
     """The disk fills after two of five chunks, or just before the score files are written."""
     sel = small_disk("sel", "4m")
     flags = select_flags(scored, sel)
-    # select_data.py runs as __main__: its own functions cannot be wrapped from here, utils' can
+    # the scoring pass writes its chunks and score files through scoring.atomic_torch_save
     if moment == "chunk":
-        free = fill_when(monkeypatch, utils, "atomic_torch_save", sel,
+        free = fill_when(monkeypatch, scoring, "atomic_torch_save", sel,
                          lambda obj, path: os.path.basename(path) == "chunk_000001.pt")
         failed = sel / ".score_chunks" / "chunk_000002.pt"
     else:
-        free = fill_when(monkeypatch, utils, "atomic_torch_save", sel,
+        free = fill_when(monkeypatch, scoring, "atomic_torch_save", sel,
                          lambda obj, path: os.path.basename(path) == "value_out.pth", after=False)
         failed = sel / "value_out.pth"
     code, _, err = run(S, flags, capsys)
@@ -239,7 +240,7 @@ def test_disk_full_at_a_checkpoint_resumes_to_the_same_log(trained, small_disk, 
     script, flags_of, log, last, ref_log = CASES[case]
     out = small_disk("out", "16m")
     flags = flags_of(trained, out)
-    free = fill_when(monkeypatch, engine, "log_line", out, lambda path, rec: rec["epoch"] == 0)
+    free = fill_when(monkeypatch, checkpoint, "append_line", out, lambda path, line: json.loads(line)["epoch"] == 0)
     code, _, err = run(script, flags, capsys)
     monkeypatch.undo()
     assert code == 1
@@ -247,7 +248,7 @@ def test_disk_full_at_a_checkpoint_resumes_to_the_same_log(trained, small_disk, 
     assert line.startswith(f"error: cannot write {out}/") and line.endswith(
         ".pth: No space left on device; free space there and run the same command again to continue"), line
     assert [json.loads(r)["epoch"] for r in open(out / log)] == [0]
-    assert engine.load_resume(out / last)["epoch"] == 0
+    assert checkpoint.load_resume(out / last)["epoch"] == 0
     assert not leftovers(out)
     free()
     code, o, err = run(script, flags, capsys)
@@ -287,17 +288,17 @@ def test_log_line_cut_off_after_its_checkpoint_is_restored_on_resume(trained, tm
     def opener(path, mode="r", *a, **k):
         f = open(path, mode, *a, **k)
         if mode == "a" and not cut and os.path.exists(out / "student" / "last.pth") and \
-                engine.load_resume(out / "student" / "last.pth")["epoch"] == 1:
+                checkpoint.load_resume(out / "student" / "last.pth")["epoch"] == 1:
             cut.append(path)
             return _CutOffWrite(f)
         return f
-    monkeypatch.setattr(engine, "open", opener, raising=False)
+    monkeypatch.setattr(safety, "open", opener, raising=False)
     code, _, err = run(D, flags, capsys)
     monkeypatch.undo()
     assert code == 1 and cut
     assert error_lines(err)[-1].startswith(f"error: cannot write {out / 'log.txt'}: No space left on device")
     assert [json.loads(r)["epoch"] for r in open(out / "log.txt")] == [0]   # no torn line
-    assert engine.load_resume(out / "student" / "last.pth")["epoch"] == 1
+    assert checkpoint.load_resume(out / "student" / "last.pth")["epoch"] == 1
     code, o, err = run(D, flags, capsys)
     assert code == 0, err
     assert f"after epoch 1" in o
@@ -305,14 +306,14 @@ def test_log_line_cut_off_after_its_checkpoint_is_restored_on_resume(trained, tm
 
 
 def test_log_line_on_a_full_disk_is_taken_back(small_disk):
-    """A real full disk under log_line: a 4 KiB tmpfs whose one page the log already fills."""
+    """A real full disk under safety.append_line: a 4 KiB tmpfs whose one page the log already fills."""
     disk = small_disk("log", "4k")
     path = disk / "log.txt"
     first = {"epoch": 0, "pad": ""}
     first["pad"] = "x" * (4096 - len(json.dumps(first) + "\n"))
-    engine.log_line(path, first)
-    with pytest.raises(utils.OutOfSpace, match=f"cannot write {path}: No space left on device"):
-        engine.log_line(path, {"epoch": 1})
+    safety.append_line(path, json.dumps(first))
+    with pytest.raises(safety.OutOfSpace, match=f"cannot write {path}: No space left on device"):
+        safety.append_line(path, json.dumps({"epoch": 1}))
     assert [json.loads(r) for r in open(path)] == [first]
 
 
@@ -359,7 +360,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_log(preempt, tmp_p
     assert code == 130, err
     assert "Traceback" not in err
     assert error_lines(err)[-1].endswith("interrupted: finished work is saved; run the same command again to continue")
-    saved = engine.load_resume(out / last)["epoch"]
+    saved = checkpoint.load_resume(out / last)["epoch"]
     assert saved < 2, "the run finished before SIGTERM: the test proves nothing"
     assert [json.loads(r)["epoch"] for r in open(out / log)] == list(range(saved + 1))
     code, o, err = run(script, child_flags(preempt, kind, out), capsys)
@@ -384,23 +385,23 @@ def test_disk_full_on_rank0_ends_every_rank(scored, small_disk, tmp_path):
 def test_full_output_folder_at_start_is_out_of_space_not_bad_input(small_disk):
     disk = small_disk("full", "4k")
     fill(disk)
-    with pytest.raises(utils.OutOfSpace, match=f"--output_dir {disk}/run: No space left on device; free space "
+    with pytest.raises(safety.OutOfSpace, match=f"--output_dir {disk}/run: No space left on device; free space "
                                                "there or choose another --output_dir"):
-        utils.check_writable(str(disk / "run"))
+        safety.check_writable(str(disk / "run"))
 
 
 def test_sigterm_during_a_checkpoint_write_acts_after_it(tmp_path):
-    """engine.commit_epoch's guard: SIGTERM inside it is held until the checkpoint and the log line are
+    """checkpoint.commit_epoch's guard: SIGTERM inside it is held until the checkpoint and the log line are
     both written, then stops the run as cli_main's handler does."""
-    saved = signal.signal(signal.SIGTERM, utils._raise_interrupt)
+    saved = signal.signal(signal.SIGTERM, safety._raise_interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             def save():
                 os.kill(os.getpid(), signal.SIGTERM)
-                utils.atomic_torch_save({"epoch": 0}, tmp_path / "last.pth")
-            engine.commit_epoch(tmp_path / "log.txt", {"epoch": 0}, save)
+                safety.atomic_torch_save({"epoch": 0}, tmp_path / "last.pth")
+            checkpoint.commit_epoch(tmp_path / "log.txt", {"epoch": 0}, save)
         assert torch.load(tmp_path / "last.pth", weights_only=True) == {"epoch": 0}
         assert [json.loads(r) for r in open(tmp_path / "log.txt")] == [{"epoch": 0}]
-        assert signal.getsignal(signal.SIGTERM) is utils._raise_interrupt
+        assert signal.getsignal(signal.SIGTERM) is safety._raise_interrupt
     finally:
         signal.signal(signal.SIGTERM, saved)

@@ -18,7 +18,10 @@ import engine
 import fixtures as fx
 import models
 import pool
+import published
+import scoring
 import select_data
+import settings
 import utils
 from utils import InputError
 
@@ -49,18 +52,19 @@ def test_published_formula_on_a_small_selection_is_refused_before_any_work(world
                              "epochs for 8 selected images") and err[0].endswith("pass --epochs N")
     assert not os.listdir(tmp_path / "sel") and os.listdir(tmp_path / "out") == [".lock"]   # nothing scored
     # the formula stays the published one where it means something
-    args = distill.get_args_parser().parse_args([])
-    assert distill.epoch_plan(args, 650000, 32)[:2] == (251, 1)
-    assert distill.epoch_plan(args, 16384, 32)[0] == 9999
+    assert settings.epoch_plan(None, 650000, 32)[:2] == (251, 1)
+    assert settings.epoch_plan(None, 16384, 32)[0] == 9999
     with pytest.raises(InputError, match="3,276,799 epochs for 100 selected"):   # the 224-px case
-        distill.epoch_plan(args, 100, 224)
+        settings.epoch_plan(None, 100, 224)
 
 
 def test_a_rank_without_images_is_refused():
-    args = distill.get_args_parser().parse_args(["--holdout", "0.4"])
-    distill.check_trainable(args, 2, 1)
+    s = SimpleNamespace(data_root="d", holdout=0.4, pos_num=0, teacher_acc=0.9, dataset="cifar10", epochs=5,
+                        crop_padding=None, student=None)
+    teacher = SimpleNamespace(num_classes=10, img_size=32)
+    assert settings.plan_run(s, teacher, 2, 10, None, 1).epochs == 5
     with pytest.raises(InputError, match="cannot give each of 2 processes a batch"):
-        distill.check_trainable(args, 2, 2)   # 1 of 2 held out: one image for two ranks
+        settings.plan_run(s, teacher, 2, 10, None, 2)   # 1 of 2 held out: one image for two ranks
 
 
 def test_224px_batches_are_clamped_to_a_small_training_set_as_at_32px():
@@ -71,7 +75,7 @@ def test_224px_batches_are_clamped_to_a_small_training_set_as_at_32px():
     decoded = engine.LoaderBatches(dataset, batch_size=256, shuffle=True, drop_last=True, workers=0)
     in_memory = engine.TensorBatches(images, batch_size=256, shuffle=True, drop_last=True)
     assert len(decoded) == len(in_memory) == 1
-    assert [len(x) for x, _ in decoded.epoch(0)] == [150]
+    assert [len(b.images) for b in decoded.epoch(0)] == [150]
 
 
 # ---- 2. what the teacher file says -------------------------------------------------------------
@@ -116,23 +120,21 @@ def test_deit_file_names_its_model_and_a_wrong_teacher_flag_says_so(tmp_path):
     assert f"the teacher file names model {fx.MICRO}, --teacher is {fx.TEACHER}" in str(e.value)
     assert "check --nb_classes" not in str(e.value)
     # a file that names no model: the published default
-    plain = fx.write_teacher(tmp_path / "plain.pth", name=models.DEFAULT_TEACHER)
+    plain = fx.write_teacher(tmp_path / "plain.pth", name=published.TEACHER)
     assert models.load_teacher(None, None, plain).name == "deit_base_patch4_32_teacher"
 
 
 def test_noise_adaptation_value_is_never_an_invented_published_constant(world):
     teacher = SimpleNamespace(accuracy=None, accuracy_source=None)
-    args = distill.get_args_parser().parse_args([])
     with pytest.raises(InputError, match="--dataset folder has no published noise-adaptation constant.*pass "
                                          "--teacher_acc"):
-        distill.resolve_teacher_acc(args, teacher, "folder")
+        settings.resolve_teacher_acc(None, teacher, "folder")
     with pytest.raises(InputError, match="tinyimagenet has no published"):   # the published parser rejected it
-        distill.resolve_teacher_acc(args, teacher, "tinyimagenet")
-    assert distill.resolve_teacher_acc(args, teacher, "cifar100") == (0.7630, "the published constant for cifar100")
+        settings.resolve_teacher_acc(None, teacher, "tinyimagenet")
+    assert settings.resolve_teacher_acc(None, teacher, "cifar100") == (0.7630, "the published constant for cifar100")
     from_file = models.load_teacher(fx.MICRO, None, world.teacher)
-    assert distill.resolve_teacher_acc(args, from_file, "folder") == (0.9, "the teacher file ('acc1')")
-    flag = distill.get_args_parser().parse_args(["--teacher_acc", "0.7"])
-    assert distill.resolve_teacher_acc(flag, from_file, "folder") == (0.7, "--teacher_acc")
+    assert settings.resolve_teacher_acc(None, from_file, "folder") == (0.9, "the teacher file ('acc1')")
+    assert settings.resolve_teacher_acc(0.7, from_file, "folder") == (0.7, "--teacher_acc")
 
 
 # ---- 6. the selection a run trained on; read-only scores; --selection_file alone ------------------
@@ -162,7 +164,7 @@ def test_run_folder_records_its_selection_and_read_only_scores_are_used(world, t
     assert "resumed from" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(out / "log.txt")] == [0, 1]
     # a folder of finished scores this process cannot write: used, nothing written there
-    monkeypatch.setattr(select_data, "read_only", lambda folder: os.path.abspath(folder) == str(sel))
+    monkeypatch.setattr(scoring, "read_only", lambda folder: os.path.abspath(folder) == str(sel))
     before = fx.snapshot(sel)
     out2 = tmp_path / "out2"
     assert fx.run_script_inprocess(D, *flags(world, **{"--selected_file": sel, "--output_dir": out2,
@@ -172,7 +174,7 @@ def test_run_folder_records_its_selection_and_read_only_scores_are_used(world, t
     # a read-only folder without this teacher's scores: one line
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(select_data, "read_only", lambda folder: True)
+    monkeypatch.setattr(scoring, "read_only", lambda folder: True)
     capsys.readouterr()
     assert fx.run_script_inprocess(D, *flags(world, **{"--selected_file": empty, "--output_dir": tmp_path / "o3",
                                                        "--epochs": 1})) == 2
@@ -211,8 +213,10 @@ def test_brace_shard_lists_are_expanded(tmp_path, capsys):
                 tar.add(tmp_path / "images" / name, arcname=name)
     assert pool.expand_braces(str(tmp_path / "pool-{000000..000002}.tar")) == \
         [str(tmp_path / f"pool-{k:06d}.tar") for k in range(3)]
-    args = select_data.get_args_parser().parse_args(["--data_imagenet", str(tmp_path / "pool-{000000..000002}.tar")])
-    assert len(select_data.list_pool(args)) == 6
+    args = select_data.get_args_parser().parse_args(["--data_imagenet", str(tmp_path / "pool-{000000..000002}.tar"),
+                                                     "--teacher_dir", str(fx.write_teacher(tmp_path / "t.pth")),
+                                                     "--selected_file", str(tmp_path / "sel")])
+    assert len(select_data.list_pool(settings.resolve_select_settings(args, torch.device("cpu")))) == 6
 
 
 def test_force_keeps_a_matching_image_cache(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import shlex
 import pytest
 
 import distill
+import published
 import select_data
 import train_teacher
 
@@ -54,7 +55,7 @@ def test_training_sh_builds_the_published_cifar_configuration():
         assert args.schedule == [200, 300] and not args.cos
         assert args.weight_decay == 0.025 and args.batch_size == 256
         assert args.holdout == 0 and args.epochs is None and args.pos_num == 0
-        assert args.crop_padding is None and distill.default_crop_padding(32) == 4
+        assert args.crop_padding is None and published.crop_padding(32) == 4
 
 
 def test_224px_scripts_pass_the_published_normalisation_and_32px_ones_none():
@@ -78,7 +79,7 @@ def test_parsers_refuse_abbreviations_and_take_deit_spellings(capsys):
                       "--weight-decay", "0.05"])
     assert (a.batch_size, a.workers, a.eval_only, a.output_dir, a.weight_decay) == (64, 3, "ck.pth", "o", 0.05)
     s = select_data.get_args_parser().parse_args(["--batch-size", "32", "--num-workers", "2"])
-    assert (s.batch_size, s.workers) == (32, 2)
+    assert (s.score_batch_size, s.workers) == (32, 2)      # the old spelling of --score_batch_size
     with pytest.raises(SystemExit):
         select_data.get_args_parser().parse_args(["--num_sel", "5"])
     t = train_teacher.get_args_parser().parse_args(["--dataset", "cifar10", "--data-path", "d", "--output", "t.pth",
@@ -89,19 +90,32 @@ def test_parsers_refuse_abbreviations_and_take_deit_spellings(capsys):
                                                     "--epoch", "3"])
 
 
-def test_defaults_without_flags_are_the_published_ones():
-    import models
+def test_defaults_without_flags_are_the_published_ones(tmp_path):
+    import torch
+    import settings
     a = distill.get_args_parser().parse_args([])
     # unset, they resolve to the published values (the teacher file's model name first, when it names one)
     assert (a.num_select, a.dataset, a.teacher) == (None, None, None)
-    assert select_data.num_select(a) == 600000 and distill.DEFAULT_DATASET == "cifar10"
-    assert models.DEFAULT_TEACHER == "deit_base_patch4_32_teacher"
     assert a.lr_S == 7.5e-4 and a.patchattn == 0.8 and a.schedule == [200, 300]
+    for folder in ("pool", "cifar"):
+        os.makedirs(tmp_path / folder)
+    (tmp_path / "t.pth").touch()   # the resolver checks that the files exist; nothing is read
+    paths = ["--data_imagenet", tmp_path / "pool", "--teacher_dir", tmp_path / "t.pth", "--selected_file",
+             tmp_path / "sel", "--data_cifar", tmp_path / "cifar", "--output_dir", tmp_path / "out"]
+    s = settings.resolve_settings(distill.get_args_parser().parse_args(map(str, paths)), torch.device("cpu"))
+    assert (s.select.num_select, s.dataset, s.select.teacher["name"]) == (600000, "cifar10", None)
+    assert published.TEACHER == "deit_base_patch4_32_teacher"      # what load_teacher falls back to
+    assert (s.loss.patchattn, s.loss.kd_loss, s.loss.pd_loss, s.loss.temperature) == (0.0, "plain", "cls_gram", 4)
+    assert (s.select.attnlier, s.select.outlier, s.select.probe_blocks, s.select.probe_head) == (0.05, 0.9, (3, 7), 0)
+    s = settings.resolve_settings(distill.get_args_parser().parse_args([*map(str, paths), "--attnprobe_dist"]),
+                                  torch.device("cpu"))
+    assert s.loss.patchattn == 0.8 and s.pd_blocks == ((3, 7, 11), (3, 7, 11))
 
 
 def _lr_plan(args, img_size):
     import engine
-    epochs, offset, _ = distill.epoch_plan(args, select_data.num_select(args), img_size)
+    import settings
+    epochs, offset, _ = settings.epoch_plan(args.epochs, args.num_select or published.NUM_SELECT, img_size)
     return [engine.lr_at(k + offset, args.lr_S, epochs + offset, args.schedule, args.cos) for k in range(epochs)]
 
 
@@ -118,7 +132,7 @@ def test_published_epoch_count_and_schedule():
     assert lrs[0] == pytest.approx(7.5e-4 * 0.5 * (1 + math.cos(math.pi / 252)))
     assert lrs[-1] == pytest.approx(7.5e-4 * 0.5 * (1 + math.cos(math.pi * 251 / 252)))
     # 224 px: int(640000 / num_select * 512) - 1 epochs
-    assert distill.epoch_plan(parse_script("training_imagenet.sh"), 1_000_000, 224)[0] == int(640000 / 1_000_000 * 512) - 1
+    assert len(_lr_plan(parse_script("training_imagenet.sh"), 224)) == int(640000 / 1_000_000 * 512) - 1
     # --epochs N (ignored by the published code): N epochs, lr from lr_S
     n = distill.get_args_parser().parse_args(["--epochs", "5", "--schedule", "2"])
     assert _lr_plan(n, 32) == [7.5e-4, 7.5e-4] + [pytest.approx(7.5e-5)] * 3
@@ -126,9 +140,10 @@ def test_published_epoch_count_and_schedule():
 
 def test_robust_weights_are_the_published_perturbation():
     import torch
-    w = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
-    a, b = distill.robust_class_weights(w, 0), distill.robust_class_weights(w, 0)
-    assert torch.equal(a, b) and not torch.equal(a, distill.robust_class_weights(w, 1))
+    from selection import robust_kd_weights
+    w = torch.tensor([0.5, 1.0, 1.5])
+    a, b = robust_kd_weights(w, 0), robust_kd_weights(w, 0)
+    assert torch.equal(a, b) and not torch.equal(a, robust_kd_weights(w, 1))
     assert ((a - w) >= 0).all() and ((a - w) < 0.1).all()
 
 
@@ -138,16 +153,17 @@ PUBLISHED_PARSER_FLAGS = ["num_select", "data_cifar", "data_imagenet", "teacher"
                           "dataset", "epochs", "output_dir", "selected_file", "schedule", "cos", "pos_num"]
 
 
-def test_readme_defaults_table_is_the_generated_one():
-    assert sorted(distill.PUBLISHED_FLAGS) == sorted(PUBLISHED_PARSER_FLAGS)
+def test_differences_page_holds_the_generated_table():
+    assert sorted(published.FLAGS) == sorted(PUBLISHED_PARSER_FLAGS)
     parser = distill.get_args_parser()
     for flag in PUBLISHED_PARSER_FLAGS:     # each published flag exists here under its published name
         assert any(f"--{flag}" in a.option_strings for a in parser._actions), flag
     readme = open(os.path.join(ROOT, "docs", "differences.md")).read()
-    start = readme.index("<!-- defaults-table: generated by distill.defaults_table() -->\n")
+    start = readme.index("<!-- defaults-table: generated by published.defaults_table(distill.get_args_parser()) -->\n")
     end = readme.index("\n<!-- /defaults-table -->")
     table = readme[start:end].split("\n", 1)[1]
-    assert table == distill.defaults_table(), "docs/differences.md's defaults table is stale: paste distill.defaults_table()"
+    assert table == published.defaults_table(parser), \
+        "docs/differences.md's defaults table is stale: paste published.defaults_table(distill.get_args_parser())"
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in table.splitlines()[2:]}
     assert rows["`--patchattn`"] == "0.8" and rows["`--num_select`"] == "600000" and rows["`--pos_num`"] == "0"
 

@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from utils import RunLock
+import checkpoint
+import distill
 import fixtures as fx
 import pool
+import safety
+import scoring
 import select_data
 import utils
+from safety import RunLock
 
 S, D = "select_data.py", "DFND_DeiT-train.py"
 fx.register_test_models()
@@ -275,7 +278,7 @@ def test_wild_pool_of_1000_scores_and_skips_exactly_the_broken(tmp_path, capsys)
     assert any("decompression bomb" in r for r in skipped.values())
     # one warning line per skipped image up to the cap, then one summary line
     warned = [line for line in err.splitlines() if line.startswith("warning: skipped ")]
-    assert len(warned) == select_data.WARN_SKIPPED_MAX
+    assert len(warned) == scoring.WARN_SKIPPED_MAX
     assert all(line.split()[2].rstrip(":") in skipped for line in warned)
     summary = [line for line in err.splitlines() if "unreadable image(s) skipped" in line]
     assert len(summary) == 1 and "25 unreadable" in summary[0] and "5 more not shown" in summary[0]
@@ -362,7 +365,7 @@ def test_scoring_sigterm_then_sigkill_resumes_to_identical_scores(tmp_path, caps
         return len(glob.glob(os.path.join(chunks, "chunk_*.pt")))
 
     # SIGTERM after the second chunk: a clean stop (exit 130, one message), finished chunks kept
-    fired = _signal_self_when(utils, "atomic_torch_save", monkeypatch, signal.SIGTERM,
+    fired = _signal_self_when(scoring, "atomic_torch_save", monkeypatch, signal.SIGTERM,
                               lambda obj, path: os.path.basename(path) == "chunk_000001.pt")
     capsys.readouterr()
     assert run(S, flags(sel)) == 130 and fired
@@ -402,9 +405,9 @@ def test_scoring_cut_off_while_writing_score_files_is_resumed_not_trusted(world,
     fingerprint = json.loads((sel / "scores_meta.json").read_text())
     os.unlink(sel / "scores_meta.json")
     os.makedirs(sel / ".score_chunks")
-    assert select_data.scores_ready(str(sel), fingerprint, force=False) is False
+    assert scoring.scores_ready(str(sel), fingerprint, force=False) is False
     os.rmdir(sel / ".score_chunks")
-    assert select_data.scores_ready(str(sel), fingerprint, force=False) is True  # published layout
+    assert scoring.scores_ready(str(sel), fingerprint, force=False) is True  # published layout
     assert "without a fingerprint" in capsys.readouterr().out
 
 
@@ -434,10 +437,10 @@ def test_training_sigkill_then_sigint_resumes_identically(tmp_path, capsys, monk
         fx.wait_for(last.exists, timeout=120, proc=p)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
-    k = engine.load_resume(last)["epoch"]
+    k = checkpoint.load_resume(last)["epoch"]
     assert k < epochs - 1, "the child finished before it could be killed"
     # SIGINT in the middle of the next epoch (after its first step): exit 130, last.pth untouched
-    fired = _signal_self_when(engine, "distill_losses", monkeypatch, signal.SIGINT, lambda *a, **kw: True)
+    fired = _signal_self_when(distill, "distill_step", monkeypatch, signal.SIGINT, lambda *a, **kw: True)
     before = fx.snapshot(out / "student")
     capsys.readouterr()
     assert run(D, flags(out)) == 130 and fired
@@ -458,7 +461,7 @@ def test_training_sigkill_then_sigint_resumes_identically(tmp_path, capsys, monk
                 continue
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["epoch"], key)
     assert got_final["final_acc1"] == ref_final["final_acc1"]
-    a, b = engine.load_resume(last)["model"], engine.load_resume(tmp_path / "ref" / "student" / "last.pth")["model"]
+    a, b = checkpoint.load_resume(last)["model"], checkpoint.load_resume(tmp_path / "ref" / "student" / "last.pth")["model"]
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in b)
     assert not [n for n in os.listdir(out / "student") if n.startswith(".tmp-")]
 
@@ -483,7 +486,7 @@ def test_run_lock_refuses_a_second_run_and_nests_in_one(tmp_path):
 
 def test_atomic_save_interrupted_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    utils.atomic_torch_save({"epoch": 1}, path)
+    safety.atomic_torch_save({"epoch": 1}, path)
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask   # not mkstemp's 0600: caches are shared
@@ -493,7 +496,7 @@ def test_atomic_save_interrupted_leaves_old_file_and_no_temp(tmp_path, monkeypat
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_torch_save({"epoch": 2}, path)
+        safety.atomic_torch_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pth"]
@@ -508,7 +511,7 @@ def test_code_pickles_never_run(tmp_path):
         with pytest.raises(utils.InputError, match="refused"):
             models.read_checkpoint(evil)
         with pytest.raises(utils.InputError, match="refused"):
-            engine.load_resume(evil)
+            checkpoint.load_resume(evil)
         with pytest.raises(utils.InputError):
-            select_data.load_score_file(evil)
+            scoring.load_score_file(evil)
     assert not (tmp_path / "marker").exists()

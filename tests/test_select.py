@@ -11,6 +11,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import select_data
+import selection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -131,14 +132,14 @@ def test_per_class_balanced_selection():
     pred = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0])
     usable = torch.ones(8, dtype=torch.bool)
     # best 1 per class -> 0 (class 0), 4 (class 1), 6 (class 2); then fill from the global order: 1
-    got = select_data.select_indices(value, usable, 4, pred, per_class=1)
+    got = selection.select_indices(value, usable, 4, pred, per_class=1)
     assert got.tolist() == [0, 1, 4, 6]
     # a class running short is filled from the global order
-    got = select_data.select_indices(value, usable, 6, pred, per_class=2)
+    got = selection.select_indices(value, usable, 6, pred, per_class=2)
     assert sorted(got.tolist()) == [0, 1, 2, 4, 5, 6]
     # skipped images are never chosen
     usable[0] = False
-    assert 0 not in select_data.select_indices(value, usable, 7, pred).tolist()
+    assert 0 not in selection.select_indices(value, usable, 7, pred).tolist()
 
 
 def test_fingerprint_mismatch_is_refused(scored, tmp_path):
@@ -252,5 +253,5 @@ def test_balanced_selection_is_silent(scored, tmp_path):
     out, sel = _select_with_scores(scored, tmp_path / "sel", pred, list(range(n)), "--num_select", "10")
     assert "warning:" not in out and sel["collapsed_classes"] == []
     # the threshold is a tenth of an even share: 20 kept of 10 classes (2 each), a class with 0 is lost
-    assert select_data.class_collapse(torch.tensor([0] * 4 + [1, 2, 3, 4, 5, 6, 7, 8] * 2), 10) == [(9, 0)]
-    assert select_data.class_collapse(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2), 10) == []
+    assert selection.class_collapse(torch.tensor([0] * 4 + [1, 2, 3, 4, 5, 6, 7, 8] * 2), 10) == [(9, 0)]
+    assert selection.class_collapse(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2), 10) == []

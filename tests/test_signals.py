@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+import data
 import distill
 import pool
 import reference
+import scoring
 import select_data
+import selection
 import signals
 from attention_probe import probe_forward
 from utils import InputError
@@ -123,7 +126,7 @@ def test_zscore_combination():
     cols = {"a": torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64),
             "b": torch.tensor([4.0, 0.0, 2.0, 2.0], dtype=torch.float64)}
     usable = torch.tensor([True, True, True, False])
-    value = signals.combine(cols, [("a", +1), ("b", -1)], usable)
+    value = selection.combine(cols, [("a", +1), ("b", -1)], usable)
     a, b = np.array([1.0, 2.0, 3.0]), np.array([4.0, 0.0, 2.0])
     want = (a - a.mean()) / a.std(ddof=1) - (b - b.mean()) / b.std(ddof=1)
     assert np.allclose(value[:3].numpy(), want) and value[3].item() == float("inf")
@@ -152,9 +155,9 @@ def _reference_scores(tmp):
     teacher = timm.create_model(MICRO, num_classes=4)
     teacher.load_state_dict(torch.load(tmp / "teacher.pth", weights_only=True)["model"])
     teacher.eval()
-    mean, std = select_data.data.resolve_mean_std(None, None, 3)
-    plain = select_data.score_images(teacher, images, mean, std, [3, 7], 0, extras=False)
-    extra = select_data.score_images(teacher, images, mean, std, [3, 7], 0, extras=True, flip=True)
+    mean, std = data.resolve_mean_std(None, None, 3)
+    plain = scoring.score_images(teacher, images, mean, std, [3, 7], 0, extras=False)
+    extra = scoring.score_images(teacher, images, mean, std, [3, 7], 0, extras=True, flip=True)
     return plain, extra
 
 
@@ -206,7 +209,7 @@ def test_rule_selects_by_its_signals(scored):
     sel = torch.load(tmp / "sel" / "selection.pt", weights_only=True)
     knn = torch.load(tmp / "sel" / "sig_knn.pth", weights_only=True).double()
     pred = torch.load(tmp / "sel" / "pred_out.pth", weights_only=True)
-    want = select_data.select_indices(knn, torch.ones(30, dtype=torch.bool), 8, pred, per_class=1)
+    want = selection.select_indices(knn, torch.ones(30, dtype=torch.bool), 8, pred, per_class=1)
     assert torch.equal(sel["indices"], want)
     assert os.path.getmtime(tmp / "sel" / "value_out.pth") == before     # no rescoring
 
@@ -220,8 +223,8 @@ def test_default_pass_stores_no_signals_and_a_rule_adds_them(scored, tmp_path, c
     for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):   # the same numbers as with the signals
         assert torch.equal(torch.load(sel / f"{key}.pth", weights_only=True),
                            torch.load(tmp / "sel" / f"{key}.pth", weights_only=True)), key
-    value = select_data.combined_value(select_data.load_scores(str(sel), [3, 7]), True)
-    want = select_data.select_indices(value, torch.ones(30, dtype=torch.bool), 8)
+    value = selection.combined_value(scoring.load_scores(str(sel), [3, 7]), True)
+    want = selection.select_indices(value, torch.ones(30, dtype=torch.bool), 8)
     assert torch.equal(torch.load(sel / "selection.pt", weights_only=True)["indices"], want)
     capsys.readouterr()
     # a rule whose signals were not stored: one extra pass stores them, the published files unchanged
@@ -241,13 +244,39 @@ def test_default_pass_stores_no_signals_and_a_rule_adds_them(scored, tmp_path, c
 def test_missing_signal_file_is_one_error(scored, capsys):
     tmp, _ = scored
     with pytest.raises(InputError, match="sig_nope.pth is missing.*--store_signals --force"):
-        select_data.load_signals(str(tmp / "sel"), ["nope"])
+        scoring.load_signals(str(tmp / "sel"), ["nope"])
+
+
+def test_a_rule_that_reads_what_is_stored_never_rescores(scored, tmp_path, monkeypatch):
+    """--rule confidence reads value_out.pth, --rule entropy the stored softmax (probs_out.npy): neither needs
+    a signal, so neither runs the teacher again nor stores signals."""
+    tmp, common = scored
+    args = [a if a != tmp / "sel" else tmp_path / "sel" for a in common]
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8") == 0   # the published files alone
+    sel = tmp_path / "sel"
+
+    def no_pass(*a, **k):
+        raise AssertionError("the rule rescored the pool")
+    monkeypatch.setattr(scoring, "score_pool", no_pass)
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--rule", "confidence") == 0
+    value = torch.load(sel / "value_out.pth", weights_only=True).double()
+    got = torch.load(sel / "selection.pt", weights_only=True)
+    assert got["indices"].tolist() == torch.argsort(value, stable=True)[:8].tolist()
+    assert run_script_inprocess("select_data.py", *args, "--num_select", "8", "--rule", "entropy") == 0
+    p = np.load(sel / "probs_out.npy").astype(np.float64)
+    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+    got = torch.load(sel / "selection.pt", weights_only=True)
+    assert got["indices"].tolist() == np.argsort(entropy, kind="stable")[:8].tolist()
+    assert got["rule"] == "signal rule entropy" and not list(sel.glob("sig_*.pth"))
+    assert selection.rule_needs("entropy") == ["probs"] and selection.rule_needs("knn") == ["knn"]
+    assert selection.rule_needs("flatprobe+tok_norm_b2") == ["tok_norm", "value_blk"]
 
 
 def test_distillation_takes_the_rule():
+    import checkpoint
     args = distill.get_args_parser().parse_args(["--rule", "confidence+feat_norm"])
     assert args.rule == "confidence+feat_norm"
-    assert "rule" not in distill.RESUME_IGNORES       # a resume with another rule is refused
+    assert "rule" not in checkpoint.RESUME_IGNORES       # a resume with another rule is refused
 
 
 # ---- signal_study: the pre-registered choice ---------------------------------------------------------
@@ -268,7 +297,7 @@ def test_study_fixes_signs_on_the_selection_pool_and_prefers_fewer_terms():
     assert picked["best_block_norm"] == "tok_norm_b1"
     usable = torch.ones(400, dtype=torch.bool)
     source = np.where(relevant, "in", "other")
-    res = {st.rule_name(t): st.evaluate(signals.combine(cols, t, usable), usable, relevant, source) for t in cands}
+    res = {st.rule_name(t): st.evaluate(selection.combine(cols, t, usable), usable, relevant, source) for t in cands}
     res["published"] = res["value_out"]
     chosen = st.choose({st.SELECTION_POOL: {st.SELECTION_SEED: res}}, cands)
     best = max(res[st.rule_name(t)]["auroc"] for t in cands if "flip_kl" not in st.rule_name(t))

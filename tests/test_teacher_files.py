@@ -209,11 +209,11 @@ def test_hf_hub_teacher_loads_through_timm_offline(tmp_path):
     assert "4 classes, 3x32px" in r.stdout and "the model's pretrained config" in r.stdout
     # the scores are those of the very weights written into the cache, normalised as its config says
     import pool
-    import select_data
+    import scoring
     cfg = made.pretrained_cfg
     ds = pool.PoolDataset(pool.list_pool(str(tmp_path / "pool")), 32, 3)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    want = select_data.score_images(made.eval(), images, cfg["mean"], cfg["std"], [3, 7], 0)
+    want = scoring.score_images(made.eval(), images, cfg["mean"], cfg["std"], [3, 7], 0)
     assert torch.equal(torch.load(tmp_path / "sel" / "value_out.pth", weights_only=True), want["value_out"])
     # nothing cached under that name: one error line naming the flag, exit 2
     r = fx.run_script("select_data.py", *[a if a != "hf-hub:timm/tiny_vit_test.hub" else "hf-hub:timm/absent"

@@ -24,7 +24,8 @@ import benchmark  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import pool  # noqa: E402
-import select_data  # noqa: E402
+import scoring  # noqa: E402
+from selection import combined_value, select_indices  # noqa: E402
 
 SIZES = ((500, 375), (375, 500), (640, 480), (333, 500), (800, 600), (64, 64), (250, 188))
 
@@ -49,11 +50,11 @@ def best_rates(blobs, size, reps):
 
 def selection(teacher, images, num_select, mean, std, batch=256):
     blocks = (3, 7)
-    parts = [select_data.score_images(teacher, torch.from_numpy(images[a:a + batch]).permute(0, 3, 1, 2), mean, std,
-                                      blocks, 0) for a in range(0, len(images), batch)]
+    parts = [scoring.score_images(teacher, torch.from_numpy(images[a:a + batch]).permute(0, 3, 1, 2), mean, std,
+                                  blocks, 0) for a in range(0, len(images), batch)]
     scores = {k: torch.cat([p[k] for p in parts]) for k in ("value_out", "value_blk3", "value_blk7")}
-    value = select_data.combined_value(scores, True, 0.05, 0.9, blocks)
-    return set(select_data.select_indices(value, torch.ones(len(value), dtype=torch.bool), num_select).tolist())
+    value = combined_value(scores, True, 0.05, 0.9, blocks)
+    return set(select_indices(value, torch.ones(len(value), dtype=torch.bool), num_select).tolist())
 
 
 def main(args):

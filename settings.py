@@ -1,0 +1,259 @@
+"""The flags of both stages checked and resolved once, before any work: SelectSettings (stage 1,
+select_data.py), Settings (stage 2, DFND_DeiT-train.py) and the Plan that the teacher, the selection and a
+resumed checkpoint add. The functions of the method take these values, never the parsed `args`.
+
+    s = resolve_settings(args, device)            # s.select: the stage-1 settings
+    plan = plan_run(s, teacher, num_selected, test_classes, saved_args, world)
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+import data
+import models
+import pool
+import published
+import scoring
+import signals
+from attention_probe import FEATURE_BLOCKS
+from checkpoint import RunFolder
+from losses import LossConfig
+from safety import check_writable
+from selection import rule_needs
+from utils import InputError, amp_dtype
+
+
+# ---- stage 1 ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelectSettings:
+    """Stage 1 as the flags ask for it, resolved and checked once; `args` stays as the user gave it."""
+    pool: list                # --data_imagenet, brace ranges expanded (pool-{000000..000009}.tar)
+    folder: str               # --selected_file: scores and the selection (None with --selection_file alone)
+    num_select: int           # --num_select, else the published default
+    num_select_given: bool
+    rule: str                 # "published" or a key of selection.RULES
+    attnprobe: bool           # --attnprobe_sel
+    attnlier: float
+    outlier: float
+    per_class: int            # None: not class-balanced
+    random: bool
+    seed: int
+    probe_blocks: tuple       # sorted
+    probe_head: int
+    store_signals: bool
+    flip_signal: bool
+    cache_dir: str            # None: the default place (or none, with no_cache)
+    no_cache: bool
+    fast_decode: bool
+    batch_size: int           # scoring batch
+    chunk_size: int
+    force: bool
+    workers: int
+    compile: bool
+    amp: torch.dtype          # None: fp32
+    teacher: dict             # models.load_teacher's arguments
+
+    def rule_signals(self):
+        """The extra signals (signals.SIGNALS) the rule reads: they must be stored."""
+        return [] if self.rule == "published" else [a for a in rule_needs(self.rule) if a in signals.SIGNALS]
+
+
+def resolve_select_settings(args, device):
+    """Check the selection flags before any work (--selected_file is created) -> SelectSettings."""
+    if not args.data_imagenet:
+        raise InputError("--data_imagenet (the wild pool) is required")
+    if not args.teacher_dir:
+        raise InputError("--teacher_dir (the teacher checkpoint) is required")
+    if not args.selected_file and not getattr(args, "selection_file", None):
+        raise InputError("--selected_file (folder for scores and the selection) is required")
+    for flag, value in (("--num_select", args.num_select), ("--per_class", args.per_class)):
+        if value is not None and value <= 0:
+            raise InputError(f"{flag} must be positive, got {value}")
+    if args.random and args.attnprobe_sel:
+        raise InputError("--random and --attnprobe_sel exclude each other")
+    if args.random and args.rule != "published":
+        raise InputError(f"--random and --rule {args.rule} exclude each other")
+    if args.selected_file and os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
+        raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
+    paths = [p for arg in args.data_imagenet for p in pool.expand_braces(arg)]
+    for path in paths:
+        if not os.path.exists(path):
+            raise InputError(f"--data_imagenet {path}: no such file or folder")
+    if not os.path.isfile(args.teacher_dir) and not models.is_pretrained(args.teacher_dir):
+        raise InputError(f"--teacher_dir {args.teacher_dir}: no such file (nor hf-hub:org/name or a timm "
+                         "pretrained tag)")
+    if args.selected_file and not scoring.read_only(args.selected_file):
+        check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
+    return SelectSettings(
+        pool=paths, folder=args.selected_file,
+        num_select=published.NUM_SELECT if args.num_select is None else args.num_select,
+        num_select_given=args.num_select is not None, rule=args.rule, attnprobe=args.attnprobe_sel,
+        attnlier=args.attnlier, outlier=args.outlier, per_class=args.per_class, random=args.random, seed=args.seed,
+        probe_blocks=tuple(sorted(args.probe_blocks)), probe_head=args.probe_head, store_signals=args.store_signals,
+        flip_signal=args.flip_signal, cache_dir=args.cache_dir, no_cache=args.no_cache, fast_decode=args.fast_decode,
+        batch_size=args.score_batch_size, chunk_size=args.chunk_size, force=args.force, workers=args.workers,
+        compile=args.compile, amp=amp_dtype(args.amp, device),
+        teacher=dict(name=args.teacher, num_classes=args.nb_classes, path=args.teacher_dir, mean=args.mean,
+                     std=args.std, img_size=args.img_size, ema=args.teacher_ema))
+
+
+# ---- stage 2 ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Stage 2 as the flags ask for it, checked and resolved once; `args` stays as the user gave it."""
+    flags: dict               # vars(args), as given: args.json and the resume checks start from it
+    select: object            # select_data.SelectSettings (None with --eval_only)
+    data_root: str            # --data_cifar: the test set, and the train set of --pos_num
+    dataset: str              # --dataset, else the published default (with --eval_only: None = the checkpoint's)
+    output_dir: str
+    resume: str               # the last.pth to resume from, or None
+    selection_file: str
+    student: str              # --student (None: the tiny DeiT at the teacher's size)
+    lr: float                 # --lr_S
+    weight_decay: float
+    batch_size: int           # global
+    epochs: int               # --epochs (None: the published formula)
+    schedule: list
+    cos: bool
+    loss: LossConfig          # kd + na + patchattn · pd, each term's variant by name
+    pd_blocks: tuple          # (teacher blocks, student blocks) of PD; ((), ()) without --attnprobe_dist
+    teacher_acc: float        # --teacher_acc (None: the teacher file's, else the published constant)
+    pos_num: int
+    holdout: float
+    eval_every: int
+    crop_padding: int         # None: published.crop_padding of the input size
+    compile: bool
+    cuda_graphs: bool
+    log_every: int
+    seed: int
+    workers: int
+    amp: torch.dtype          # None: fp32
+    eval_only: str            # a student checkpoint to test, and with it: --nb_classes, --img_size, --mean, --std
+    model_flags: dict
+
+
+def resolve_settings(args, device):
+    """Check the flags before any work (--output_dir is not created here, --selected_file is) -> Settings."""
+    if not args.data_cifar:
+        raise InputError("--data_cifar (the original dataset root, for the test set) is required"
+                         if not args.eval_only else "--eval_only needs --data_cifar (the test set)")
+    if not os.path.isdir(args.data_cifar):
+        raise InputError(f"--data_cifar {args.data_cifar}: no such folder")
+    if args.eval_only and not os.path.isfile(args.eval_only):
+        raise InputError(f"--eval_only {args.eval_only}: no such file")
+    if not args.eval_only:
+        if not args.output_dir:
+            raise InputError("--output_dir is required")
+        if args.epochs is not None and args.epochs <= 0:
+            raise InputError(f"--epochs must be positive, got {args.epochs}")
+        if not 0 <= args.holdout < 0.5:
+            raise InputError(f"--holdout must be in [0, 0.5), got {args.holdout}")
+        if args.batch_size <= 0:
+            raise InputError(f"--batch_size must be positive, got {args.batch_size}")
+    resume = None if args.eval_only else RunFolder(args.output_dir).resume_point(args.resume)
+    loss = LossConfig(kd_loss="robust" if args.robust else "plain", pd_loss=args.pd_loss,
+                      patchattn=args.patchattn if args.attnprobe_dist else 0.0)
+    pd_blocks = ((tuple(args.pd_teacher_blocks or FEATURE_BLOCKS), tuple(args.pd_student_blocks or FEATURE_BLOCKS))
+                 if args.attnprobe_dist else ((), ()))
+    return Settings(
+        flags=dict(vars(args)), select=None if args.eval_only else resolve_select_settings(args, device),
+        data_root=args.data_cifar, dataset=args.dataset or (None if args.eval_only else published.DATASET),
+        output_dir=args.output_dir, resume=resume, selection_file=args.selection_file, student=args.student,
+        lr=args.lr_S, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
+        schedule=args.schedule, cos=args.cos, loss=loss, pd_blocks=pd_blocks, teacher_acc=args.teacher_acc,
+        pos_num=args.pos_num, holdout=args.holdout, eval_every=args.eval_every, crop_padding=args.crop_padding,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, log_every=args.log_every, seed=args.seed,
+        workers=args.workers, amp=amp_dtype(args.amp, device), eval_only=args.eval_only,
+        model_flags=dict(nb_classes=args.nb_classes, img_size=args.img_size, mean=args.mean, std=args.std))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the teacher, the selection and a resumed checkpoint decide beyond the flags."""
+    student: str
+    num_selected: int         # the images selected (--num_select, or the size of --selection_file)
+    epochs: int
+    # the published loop numbers its epochs from 1: epoch k (0-based here) trains at the lr of epoch
+    # k + lr_offset of epochs + lr_offset (1 for the published formula, 0 with --epochs)
+    lr_offset: int
+    epochs_from: str          # "the published formula" or "--epochs"
+    teacher_acc: float        # the noise-adaptation diagonal
+    teacher_acc_from: str
+    padding: int              # random-crop padding
+
+    def record(self, s, teacher):
+        """args.json and the checkpoints' args: the flags with every resolved value in place (what resumes
+        compare); epochs_resolved, lr_offset, teacher_acc_resolved are this plan's."""
+        return {**s.flags, "teacher": teacher.name, "nb_classes": teacher.num_classes, "mean": list(teacher.mean),
+                "std": list(teacher.std), "dataset": s.dataset, "student": self.student,
+                "num_select": self.num_selected, "epochs_resolved": self.epochs, "lr_offset": self.lr_offset,
+                "teacher_acc_resolved": self.teacher_acc}
+
+
+def plan_run(s, teacher, num_selected, test_classes, saved, world):
+    """-> Plan; refuses what cannot run. saved: a resumed checkpoint's args (its lr offset is kept)."""
+    if test_classes > teacher.num_classes:
+        raise InputError(f"the test set at {s.data_root} has {test_classes} classes but the teacher "
+                         f"has {teacher.num_classes}")
+    n_train = num_selected - data.holdout_size(num_selected, s.holdout)
+    if s.pos_num == 0 and n_train < world:   # a rank without an image: 0 steps per epoch, epoch after epoch
+        raise InputError(f"{n_train} training image(s) ({num_selected} selected, {num_selected - n_train} held out) "
+                         f"cannot give each of {world} processes a batch: select more images (--num_select) or "
+                         "run fewer processes")
+    acc, acc_from = resolve_teacher_acc(s.teacher_acc, teacher, s.dataset)
+    epochs, offset, epochs_from = epoch_plan(s.epochs, num_selected, teacher.img_size, saved)
+    padding = s.crop_padding if s.crop_padding is not None else published.crop_padding(teacher.img_size)
+    return Plan(s.student or models.default_student(teacher.img_size), num_selected, epochs, offset, epochs_from, acc,
+                acc_from, padding)
+
+
+def epoch_plan(epochs_flag, num_selected, img_size, saved=None):
+    """-> (epochs to train, lr offset, where the count comes from). Without --epochs: the published loop,
+    E - 1 epochs with the lr evaluated at e = 1 .. E - 1 over E (650,000 selected: 251 epochs, 199 at lr_S and
+    52 at 0.1 lr_S); refused above published.MAX_FORMULA_EPOCHS, which the formula gives for selections far
+    smaller than it was made for. With --epochs N (the published code ignored it): N epochs, lr at 0 .. N - 1
+    over N. A resumed run keeps its offset."""
+    offset = saved["lr_offset"] if saved is not None and "lr_offset" in saved else (0 if epochs_flag else 1)
+    if epochs_flag:
+        return epochs_flag, offset, "--epochs"
+    epochs = published.epochs(num_selected, img_size) - 1
+    if epochs > published.MAX_FORMULA_EPOCHS:
+        raise InputError(f"the published epoch formula int({published.epochs_numerator(img_size)} / num_select * 512) "
+                         f"gives {epochs:,} epochs for {num_selected:,} selected images (it was made for hundreds of "
+                         "thousands: 650,000 give 251); pass --epochs N")
+    return epochs, offset, "the published formula"
+
+
+def resolve_teacher_acc(flag, teacher, dataset):
+    """-> (noise-adaptation diagonal, where it comes from): --teacher_acc, else the teacher file's accuracy,
+    else the published constant of `dataset`; a dataset the published code has none for needs one of the first two."""
+    if flag is not None:
+        return flag, "--teacher_acc"
+    if teacher.accuracy is not None:
+        return teacher.accuracy, teacher.accuracy_source or "the teacher file"
+    if dataset in published.TEACHER_ACC:
+        return published.TEACHER_ACC[dataset], f"the published constant for {dataset}"
+    raise InputError(f"--dataset {dataset} has no published noise-adaptation constant (only "
+                     + ", ".join(published.TEACHER_ACC) + ") and the teacher file records no accuracy: pass "
+                     "--teacher_acc, the teacher's top-1 test accuracy as a fraction (e.g. 0.91)")
+
+
+def check_student(student, name, teacher, pd_blocks):
+    """Refuse a student that cannot learn from this teacher: another input, or PD blocks it lacks."""
+    if models.input_spec(student) != (teacher.in_chans, teacher.img_size):
+        raise InputError(f"--student {name} takes {models.input_spec(student)} (channels, size) "
+                         f"but the teacher takes {(teacher.in_chans, teacher.img_size)}")
+    t_blocks, s_blocks = pd_blocks
+    if len(t_blocks) != len(s_blocks):
+        raise InputError("--pd_teacher_blocks and --pd_student_blocks must name as many blocks")
+    for who, model, blocks in (("teacher", teacher.model, t_blocks), ("student", student, s_blocks)):
+        if blocks and max(blocks) >= len(model.blocks):
+            raise InputError(f"the {who} has {len(model.blocks)} blocks: probe distillation of block "
+                             f"{max(blocks)} is impossible (set --pd_{who}_blocks)")
+    tokens = [m.patch_embed.num_patches + m.num_prefix_tokens for m in (teacher.model, student)]
+    if t_blocks and tokens[0] != tokens[1]:
+        raise InputError(f"teacher and student differ in token count ({tokens[0]} vs {tokens[1]}): "
+                         "probe distillation needs the same patch grid")
