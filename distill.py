@@ -33,7 +33,7 @@ from checkpoint import RunFolder
 from data import DATASETS
 from losses import TERMS, NoiseAdaptation
 from safety import atomic_torch_save, check_writable, on_rank0, run_lock
-from selection import labelled_class_mass, robust_kd_weights, weights_from_mass
+from selection import labelled_class_mass, robust_kd_weights
 from settings import check_student, plan_run, resolve_settings
 from utils import git_sha, init_distributed, rank_world, resolve_device, system_parser
 
@@ -273,14 +273,12 @@ def make_student(s, plan, teacher, model, device, ckpt, run):
 
 
 def kd_class_weights(s, selection, teacher, labelled, device):
-    """The class weights of robust KD: the selection's class mass (with the --pos_num images' added, as the
-    published 224-px script counted them), weights_from_mass, then the published perturbation."""
-    weights = selection.class_weights
+    """The class weights of robust KD, from the selection's class mass with the --pos_num images' added (as
+    the published 224-px script counted them), perturbed as published."""
+    mass, kind = selection.class_mass
     if labelled is not None and len(labelled):
-        mass, kind = selection.class_mass
-        extra = labelled_class_mass(teacher, labelled, kind, device, s.amp, s.workers)
-        weights = weights_from_mass(mass + extra, kind)
-    weights = robust_kd_weights(weights, s.seed)
+        mass = mass + labelled_class_mass(teacher, labelled, kind, device, s.amp, s.workers)
+    weights = robust_kd_weights(mass, kind, s.seed)
     say("robust KD class weights (selection's" + (" and the labelled images'" if labelled is not None else "")
         + ", + U[0, 0.1) per class as published): " + " ".join(f"{w:.4f}" for w in weights[:20].tolist())
         + (" ..." if len(weights) > 20 else ""))

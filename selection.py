@@ -141,11 +141,11 @@ def weights_from_mass(mass, kind):
     return (weights / weights.sum() * len(mass)).float()
 
 
-def robust_kd_weights(class_weights, seed):
-    """The weights --robust's KD uses: `class_weights` + U[0, 0.1) per class, drawn once from `seed` (the
+def robust_kd_weights(mass, kind, seed):
+    """The weights --robust's KD uses: weights_from_mass + U[0, 0.1) per class, drawn once from `seed` (the
     published `perturb`; the published training used the perturbed copy). -> (C,) float"""
     g = torch.Generator().manual_seed(seed + 11)
-    w = class_weights.double()
+    w = weights_from_mass(mass, kind).double()
     return (w + published.CLASS_WEIGHT_NOISE * torch.rand(len(w), generator=g, dtype=torch.float64)).float()
 
 

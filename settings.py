@@ -3,7 +3,7 @@ select_data.py), Settings (stage 2, DFND_DeiT-train.py) and the Plan that the te
 resumed checkpoint add. The functions of the method take these values, never the parsed `args`.
 
     s = resolve_settings(args, device)            # s.select: the stage-1 settings
-    plan = plan_run(s, teacher, num_selected, test_classes, saved_args, world)
+    plan = plan_run(s, teacher, selection_size, test_classes, saved_args, world)
 """
 import os
 from dataclasses import dataclass
@@ -60,13 +60,14 @@ class SelectSettings:
         return [] if self.rule == "published" else [a for a in rule_needs(self.rule) if a in signals.SIGNALS]
 
 
-def resolve_select_settings(args, device):
-    """Check the selection flags before any work (--selected_file is created) -> SelectSettings."""
+def resolve_select_settings(args, device, selection_file=None):
+    """Check the selection flags before any work (--selected_file is created) -> SelectSettings.
+    selection_file: DFND_DeiT-train.py's --selection_file, which makes --selected_file optional."""
     if not args.data_imagenet:
         raise InputError("--data_imagenet (the wild pool) is required")
     if not args.teacher_dir:
         raise InputError("--teacher_dir (the teacher checkpoint) is required")
-    if not args.selected_file and not getattr(args, "selection_file", None):
+    if not args.selected_file and not selection_file:
         raise InputError("--selected_file (folder for scores and the selection) is required")
     for flag, value in (("--num_select", args.num_select), ("--per_class", args.per_class)):
         if value is not None and value <= 0:
@@ -159,7 +160,7 @@ def resolve_settings(args, device):
     pd_blocks = ((tuple(args.pd_teacher_blocks or FEATURE_BLOCKS), tuple(args.pd_student_blocks or FEATURE_BLOCKS))
                  if args.attnprobe_dist else ((), ()))
     return Settings(
-        flags=dict(vars(args)), select=None if args.eval_only else resolve_select_settings(args, device),
+        flags=dict(vars(args)), select=None if args.eval_only else resolve_select_settings(args, device, args.selection_file),
         data_root=args.data_cifar, dataset=args.dataset or (None if args.eval_only else published.DATASET),
         output_dir=args.output_dir, resume=resume, selection_file=args.selection_file, student=args.student,
         lr=args.lr_S, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
@@ -174,7 +175,7 @@ def resolve_settings(args, device):
 class Plan:
     """What the teacher, the selection and a resumed checkpoint decide beyond the flags."""
     student: str
-    num_selected: int         # the images selected (--num_select, or the size of --selection_file)
+    selection_size: int       # the images selected (--num_select, or the size of --selection_file)
     epochs: int
     # the published loop numbers its epochs from 1: epoch k (0-based here) trains at the lr of epoch
     # k + lr_offset of epochs + lr_offset (1 for the published formula, 0 with --epochs)
@@ -189,28 +190,28 @@ class Plan:
         compare); epochs_resolved, lr_offset, teacher_acc_resolved are this plan's."""
         return {**s.flags, "teacher": teacher.name, "nb_classes": teacher.num_classes, "mean": list(teacher.mean),
                 "std": list(teacher.std), "dataset": s.dataset, "student": self.student,
-                "num_select": self.num_selected, "epochs_resolved": self.epochs, "lr_offset": self.lr_offset,
+                "num_select": self.selection_size, "epochs_resolved": self.epochs, "lr_offset": self.lr_offset,
                 "teacher_acc_resolved": self.teacher_acc}
 
 
-def plan_run(s, teacher, num_selected, test_classes, saved, world):
+def plan_run(s, teacher, selection_size, test_classes, saved, world):
     """-> Plan; refuses what cannot run. saved: a resumed checkpoint's args (its lr offset is kept)."""
     if test_classes > teacher.num_classes:
         raise InputError(f"the test set at {s.data_root} has {test_classes} classes but the teacher "
                          f"has {teacher.num_classes}")
-    n_train = num_selected - data.holdout_size(num_selected, s.holdout)
+    n_train = selection_size - data.holdout_size(selection_size, s.holdout)
     if s.pos_num == 0 and n_train < world:   # a rank without an image: 0 steps per epoch, epoch after epoch
-        raise InputError(f"{n_train} training image(s) ({num_selected} selected, {num_selected - n_train} held out) "
+        raise InputError(f"{n_train} training image(s) ({selection_size} selected, {selection_size - n_train} held out) "
                          f"cannot give each of {world} processes a batch: select more images (--num_select) or "
                          "run fewer processes")
     acc, acc_from = resolve_teacher_acc(s.teacher_acc, teacher, s.dataset)
-    epochs, offset, epochs_from = epoch_plan(s.epochs, num_selected, teacher.img_size, saved)
+    epochs, offset, epochs_from = epoch_plan(s.epochs, selection_size, teacher.img_size, saved)
     padding = s.crop_padding if s.crop_padding is not None else published.crop_padding(teacher.img_size)
-    return Plan(s.student or models.default_student(teacher.img_size), num_selected, epochs, offset, epochs_from, acc,
-                acc_from, padding)
+    return Plan(s.student or models.default_student(teacher.img_size), selection_size, epochs, offset, epochs_from,
+                acc, acc_from, padding)
 
 
-def epoch_plan(epochs_flag, num_selected, img_size, saved=None):
+def epoch_plan(epochs_flag, selection_size, img_size, saved=None):
     """-> (epochs to train, lr offset, where the count comes from). Without --epochs: the published loop,
     E - 1 epochs with the lr evaluated at e = 1 .. E - 1 over E (650,000 selected: 251 epochs, 199 at lr_S and
     52 at 0.1 lr_S); refused above published.MAX_FORMULA_EPOCHS, which the formula gives for selections far
@@ -219,10 +220,10 @@ def epoch_plan(epochs_flag, num_selected, img_size, saved=None):
     offset = saved["lr_offset"] if saved is not None and "lr_offset" in saved else (0 if epochs_flag else 1)
     if epochs_flag:
         return epochs_flag, offset, "--epochs"
-    epochs = published.epochs(num_selected, img_size) - 1
+    epochs = published.epochs(selection_size, img_size) - 1
     if epochs > published.MAX_FORMULA_EPOCHS:
         raise InputError(f"the published epoch formula int({published.epochs_numerator(img_size)} / num_select * 512) "
-                         f"gives {epochs:,} epochs for {num_selected:,} selected images (it was made for hundreds of "
+                         f"gives {epochs:,} epochs for {selection_size:,} selected images (it was made for hundreds of "
                          "thousands: 650,000 give 251); pass --epochs N")
     return epochs, offset, "the published formula"
 

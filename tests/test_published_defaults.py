@@ -140,10 +140,11 @@ def test_published_epoch_count_and_schedule():
 
 def test_robust_weights_are_the_published_perturbation():
     import torch
-    from selection import robust_kd_weights
-    w = torch.tensor([0.5, 1.0, 1.5])
-    a, b = robust_kd_weights(w, 0), robust_kd_weights(w, 0)
-    assert torch.equal(a, b) and not torch.equal(a, robust_kd_weights(w, 1))
+    from selection import robust_kd_weights, weights_from_mass
+    mass = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    a, b = robust_kd_weights(mass, "softmax", 0), robust_kd_weights(mass, "softmax", 0)
+    assert torch.equal(a, b) and not torch.equal(a, robust_kd_weights(mass, "softmax", 1))
+    w = weights_from_mass(mass, "softmax")
     assert ((a - w) >= 0).all() and ((a - w) < 0.1).all()
 
 
