@@ -1,4 +1,5 @@
-"""Labeled datasets (CIFAR pickles, MNIST IDX, ImageFolder trees) and uint8 batch augmentation.
+"""Labelled datasets (CIFAR pickles, MNIST IDX, ImageFolder trees), the student's training set, and uint8
+batch augmentation.
 
 Images travel as uint8 tensors (C,H,W) / (B,C,H,W); `normalize` turns a batch into float on the
 device, after `random_crop_flip`, so the loader never does float work.
@@ -277,7 +278,7 @@ def convert_uint8_batch(x, img_size=None, in_chans=None, chunk=4096):
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """In-memory labeled set: `images` uint8 (N,C,H,W) tensor, `labels` int64 (N,) tensor."""
+    """In-memory labelled set: `images` uint8 (N,C,H,W) tensor, `labels` int64 (N,) tensor."""
 
     def __init__(self, images, labels, classes, img_size=None, in_chans=None, num_classes=None):
         images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
@@ -305,7 +306,7 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 def _decode_array(path, img_size, in_chans):
-    """A labeled image file -> uint8 (H,W,C) in RGB/L, resized to (img_size, img_size) unless None."""
+    """A labelled image file -> uint8 (H,W,C) in RGB/L, resized to (img_size, img_size) unless None."""
     with open(path, "rb") as f:
         encoded = f.read()
     try:
@@ -315,7 +316,7 @@ def _decode_array(path, img_size, in_chans):
 
 
 def read_image(path, img_size=None, in_chans=3):
-    """A labeled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
+    """A labelled image file -> uint8 (C,H,W) in RGB/L, resized to img_size unless None."""
     return torch.from_numpy(_decode_array(path, img_size, in_chans)).permute(2, 0, 1).contiguous()
 
 
@@ -387,7 +388,7 @@ def set_epoch(dataset, epoch):
 
 
 class RandomCropImages(torch.utils.data.Dataset):
-    """The published train transform of labeled 224-px images (--pos_num): Resize(img_size)
+    """The published train transform of labelled 224-px images (--pos_num): Resize(img_size)
     (shorter side, aspect kept) -> RandomCrop(img_size, padding, zero fill) -> horizontal flip with
     p = 0.5. Done here on the CPU, per image, because the images differ in shape before the crop;
     so the training step must not crop or flip these images again.
@@ -469,7 +470,7 @@ def _folder_split(root, split):
 
 
 def load_labelled(dataset, root, split, img_size, in_chans):
-    """Labeled train/val ('val' = the test set) split as a Dataset of (uint8 (C,H,W), label).
+    """Labelled train/val ('val' = the test set) split as a Dataset of (uint8 (C,H,W), label).
 
     cifar10/100: pickle root or converter ImageFolder tree; mnist/fashionmnist: IDX root or
     ImageFolder tree (both in memory); tinyimagenet/imagenet/folder: root/{train,val}, lazy; their

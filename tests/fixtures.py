@@ -162,7 +162,7 @@ def write_pool(folder, n, size=40, seed=0, subfolders=4, odd=0, broken=0):
     return out
 
 
-# ---- labeled data -----------------------------------------------------------------------
+# ---- labelled data -----------------------------------------------------------------------
 
 def write_cifar(root, dataset="cifar10", n_train=10, n_test=20, seed=0, bytes_keys=True):
     """Tiny CIFAR 'python version' pickles under root/cifar-10-batches-py (or cifar-100-python).

@@ -122,7 +122,7 @@ def test_read_cifar_refuses_foreign_pickle(tmp_path):
         data.read_cifar(tmp_path, "cifar10", False)
 
 
-def test_load_labeled_cifar_pickles(tmp_path):
+def test_load_labelled_cifar_pickles(tmp_path):
     written, names = write_cifar(tmp_path, "cifar10")
     x, y = cifar_expected(written, False, "cifar10")
     ds = data.load_labelled("cifar10", tmp_path, "val", 32, 3)
@@ -230,7 +230,7 @@ def test_list_image_folder_names_extensions_and_errors(tmp_path):
         data.list_image_folder(tmp_path / "dup")
 
 
-def test_load_labeled_folder_resize_convert_and_val_mapping(tmp_path):
+def test_load_labelled_folder_resize_convert_and_val_mapping(tmp_path):
     make_folder(tmp_path / "train", ["ant", "bee", "cow"], size=(10, 7))
     make_folder(tmp_path / "val", ["bee", "cow"], per_class=1, size=(10, 7), mode="L")
     ds = data.load_labelled("folder", tmp_path, "train", 16, 3)

@@ -238,7 +238,7 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     assert tuple(json.load(open(out / "args.json"))[k] for k in ("mean", "std")) == cifar
     assert tuple(json.load(open(sel / "scores_meta.json"))[k] for k in ("mean", "std")) == cifar
     assert "robust KD class weights (selection's and the labelled images'" in proc.stdout
-    # the labeled images are part of this run: recorded in its folder; stage 1's folder is not written
+    # the labelled images are part of this run: recorded in its folder; stage 1's folder is not written
     assert torch.load(out / "labelset_index_dict.pth", weights_only=True)["positive_index"] == [0, 1, 4, 5, 8, 9]
     assert (sel / "value_out.pth").exists() and not (sel / "labelset_index_dict.pth").exists()
     assert_published_run(tmp_path / "pool", sel, out, 6, [7.5e-4])
