@@ -22,7 +22,9 @@ SCHEDULE = [200, 300]                     # lr x 0.1 from each of these epochs o
 CLASS_WEIGHT_NOISE = 0.1                  # `perturb`: class weights + U[0, 0.1) per class, drawn once
 # the noise-adaptation diagonal (the teacher's test accuracy) the scripts hard-code, per --dataset
 TEACHER_ACC = {"cifar10": 0.9665, "cifar100": 0.7630, "imagenet": 0.8118}
-MAX_FORMULA_EPOCHS = 10000                # ours: the epoch formula beyond this (a small selection) is refused
+# ours: the formula's E - 1 epochs beyond this are refused, i.e. a selection of at most 16,380 images up to
+# 64 px, at most 32,761 at 224 px (the formula was made for hundreds of thousands: 650,000 give 251)
+MAX_FORMULA_EPOCHS = 10000
 
 
 def crop_padding(img_size):
@@ -69,9 +71,9 @@ FLAGS = {
     "patchattn": ("0.8", "", ""),
     "robust": ("off", "class weights: see \"Class weights\" below", "see below"),
     "lr_S": ("0.00075", "training.sh passes 8.5e-4 for CIFAR-100", ""),
-    "epochs": ("800, ignored: E - 1 epochs, E = int(320000 / num_select * 512)",
+    "epochs": ("800 (`type=float`), ignored: E - 1 epochs, E = int(320000 / num_select * 512)",
                f"unset: the published E - 1 epochs, refused above {MAX_FORMULA_EPOCHS:,} (a small selection: pass "
-               "--epochs); N: N epochs", "only when given"),
+               "--epochs); N: N epochs (a whole number: `--epochs 800.0` is refused)", "only when given"),
     "schedule": ("200 300", "", ""),
     "cos": ("off", "", ""),
     "pos_num": ("129 (only in the published 224-px script)",
@@ -102,14 +104,19 @@ BEHAVIOURS = [
      "batch 512 (`--score_batch_size`)", "speed and memory", "bf16 rounding on a GPU only (tiny CPU check: "
      "confidence within 3 %, probe within 5e-3 of fp32, `tests/test_fast_paths.py`)"),
     ("Probe head geometry", "head count and width by `--dataset`: 12 heads of 64 for imagenet, 3 of 128 "
-     "otherwise (wrong for a deit_small teacher's 6 heads)", "the teacher's own", "defect",
-     "only for teachers the constants do not fit"),
+     "otherwise; a deit_small teacher (6 heads of 64) crashed with the imagenet geometry and had pairs of its "
+     "heads merged into one with the other", "the teacher's own", "defect", "no: the probe scores entered no "
+     "published selection (the inverted `--attnprobe_sel`), and the deit_small command could not start "
+     "(`--dataset tinyimagenet` was rejected)"),
     ("Ranking", "`value.topk(num_select, largest=False)` in fp32 on the GPU", "a stable sort in float64; ties "
      "by pool order", "deterministic", "only among equal scores"),
-    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica, scores misaligned with images; "
-     "the (L, B, N, C) block features gathered along L", "DistributedDataParallel; the pool scored in strided "
+    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica and kept one replica's rows, so "
+     "the `value_blk` scores were misaligned with the images, but the published selection (the inverted "
+     "`--attnprobe_sel`) never used them; the (L, B, N, C) block features were gathered along L, which left PD's "
+     "value unchanged (the same rows, reordered)", "DistributedDataParallel; the pool scored in strided "
      "shards gathered by index; each epoch's images split evenly over the processes: fewer images than processes "
-     "left out (up to 64 px) or repeated (224 px)", "defect; speed", "only on more than one GPU"),
+     "left out (up to 64 px) or repeated (224 px)", "defect; speed", "only on more than one GPU, through the "
+     "images each step draws; neither misalignment changed a published number"),
     ("Class weights (`--robust`)", "teacher softmax summed per class over one augmented, shuffled pass of the "
      "training set: the selection and, at 224 px, the `--pos_num` images", "the selection's softmax stored by "
      "the scoring pass (resized, not augmented), plus the `--pos_num` images' (Resize, CenterCrop, not "
@@ -155,7 +162,8 @@ BEHAVIOURS = [
      "distributions", "timm's own model, not a fork", "yes: another random start"),
     ("ViT implementation", "its own TeacherVisionTransformer on the timm of the time, attention as explicit "
      "softmax", "timm's VisionTransformer with fused attention", "no fork of the ViT", "float rounding only"),
-    ("Training and test precision", "fp32", "bf16 autocast and fused AdamW on a GPU (`--amp off`: fp32); fp32 "
+    ("Training and test precision", "fp32 (TF32 matrix products on Ampere GPUs: the default of torch 1.7 to "
+     "1.11, and the published code ran torch 1.7.1)", "bf16 autocast and fused AdamW on a GPU (`--amp off`: fp32); fp32 "
      "on the CPU", "speed", "rounding on a GPU"),
     ("Last partial batch", "kept (DataLoader `drop_last=False`)", "kept; dropped only with `--compile "
      "--cuda_graphs`, which needs one batch shape", "", "only with `--cuda_graphs`"),
@@ -181,6 +189,25 @@ BEHAVIOURS = [
      "it; no abbreviations", "", "only where a typo was ignored"),
     ("Process settings", "4 CPU threads (`torch.set_num_threads(4)`, OMP/MKL variables); all warnings hidden",
      "PyTorch's default threads; warnings shown", "", "no"),
+    ("Converters `process_cifar10.py`, `process_cifar100.py`", "the train split only, written to "
+     "`<root>/CIFAR10_image/<label>/<k>.png` under a hard-coded root whose `CIFAR10_image/` had to exist; labels "
+     "not zero-padded, so an ImageFolder reading the CIFAR-100 tree sorts its classes as strings ('10' is "
+     "class 2)", "`--root`, `--out`: both splits to `OUT/{train,val}/<NN_name>/<k>.png`, in label order", "the "
+     "published scripts could not run as committed; their CIFAR-100 tree mislabels classes", "no: the published "
+     "commands read the pickles"),
+    ("Converters `process_tinyimagenet.py`, `process_move_file.py`", "a hard-coded `/database/tiny-imagenet/`; "
+     "`process_move_file.py` as committed runs only the removal of `train/<wnid>/images/` (its moves are "
+     "commented out), which fails on a fresh tree", "the same final tree (the images in `train/<wnid>/` and "
+     "`val/<wnid>/`) from `--root ROOT`; the published README's commands without `--root` end with one error "
+     "line naming it", "", "no"),
+    ("Pool file names with a tab, newline or carriage return", "read by ImageFolder like any other name",
+     "left out of the pool with one warning", "ids are lines of `selected.txt` and `skipped.txt`",
+     "only for pools with such names"),
+    ("Class-weight softmax", "summed in fp32 on the GPU", "stored as fp16 in `probs_out.npy` (each value "
+     "within 2^-11 of itself), summed in float64", "one N x C array serves every later selection", "rounding "
+     "only"),
+    ("Noise-adaptation log", "`log(softmax(s) @ Q)` as it is", "the same, clamped at 1e-12 before the log",
+     "a probability that underflows to 0 gives a finite loss", "only where the published value underflowed"),
     ("Labelled data readers", "torchvision's CIFAR classes (MD5-checked pickles) and ImageFolder",
      "CIFAR pickles read directly, converter ImageFolder trees, MNIST IDX files", "", "no"),
     ("Other input sizes", "32 and 224 px, three channels", "one-channel teachers (28 px, `convert('L')`); crop "
