@@ -204,7 +204,7 @@ BEHAVIOURS = [
      "left out of the pool with one warning", "ids are lines of `selected.txt` and `skipped.txt`",
      "only for pools with such names"),
     ("Class-weight softmax", "summed in fp32 on the GPU", "stored as fp16 in `probs_out.npy` (each value "
-     "within 2^-11 of itself), summed in float64", "one N x C array serves every later selection", "rounding "
+     "rounded to within 2^-11, relative), summed in float64", "one N x C array serves every later selection", "rounding "
      "only"),
     ("Noise-adaptation log", "`log(softmax(s) @ Q)` as it is", "the same, clamped at 1e-12 before the log",
      "a probability that underflows to 0 gives a finite loss", "only where the published value underflowed"),
