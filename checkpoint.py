@@ -15,6 +15,7 @@ import torch
 
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
                     remove_temp_files)
+from selection import SELECTION_FILE
 from utils import InputError, safe_torch_load
 
 
@@ -156,7 +157,7 @@ class RunFolder:
         self.student_dir = os.path.join(output_dir, "student")
         self.log = os.path.join(output_dir, "log.txt")
         self.last = os.path.join(self.student_dir, "last.pth")
-        self.selection = os.path.join(output_dir, "selection.pt")
+        self.selection = os.path.join(output_dir, SELECTION_FILE)
         self.args = None   # the run's resolved args (settings.Plan.record): args.json and every checkpoint's
         self.state = {"epoch": -1, "best_acc1": -1.0, "best_epoch": -1, "best_agree": -1.0,
                       "acc1_at_best_agree": None, "best_agree_epoch": -1}

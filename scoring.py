@@ -332,15 +332,6 @@ def load_signals(out_dir, names):
     return out
 
 
-def stored(out_dir, array):
-    """True when the array a rule column reads (selection.COLUMNS) is stored in `out_dir`."""
-    if array in ("value_out", "value_blk"):
-        return True                               # every scoring pass writes them
-    if array == "probs":
-        return os.path.exists(os.path.join(out_dir, PROBS_FILE))
-    return os.path.exists(os.path.join(out_dir, signals.signal_file(array)))
-
-
 def load_arrays(out_dir, names, blocks):
     """The published files and the stored arrays `names` (selection.rule_needs) -> {name: values}."""
     arrays = load_scores(out_dir, blocks)

@@ -27,8 +27,8 @@ import scoring
 import signals
 from attention_probe import PROBE_BLOCKS
 from safety import cli_main, on_rank0, run_lock
-from selection import (RULES, Selection, class_mass, combined_value, describe, read_record, rule_needs, rule_value,
-                       select_indices, warn_class_collapse)
+from selection import (RULES, Selection, class_collapse, class_mass, combined_value, describe, read_record, rule_needs,
+                       rule_value, select_indices, warn_class_collapse)
 from settings import resolve_select_settings
 from utils import InputError, init_distributed, rank_world, resolve_device, system_parser
 
@@ -139,8 +139,9 @@ def existing_cache(s, teacher):
 def run_selection(s, teacher):
     """Score the pool with `teacher` (or reuse the scores) and select -> Selection, on every rank.
 
-    Rank 0 chooses and writes selection.pt, selected.txt and class_weights.pth; the choice, or the
-    error that stopped it, is shared with every rank, so an error found there ends all of them alike.
+    Rank 0 chooses; the choice, or the error that stopped it, is shared with every rank, so an error found
+    there ends all of them alike. Each rank builds the Selection; rank 0 writes it (selection.pt,
+    selected.txt, class_weights.pth) unless --selected_file is read-only.
     """
     rank, _ = rank_world()
     pool_index = list_pool(s)
@@ -155,7 +156,8 @@ def run_selection(s, teacher):
             raise InputError(f"--selected_file {s.folder} cannot be written and holds no complete scores "
                              "of this pool and teacher" + (" (--force rescores)" if s.force else "")
                              + ": choose a writable --selected_file")
-        chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index, fingerprint, write=False)
+        chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index)
+        selection = Selection.of(**chosen, pool_index=pool_index, cache=None, scores=fingerprint)
     else:
         if rank == 0:
             os.makedirs(s.folder, exist_ok=True)
@@ -172,18 +174,21 @@ def run_selection(s, teacher):
             if not ready:
                 cache = open_pool_source(s, teacher, pool_index)
                 scoring.score_pool(s, teacher, pool_index, cache, fingerprint, store)
-            chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index, fingerprint)
-    if cache is None:
-        cache = existing_cache(s, teacher)
-    return Selection.of(chosen["indices"], chosen["pred"], chosen["mass"], pool_index, cache, chosen["rule"],
-                        chosen["value"], scores=fingerprint)
+            chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index)
+            selection = Selection.of(**chosen, pool_index=pool_index, cache=cache, scores=fingerprint)
+            on_rank0(selection.save, s.folder)
+    if selection.cache is None:
+        selection.cache = existing_cache(s, teacher)
+    return selection
 
 
-def select_from_scores(s, num_classes, pool_index, fingerprint, write=True):
-    """Rank 0, cheap: the stored scores ranked by the rule; selection.pt, selected.txt and class_weights.pth
-    written (unless write=False). -> {'indices', 'pred', 'value', 'mass', 'rule'}"""
-    needs = ["value_blk"] if s.rule == "published" and s.attnprobe else [] if s.rule == "published" \
-        else rule_needs(s.rule)
+def select_from_scores(s, num_classes, pool_index):
+    """Rank 0, cheap: the stored scores ranked by the rule, with the class-collapse warning and a summary
+    printed. -> {'indices', 'pred', 'mass', 'rule', 'value'} (Selection.of's arguments)"""
+    if s.rule == "published":
+        needs = ["value_blk"] if s.attnprobe else []
+    else:
+        needs = rule_needs(s.rule)
     arrays = scoring.load_arrays(s.folder, needs, s.probe_blocks if "value_blk" in needs else [])
     n = len(arrays["value_out"])
     if n != len(pool_index):
@@ -199,14 +204,10 @@ def select_from_scores(s, num_classes, pool_index, fingerprint, write=True):
             raise InputError(f"--rule {s.rule}: {e} (score files in {s.folder})") from None
     chosen = select_indices(value, usable, s.num_select, pred, s.per_class, s.random, s.seed)
     mass = class_mass(scoring.load_probs(s.folder), pred, chosen, num_classes)
-    picked = {"indices": chosen, "pred": pred[chosen], "value": value[chosen].float(), "mass": mass,
-              "rule": describe(s.rule, s.attnprobe, s.random, s.per_class)}
-    sel = Selection.of(**{k: picked[k] for k in ("indices", "pred", "mass")}, pool_index=pool_index, cache=None,
-                       rule=picked["rule"], value=picked["value"], scores=fingerprint)
-    warn_class_collapse(sel.collapsed, len(sel), num_classes, s.per_class)
-    if write:
-        sel.save(s.folder)
-    print_summary(sel, value, usable, num_classes)
+    picked = {"indices": chosen, "pred": pred[chosen], "mass": mass,
+              "rule": describe(s.rule, s.attnprobe, s.random, s.per_class), "value": value[chosen].float()}
+    warn_class_collapse(class_collapse(picked["pred"], num_classes), len(chosen), num_classes, s.per_class)
+    print_summary(picked, value, usable, num_classes)
     return picked
 
 
@@ -236,11 +237,11 @@ def load_selection(path, s, teacher):
                         str(sel.get("rule", f"from {path}")), value, scores=sel.get("scores"))
 
 
-def print_summary(sel, value, usable, num_classes):
-    counts = torch.bincount(sel.pred, minlength=num_classes)
+def print_summary(picked, value, usable, num_classes):
+    counts = torch.bincount(picked["pred"], minlength=num_classes)
     q = torch.quantile(value[usable].float()[:2_000_000], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
-    print(f"selection: {len(sel)} of {int(usable.sum())} usable images ({int((~usable).sum())} skipped), "
-          f"rule: {sel.rule}")
+    print(f"selection: {len(picked['indices'])} of {int(usable.sum())} usable images ({int((~usable).sum())} "
+          f"skipped), rule: {picked['rule']}")
     print("score quantiles (0/10/50/90/100%): " + " ".join(f"{v:.4f}" for v in q))
     shown = ", ".join(f"{c}:{int(counts[c])}" for c in counts.argsort(descending=True)[:10].tolist() if counts[c])
     print(f"predicted classes covered: {int((counts > 0).sum())}/{num_classes}; most frequent: {shown}")
