@@ -582,27 +582,31 @@ class _ChunkBuilder:
         return k, end - start, bad
 
 
-_WORKER = None  # _ChunkBuilder in a pool worker process
-
-
-def _worker_init(builder):
-    global _WORKER
-    _WORKER = builder
-    torch.set_num_threads(1)
-
-
-def _worker_run(k):
-    return _WORKER.run(k)
+def _mp_context():
+    import multiprocessing as mp
+    # fork: workers inherit the index (1M+ ids) without pickling it
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
 
 
 def _marker_path(cache_dir, k):
     return os.path.join(cache_dir, "chunks", f"{k:07d}.done")
 
 
-def _mp_context():
-    import multiprocessing as mp
-    # fork: workers inherit the index (1M+ ids) without pickling it
-    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+def _worker_loop(builder, conn):
+    """A cache worker: decodes the chunks its pipe names until it is sent None."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an inherited Python handler would outlive a stop
+    torch.set_num_threads(1)
+    while (k := conn.recv()) is not None:
+        try:
+            conn.send(("done", builder.run(k)))
+        except BaseException as e:  # the parent raises it
+            try:
+                conn.send(("failed", e))
+            except Exception:  # an exception that does not pickle
+                conn.send(("failed", RuntimeError(f"{type(e).__name__}: {e}")))
+            return
 
 
 # written through memory maps: space not reserved first would end the build with SIGBUS
@@ -711,13 +715,50 @@ def _chunks_done(cache_dir, n_chunks):
 
 
 def _decode_chunks(builder, todo, workers):
-    """Yields (chunk, images, bad images) as chunks finish: in this process, or a fork pool of workers."""
+    """Yields (chunk, images, bad images) as chunks finish: in this process, or in `workers` forked
+    processes fed one chunk at a time, each over its own pipe. A worker that dies (the OOM killer, a
+    signal) ends the build with an error at once; a shared task queue would wait for it for ever."""
     if todo and (workers <= 1 or len(todo) == 1):
         for k in todo:
             yield builder.run(k)
-    elif todo:
-        with _mp_context().Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(builder,)) as mp_pool:
-            yield from mp_pool.imap_unordered(_worker_run, todo, chunksize=1)
+        return
+    from multiprocessing.connection import wait
+    ctx, queue, procs, busy = _mp_context(), list(todo), {}, set()
+    try:
+        for _ in range(min(workers, len(todo))):
+            conn, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_worker_loop, args=(builder, child_end), daemon=True)
+            proc.start()
+            child_end.close()
+            procs[conn] = proc
+            conn.send(queue.pop(0))
+            busy.add(conn)
+        while busy:
+            for conn in wait(list(busy)):  # a dead worker's pipe is ready too: recv raises EOFError
+                try:
+                    status, result = conn.recv()
+                except EOFError:
+                    proc = procs[conn]
+                    proc.join(5)
+                    how = (f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0
+                           else f"exit code {proc.exitcode}")
+                    raise RuntimeError(f"a cache worker (pid {proc.pid}) died ({how}); the chunks decoded "
+                                       "so far are kept: run the same command again to resume") from None
+                if status == "failed":
+                    raise result
+                yield result
+                if queue:
+                    conn.send(queue.pop(0))
+                else:
+                    conn.send(None)
+                    busy.discard(conn)
+    finally:  # after an error or an interrupt too: no worker outlives the build
+        for conn, proc in procs.items():
+            proc.join(timeout=10 if not busy else 0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            conn.close()
 
 
 def _finish_cache(cache_dir, index, results, meta):

@@ -270,6 +270,7 @@ def cli_main(main):
     @functools.wraps(main)
     def wrapper(*a, **kw):
         import signal
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, _raise_interrupt)
         # a job started in the background by a non-interactive shell inherits SIGINT ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -287,6 +288,9 @@ def cli_main(main):
             sys.exit(130)
         finally:
             _leave_process_group()
+            for s, handler in before.items():  # main() called in-process (tests, notebooks) leaves none
+                if handler is not None:
+                    signal.signal(s, handler)
 
     return wrapper
 

@@ -28,3 +28,29 @@ def one_thread_module():
     """The same for a whole module, its module fixtures included: in-process results then match the
     child processes' (fixtures.CHILD_ENV runs them on one thread) to the bit."""
     yield from _torch_on_one_thread()
+
+
+# The slowest test takes under 30 s here; one still running after this long is hung. It then prints
+# every thread's stack and ends the run, instead of waiting for CI's 90-minute limit in silence.
+HUNG_TEST_S = 600
+
+
+@pytest.fixture(autouse=True)
+def _hung_test_ends_the_run(request):
+    import faulthandler
+    import threading
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def end_the_run():
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)  # else the stacks go to the test's captured output
+        print(f"\nerror: {request.node.nodeid} still running after {HUNG_TEST_S} s; every thread's stack:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(HUNG_TEST_S, end_the_run)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()

@@ -328,6 +328,38 @@ def test_cache_workers_equal_and_resume(folder_pool, tmp_path, monkeypatch):
     assert not (tmp_path / "res/chunks").exists()
 
 
+def test_cache_worker_killed_or_failing_ends_the_build_and_a_rerun_resumes(folder_pool, tmp_path, monkeypatch):
+    """A worker the OOM killer takes ends the build with an error at once (a shared task queue would
+    wait for its chunk for ever); a rerun resumes and gives the cache an unbroken build gives."""
+    import signal
+    idx = list_pool(folder_pool)
+    ref = build_cache(idx, tmp_path / "ref", 32, 3, workers=0, chunk_size=3, progress=False)
+    orig = pool.decode_image
+    parent = os.getpid()
+
+    def killed_at_one_image(data, *a, **k):  # runs in the forked workers
+        if os.getpid() != parent and data == (folder_pool / "modes/rgba.png").read_bytes():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(data, *a, **k)
+
+    monkeypatch.setattr(pool, "decode_image", killed_at_one_image)
+    with pytest.raises(RuntimeError, match=r"cache worker \(pid \d+\) died \(killed by signal 9\)"):
+        build_cache(idx, tmp_path / "res", 32, 3, workers=2, chunk_size=3, progress=False)
+
+    def failing(*a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pool, "decode_image", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        build_cache(idx, tmp_path / "failed", 32, 3, workers=2, chunk_size=3, progress=False)
+
+    monkeypatch.setattr(pool, "decode_image", orig)
+    res = build_cache(idx, tmp_path / "res", 32, 3, workers=2, chunk_size=3, progress=False)
+    for name in ("images.u8", "ok.npy", "skipped.txt", "ids.txt"):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "res" / name).read_bytes()
+    assert (res.ok == ref.ok).all()
+
+
 def test_dataset_workers_and_strided_shards(tmp_path, folder_pool):
     make_shards(tmp_path / "shards")
     for idx in (list_pool(tmp_path / "shards"), list_pool(folder_pool)):
