@@ -14,7 +14,7 @@ import os
 import torch
 
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
-                    remove_temp_files)
+                    remove_temp_files, set_phase)
 from selection import SELECTION_FILE
 from utils import InputError, safe_torch_load
 
@@ -237,6 +237,7 @@ class RunFolder:
         """The epoch's checkpoints (last.pth always; checkpoint.pth at a new best; final.pth at the end), then
         its log line."""
         self.state["epoch"] = epoch
+        set_phase(f"saving epoch {epoch}")
         commit_epoch(self.log, record, lambda: self._save(epoch, record, student, noise, optimizers, last))
 
     def _save(self, epoch, record, student, noise, optimizers, last):

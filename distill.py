@@ -171,7 +171,7 @@ def say(*line):
 def main(args):
     device = resolve_device(args.device)
     s = resolve_settings(args, device)
-    init_distributed(device)
+    init_distributed(device, args.dist_timeout)
     if s.eval_only:
         return evaluate_checkpoint(s, device)
     on_rank0(check_writable, s.output_dir)

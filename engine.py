@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from safety import set_phase
 from utils import rank_world
 
 
@@ -176,7 +177,10 @@ class TrainEpoch:
         self.t0 = time.time()
         self.bar = tqdm(total=len(self.batches), desc=f"{self.desc} {self.epoch}", disable=rank_world()[0] != 0,
                         leave=False, dynamic_ncols=True)
-        for batch in self.batches.epoch(self.epoch):
+        resumes = "the last finished epoch" + (" (student/last.pth)" if self.desc == "distill" else "")
+        what = {"distill": "distillation"}.get(self.desc, self.desc)
+        for step, batch in enumerate(self.batches.epoch(self.epoch)):
+            set_phase(f"{what} epoch {self.epoch} step {step}", resumes)   # for the line a lost rank ends with
             images = batch.images.to(self.device, non_blocking=True)
             labels, cropped = (None if t is None else t.to(self.device, non_blocking=True)
                                for t in (batch.labels, batch.cropped))
@@ -223,6 +227,7 @@ class TrainEpoch:
 @torch.no_grad()
 def evaluate(model, batches, augment, device, amp_dtype=None):
     """Top-1 / top-5 accuracy (%) over the test batches; sharded under torchrun and summed."""
+    set_phase("testing")
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # top1, top5, count, summed cross-entropy
     for batch in batches.epoch(0):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space
+from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space, set_phase
 from utils import InputError, changed_keys, cpu_cores, read_fingerprint
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -647,6 +647,7 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
         bar = tqdm(total=n, initial=done_imgs, unit="img", desc=f"cache {size}px", file=sys.stderr,
                    dynamic_ncols=True)
     t0 = time.time()
+    set_phase("building the pool cache", "the cache chunks already decoded")
     builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size, fast_decode)
     try:
         for k, cnt, bad in _decode_chunks(builder, todo, workers):

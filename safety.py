@@ -281,9 +281,11 @@ def cli_main(main):
             sys.exit(2)
         except Exception as e:
             _exit_if_out_of_space(e)
+            _exit_if_rank_lost(e)
             raise
         except KeyboardInterrupt:
             _close_progress_bars()  # else they redraw at exit, after our message
+            _exit_if_rank_lost(None)   # torchrun's agent stops the survivors of a lost rank with SIGTERM
             _tell_once("interrupted: finished work is saved; run the same command again to continue")
             sys.exit(130)
         finally:
@@ -312,12 +314,179 @@ def _exit_if_out_of_space(e):
 def _leave_process_group():
     # a process group still alive at interpreter exit can abort the process ("terminate called
     # without an active exception") after its error line was printed: leave it first
+    global _watch
+    if _watch is not None:
+        _watch.stop()
+        _watch = None
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:
             pass
+
+
+# ---- ranks that die or hang: heartbeats, the phase, one line -------------------------------------
+
+class RankLost(Exception):
+    """A rank is gone or stopped answering, or the process group never formed. Scripts print it as one
+    line from the rank that noticed and exit 1."""
+
+
+_phase = ["starting", "the work saved so far"]   # what this rank does; what a restart resumes from
+
+
+def set_phase(what, resumes=None):
+    """Name what this rank is doing (and what a restart continues from), for the line a lost rank ends with."""
+    _phase[0] = what
+    if resumes:
+        _phase[1] = resumes
+
+
+def first_line(e):
+    """An exception's first line without gloo's '[file.cc:123] ' prefix and its advice."""
+    import re
+    text = str(e).strip().splitlines()
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(e).__name__
+    return line.split(". ")[0][:200]
+
+
+_watch = None   # this rank's _Watch under torchrun
+
+
+def watch_ranks(store, rank, world, timeout):
+    """Start this rank's heartbeat in the process group's store (utils.init_distributed calls it)."""
+    global _watch
+    _watch = _Watch(store, rank, world, timeout)
+
+
+class _Watch:
+    """A heartbeat per rank (a counter in the store, a thread adds to it): tells a rank that is gone or
+    stopped (its counter still) from one that is only busy, and lets rank 0 work alone for longer than
+    --dist_timeout while the others wait for it."""
+
+    def __init__(self, store, rank, world, timeout):
+        import threading
+        self.store, self.rank, self.world, self.timeout = store, rank, world, timeout
+        self.beat = max(0.2, min(2.0, timeout / 10))
+        self.calls = 0
+        self.lock = threading.Lock()   # one store request at a time from this process
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rank-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _ask(self, fn, *args):
+        with self.lock:
+            return fn(*args)
+
+    def _run(self):
+        while not self.stopped.is_set():
+            try:
+                self._ask(self.store.add, f"hb/{self.rank}", 1)
+            except Exception:
+                return   # the store is gone: whoever waits on this rank learns it from there
+            self.stopped.wait(self.beat)
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def counts(self):
+        return [int(self._ask(self.store.add, f"hb/{r}", 0)) for r in range(self.world)]
+
+    def lost(self):
+        """The other ranks whose heartbeat stood still for 3 beats; None when the store itself is gone
+        (it lives in rank 0 when ranks are started by hand, else in torchrun's agent)."""
+        import time
+        try:
+            before = self.counts()
+            time.sleep(3 * self.beat)
+            after = self.counts()
+        except Exception:
+            return None
+        return [r for r in range(self.world) if r != self.rank and before[r] == after[r]]
+
+    def next_call(self):
+        self.calls += 1   # every rank calls on_rank0 in the same order: the same number names one call
+        return self.calls
+
+    def done(self, call):
+        try:
+            self._ask(self.store.set, f"rank0/{call}", "1")
+        except Exception:
+            pass   # the broadcast that follows fails alike on every rank
+
+    def wait_for_rank0(self, call):
+        """Return once rank 0 ends on_rank0 call `call`; RankLost when its heartbeat stops for --dist_timeout."""
+        import time
+        pause, last, since = 0.001, None, time.monotonic()
+        try:
+            while not self._ask(self.store.check, [f"rank0/{call}"]):
+                count, now = self.counts()[0], time.monotonic()
+                if count != last:
+                    last, since = count, now
+                elif now - since > self.timeout:
+                    raise RankLost(_lost_line([0], self.timeout, f"no heartbeat for {self.timeout:g} s"))
+                time.sleep(pause)
+                pause = min(0.2, pause * 2)
+        except RankLost:
+            raise
+        except Exception as e:
+            raise RankLost(_lost_line(None, None, first_line(e))) from None
+
+
+def _restart_hint():
+    resumes = _phase[1]
+    if "TORCHELASTIC_MAX_RESTARTS" in os.environ:
+        left = int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if left > 0:
+            return f"torchrun restarts the group ({left} restart(s) left), which resumes from {resumes}"
+        return f"torchrun has no restart left (--max_restarts): run the same command again to resume from {resumes}"
+    return f"run the same command again to resume from {resumes}"
+
+
+def _lost_line(lost, timeout, reason):
+    """The one line of a run a rank left: who noticed, whom it lost (None: the store), in which phase."""
+    rank = rank_world()[0] if _watch is None else _watch.rank
+    who = ("rank 0 or torchrun's agent (the store they serve is gone)" if lost is None else
+           "rank " + ", ".join(map(str, lost)) if lost else "another rank")
+    what = (f"rank {rank}: {who} stopped answering" if timeout else f"rank {rank} lost {who}")
+    why = f"no reply within --dist_timeout {timeout:g} s" if timeout and not reason else reason
+    return f"{what} during {_phase[0]} ({why}); {_restart_hint()}"
+
+
+def _is_collective_error(e):
+    import torch.distributed as dist
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "Timed out waiting"))
+
+
+def _exit_if_rank_lost(e):
+    """A rank left the run (e: the collective error that showed it, or RankLost; None: this rank was
+    stopped by a signal, which torchrun's agent sends when another rank died): one `error:` line from
+    the lowest rank still running, exit 1. Else return (an interrupt of the whole run, another error)."""
+    import signal
+    if isinstance(e, RankLost):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if _watch is None or (e is not None and not _is_collective_error(e)):
+        return
+    for s in (signal.SIGTERM, signal.SIGINT):   # the agent's SIGTERM may follow its own: finish the line
+        signal.signal(s, signal.SIG_IGN)
+    lost = _watch.lost()
+    if e is None and lost == []:
+        return   # every rank alive: an interrupt of the run itself
+    text = str(e or "")
+    timeout = _watch.timeout if ("Timed out" in text or "timeout" in text.lower()) else None
+    reason = "stopped by torchrun's agent" if e is None else None if timeout else first_line(e)
+    _close_progress_bars()
+    alive = [r for r in range(_watch.world) if r not in (lost or [])]
+    if lost is None or _watch.rank == alive[0]:
+        print(f"error: {_lost_line(lost, timeout, reason)}", file=sys.stderr)
+    sys.exit(1)
 
 
 # ---- ranks: rank 0 writes, every rank learns its result or its error ----------------------------
@@ -352,15 +521,20 @@ def on_rank0(fn, *args, **kwargs):
     rank, world = rank_world()
     if world == 1:
         return fn(*args, **kwargs)
+    call = _watch.next_call() if _watch else None
     if rank == 0:
         try:
             result = fn(*args, **kwargs)
         except Exception as e:
             shared = next((k for k in _SHARED_ERRORS if isinstance(e, _SHARED_ERRORS[k])), None)
+            _watch and _watch.done(call)
             broadcast_object(("error", shared, str(e), type(e).__name__))
             raise
+        _watch and _watch.done(call)
         broadcast_object(("ok", result))
         return result
+    if _watch:   # rank 0's work (a pool cache: hours) may outlast --dist_timeout; its heartbeat may not
+        _watch.wait_for_rank0(call)
     box = broadcast_object(None)
     if box[0] == "ok":
         return box[1]
@@ -423,6 +597,7 @@ def run_lock(folder, flag="--output_dir"):
     lock = RunLock(folder, flag)
     on_rank0(_enter, lock)
     try:
+        _check_shared(folder, flag)
         yield
     finally:
         if rank_world()[0] == 0:
@@ -431,6 +606,39 @@ def run_lock(folder, flag="--output_dir"):
 
 def _enter(lock):
     lock.__enter__()   # returns nothing: the lock (an open file) stays on rank 0
+
+
+def _check_shared(folder, flag):
+    """Every rank must see rank 0's files in `folder`: it reads them to resume (scored chunks, last.pth,
+    the cache). A node-local folder (another disk on each node) is one InputError on every rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return
+    import socket
+    token = on_rank0(_write_token, folder)
+    try:
+        with open(os.path.join(folder, SHARED_TOKEN)) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    blind = [(r, host) for r, host, ok in all_gather_objects((rank, socket.gethostname(), seen)) if not ok]
+    if rank == 0:   # every rank has looked (the gather waited for them): leave the folder as it was
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, SHARED_TOKEN))
+    if blind:
+        r, host = blind[0]
+        raise InputError(f"{flag} {folder} is not shared by the ranks: rank {r} (on {host}) does not see rank 0's "
+                         "files there (a node-local disk?); every rank reads them to resume, so put it on a file "
+                         "system every node mounts at the same path")
+
+
+SHARED_TOKEN = ".rank0"
+
+
+def _write_token(folder):
+    token = f"{os.getpid()} {os.urandom(8).hex()}"
+    atomic_write_text(os.path.join(folder, SHARED_TOKEN), token)
+    return token
 
 
 def check_writable(folder, flag="--output_dir"):

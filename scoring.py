@@ -26,7 +26,7 @@ import pool
 import signals
 from attention_probe import probe_forward, probe_uniformity
 from safety import (all_gather_objects, allocate_npy, atomic_torch_save, atomic_write_text, on_rank0,
-                    remove_temp_files, write_npy_rows)
+                    remove_temp_files, set_phase, write_npy_rows)
 from utils import InputError, changed_keys, file_sha256, rank_world, read_fingerprint, safe_torch_load
 
 SCORE_VERSION = 1
@@ -120,12 +120,14 @@ def score_pool(s, teacher, pool_index, cache, fingerprint, store=None):
     # one, so a compiled module's own forward would never run
     score_fn = torch.compile(score_images, dynamic=False) if s.compile else score_images
     num_chunks = (n + s.chunk_size - 1) // s.chunk_size
-    todo = [k for k in range(num_chunks) if not os.path.exists(_chunk_path(chunks_dir, k))]
+    # rank 0's list on every rank: a rank that saw other files (a lagging network disk) would split the run
+    todo = on_rank0(lambda: [k for k in range(num_chunks) if not os.path.exists(_chunk_path(chunks_dir, k))])
     if len(todo) < num_chunks and rank == 0:
         print(f"resuming scoring: {num_chunks - len(todo)} of {num_chunks} chunks already done")
     bar = tqdm(total=sum(min(s.chunk_size, n - k * s.chunk_size) for k in todo), unit="img",
                desc="scoring", disable=rank != 0, dynamic_ncols=True)
     for k in todo:
+        set_phase(f"scoring chunk {k + 1} of {num_chunks}", "the last scored chunk")
         start, stop = k * s.chunk_size, min(n, (k + 1) * s.chunk_size)
         mine = range(start + rank, stop, world)
         part = {key: [] for key in ("index", "ok", "value_out", "pred_out", "probs",

@@ -26,7 +26,7 @@ import published
 import scoring
 import signals
 from attention_probe import PROBE_BLOCKS
-from safety import cli_main, on_rank0, run_lock
+from safety import cli_main, on_rank0, run_lock, set_phase
 from selection import (RULES, Selection, class_collapse, class_mass, combined_value, describe, read_record, rule_needs,
                        rule_value, select_indices, warn_class_collapse)
 from settings import resolve_select_settings
@@ -118,6 +118,7 @@ def open_pool_source(s, teacher, pool_index):
     if cache_dir is None:
         return None
     # built by rank 0; its failure (a full disk) ends every rank
+    set_phase("building the pool cache (rank 0)", "the cache chunks already decoded")
     on_rank0(lambda: pool.build_cache(pool_index, cache_dir, teacher.img_size, teacher.in_chans, workers=s.workers,
                                       force=s.force, fast_decode=s.fast_decode) and None)
     return pool.open_cache(cache_dir)
@@ -165,8 +166,9 @@ def run_selection(s, teacher):
         with run_lock(s.folder, "--selected_file"):
             store = (signals.SignalStore(s.folder, flip=s.flip_signal)
                      if s.store_signals or s.flip_signal or s.rule_signals() else None)
-            ready = scoring.scores_ready(s.folder, fingerprint, s.force)
-            if ready and store and not store.complete():
+            # rank 0's view, on every rank: one rank seeing files another does not would split the run
+            ready = on_rank0(scoring.scores_ready, s.folder, fingerprint, s.force)
+            if ready and store and not on_rank0(store.complete):
                 if rank == 0:
                     print(f"the score files in {s.folder} lack extra signals this run needs: scoring "
                           "again to store them (the published files come out the same)")
@@ -263,7 +265,7 @@ def load_teacher(s, device):
 def main(args):
     device = resolve_device(args.device)
     s = resolve_select_settings(args, device)
-    init_distributed(device)
+    init_distributed(device, args.dist_timeout)
     teacher = load_teacher(s, device)
     t0 = time.time()
     run_selection(s, teacher)

@@ -7,6 +7,7 @@ it needs under its own tmp_path. Everything is seeded: same arguments, same byte
 import io
 import os
 import pickle
+import re
 import runpy
 import signal
 import subprocess
@@ -301,17 +302,22 @@ def run_ranks(script, args, out_dir, world=2, timeout=180):
     except subprocess.TimeoutExpired:
         pytest.fail(f"a rank was still waiting {timeout} s after the error")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in files:
-            f.close()
+        stop_processes(procs, files)
     errs = []
     for rank in range(world):
         with open(os.path.join(out_dir, f"err{rank}.txt")) as f:
             errs.append(f.read())
     return codes, errs
+
+
+def stop_processes(procs, files=()):
+    """Kill what still runs of `procs`, then close `files` (their output)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for f in files:
+        f.close()
 
 
 def run_script_inprocess(script, *args):
@@ -378,3 +384,39 @@ def random_crop_flip_reference(x, padding, dy, dx, flip):
         c = p[:, int(dy[b]):int(dy[b]) + H, int(dx[b]):int(dx[b]) + W]
         out.append(c.flip(-1) if bool(flip[b]) else c)
     return torch.stack(out)
+
+
+# ---- the selection report ------------------------------------------------------------------
+
+def report_page(report_md):
+    """report.md -> (kept, {class: (pool, kept)}, skipped, cut or None)."""
+    text = report_md.read_text()
+    kept = int(re.search(r"^- kept: ([\d,]+)", text, re.M).group(1).replace(",", ""))
+    skipped = int(re.search(r"(\d+) skipped \(unreadable\)", text).group(1))
+    cut = re.search(r"^- cut: ([-\d.e+]+) ", text, re.M)
+    rows = re.findall(r"^\| (\d+)(?: \(collapsed\))? \| ([\d,]+) \| ([\d,]+) \|", text, re.M)
+    table = {int(c): (int(p.replace(",", "")), int(k.replace(",", ""))) for c, p, k in rows}
+    return kept, table, skipped, float(cut.group(1)) if cut else None
+
+
+def assert_report_is_the_selection(folder, report_dir=None, num_classes=10):
+    """report.md's counts are selection.pt's; every picture opens."""
+    report_dir = report_dir or folder / "report"
+    sel = torch.load(folder / "selection.pt", weights_only=True)
+    pred_all = torch.load(folder / "pred_out.pth", weights_only=True)
+    kept, table, skipped, _ = report_page(report_dir / "report.md")
+    assert kept == len(sel["indices"])
+    want_kept = torch.bincount(sel["pred"], minlength=num_classes)
+    usable = torch.isfinite(torch.load(folder / "value_out.pth", weights_only=True)) & (pred_all >= 0)
+    want_pool = torch.bincount(pred_all[usable], minlength=num_classes)
+    assert table == {c: (int(want_pool[c]), int(want_kept[c])) for c in range(num_classes) if want_pool[c]}
+    lines = (folder / "skipped.txt").read_text().splitlines() if (folder / "skipped.txt").exists() else []
+    assert skipped == len(lines)
+    for name in ("histograms.png", "classes.png"):
+        with Image.open(report_dir / name) as im:
+            im.load()
+            assert im.width > 500 and im.height > 300, name
+    with Image.open(report_dir / "contact_sheet.png") as im:   # a row of 4 + 4 + 4 tiles per class in the pool
+        rows = min(20, len(table))
+        assert im.width == round((1.5 + 14 * 0.8) * 100) and rows * 80 <= im.height <= rows * 120 + 40
+    return sel
