@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import plots
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
                     remove_temp_files, set_phase)
 from selection import SELECTION_FILE
@@ -132,6 +133,7 @@ def commit_epoch(log_path, record, save):
         with interrupts_deferred():
             save()
             append_line(log_path, json.dumps(record))
+        plots.redraw_curves(log_path)   # curves.png beside the log
     on_rank0(commit)
 
 

@@ -28,7 +28,7 @@ if ! have_idx "$FMNIST"; then
     exit 1
   fi
 fi
-if ! "$PYTHON" -c "import torch, torchvision, timm, numpy, PIL, tqdm, safetensors" 2>/dev/null; then
+if ! "$PYTHON" -c "import torch, torchvision, timm, numpy, PIL, tqdm, safetensors, matplotlib" 2>/dev/null; then
   # a venv: Debian's system Python refuses pip installs (PEP 668)
   echo "installing the Python requirements into .venv (requirements.txt)"
   if ! python3 -c "import ensurepip" 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -213,6 +213,8 @@ BEHAVIOURS = [
     ("Other input sizes", "32 and 224 px, three channels", "one-channel teachers (28 px, `convert('L')`); crop "
      "padding img_size // 8 at sizes other than 32 and 224; CIFAR/MNIST images resized (antialiased bilinear) "
      "for a teacher of another size", "extension", "not comparable: no published path"),
+    ("Pictures", "none", "a selection report in `--selected_file/report/` (`--no_report` skips it) and `curves.png` "
+     "beside every `log.txt`, drawn on rank 0", "see what was kept before spending GPU days on it", "no"),
 ]
 
 

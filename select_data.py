@@ -6,15 +6,17 @@
 
 Writes into --selected_file the pool's scores (scoring.py: value_out.pth, pred_out.pth, value_blk{b}.pth,
 probs_out.npy, skipped.txt, scores_meta.json; with --store_signals the extra signals of signals.py) and
-the selection (selection.py: selection.pt, selected.txt, class_weights.pth). Scores are computed once in
-resumable chunks and reused while their fingerprint (pool, teacher file, preprocessing, probe) matches;
-the selection is cheap and recomputed every run, so another rule or --num_select costs seconds.
+the selection (selection.py: selection.pt, selected.txt, class_weights.pth) and its pictures (report.py:
+report/). Scores are computed once in resumable chunks and reused while their fingerprint (pool, teacher
+file, preprocessing, probe) matches; the selection is cheap and recomputed every run, so another rule or
+--num_select costs seconds.
 
 In code: settings = resolve_select_settings(args, device); run_selection(settings, teacher) -> selection.Selection,
 the value the next stage trains from.
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -23,12 +25,13 @@ import data
 import models
 import pool
 import published
+import report
 import scoring
 import signals
 from attention_probe import PROBE_BLOCKS
 from safety import cli_main, on_rank0, run_lock, set_phase
-from selection import (RULES, Selection, class_collapse, class_mass, combined_value, describe, read_record, rule_needs,
-                       rule_value, select_indices, warn_class_collapse)
+from selection import (RULE_SETTINGS, RULES, Selection, class_collapse, class_mass, combined_value, describe,
+                       read_record, rule_needs, rule_value, select_indices, warn_class_collapse)
 from settings import resolve_select_settings
 from utils import InputError, init_distributed, rank_world, resolve_device, system_parser
 
@@ -83,6 +86,8 @@ def add_selection_args(parser):
     g.add_argument("--score_batch_size", type=int, default=512, help="scoring batch (default 512)")
     g.add_argument("--chunk_size", type=int, default=65536, help="images per resumable scoring chunk")
     g.add_argument("--force", action="store_true", help="rescore even if score files from another run exist")
+    g.add_argument("--no_report", action="store_true", help="draw no selection report (--selected_file/report/: "
+                   "report.md, histograms, classes, contact sheet, probe heat maps; ours, not published)")
     return parser
 
 
@@ -181,20 +186,33 @@ def run_selection(s, teacher):
             on_rank0(selection.save, s.folder)
     if selection.cache is None:
         selection.cache = existing_cache(s, teacher)
+    if s.report and not scoring.read_only(s.folder):
+        on_rank0(draw_report, s, selection, teacher)
     return selection
 
 
-def select_from_scores(s, num_classes, pool_index):
-    """Rank 0, cheap: the stored scores ranked by the rule, with the class-collapse warning and a summary
-    printed. -> {'indices', 'pred', 'mass', 'rule', 'value'} (Selection.of's arguments)"""
+def draw_report(s, selection, teacher):
+    """Rank 0: the selection's pictures and page in --selected_file/report/ (report.py). A picture that fails
+    is a warning: the selection it shows is already saved."""
+    try:
+        report.draw(s, rank_pool(s, len(selection.pool_index)), selection.indices, selection.rule,
+                    teacher.num_classes, selection.source, teacher)
+    except Exception as e:
+        print(f"warning: the selection report was not drawn ({type(e).__name__}: {e}); "
+              f"python tools/show_selection.py {s.folder} draws it from the saved scores", file=sys.stderr)
+
+
+def rank_pool(s, pool_size):
+    """The stored scores in s.folder and what the rule ranks them by -> (arrays, value (N,) float64,
+    usable (N,) bool, pred (N,) long); LOW value = kept first, skipped images unusable."""
     if s.rule == "published":
         needs = ["value_blk"] if s.attnprobe else []
     else:
         needs = rule_needs(s.rule)
     arrays = scoring.load_arrays(s.folder, needs, s.probe_blocks if "value_blk" in needs else [])
     n = len(arrays["value_out"])
-    if n != len(pool_index):
-        raise InputError(f"score files in {s.folder} cover {n} images but the pool has {len(pool_index)}")
+    if pool_size is not None and n != pool_size:
+        raise InputError(f"score files in {s.folder} cover {n} images but the pool has {pool_size}")
     pred = arrays["pred_out"].long()
     usable = torch.isfinite(arrays["value_out"]) & (pred >= 0)
     if s.rule == "published":
@@ -204,10 +222,18 @@ def select_from_scores(s, num_classes, pool_index):
             value = rule_value(s.rule, arrays, usable, s.probe_blocks)
         except ValueError as e:
             raise InputError(f"--rule {s.rule}: {e} (score files in {s.folder})") from None
+    return arrays, value, usable, pred
+
+
+def select_from_scores(s, num_classes, pool_index):
+    """Rank 0, cheap: the stored scores ranked by the rule, with the class-collapse warning and a summary
+    printed. -> {'indices', 'pred', 'mass', 'rule', 'value', 'settings'} (Selection.of's arguments)"""
+    arrays, value, usable, pred = rank_pool(s, len(pool_index))
     chosen = select_indices(value, usable, s.num_select, pred, s.per_class, s.random, s.seed)
     mass = class_mass(scoring.load_probs(s.folder), pred, chosen, num_classes)
     picked = {"indices": chosen, "pred": pred[chosen], "mass": mass,
-              "rule": describe(s.rule, s.attnprobe, s.random, s.per_class), "value": value[chosen].float()}
+              "rule": describe(s.rule, s.attnprobe, s.random, s.per_class), "value": value[chosen].float(),
+              "settings": {k: getattr(s, k) for k in RULE_SETTINGS}}
     warn_class_collapse(class_collapse(picked["pred"], num_classes), len(chosen), num_classes, s.per_class)
     print_summary(picked, value, usable, num_classes)
     return picked

@@ -165,13 +165,14 @@ class Selection:
     rule: str                       # how the images were chosen, in words
     value: torch.Tensor = None      # (K,) score of each, when a scoring rule chose them
     scores: dict = None             # fingerprint of the scores they were chosen by (scoring.fingerprint)
+    settings: dict = None           # the flags of RULE_SETTINGS that chose them (tools/show_selection.py)
 
     @classmethod
-    def of(cls, indices, pred, mass, pool_index, cache, rule, value=None, scores=None):
+    def of(cls, indices, pred, mass, pool_index, cache, rule, value=None, scores=None, settings=None):
         """The one way to build a Selection: ids read from the pool, weights and collapse from the class mass."""
         ids = [pool_index.ids[i] for i in indices.tolist()]
         return cls(indices, ids, pred, weights_from_mass(*mass), mass, class_collapse(pred, len(mass[0])),
-                   pool_index, cache, rule, value, scores)
+                   pool_index, cache, rule, value, scores, settings)
 
     def __len__(self):
         return len(self.indices)
@@ -185,6 +186,7 @@ class Selection:
         """selection.pt: what a selection folder and a run folder keep of it (a valid --selection_file)."""
         return {"indices": self.indices, "ids": self.ids, "pred": self.pred, "rule": self.rule,
                 **({"value": self.value} if self.value is not None else {}), "scores": self.scores,
+                **({"settings": self.settings} if self.settings is not None else {}),
                 "pool_size": len(self.pool_index), "pool_root": os.path.abspath(self.pool_index.root),
                 # [(class, kept)] of the classes kept under a tenth of an even share: the collapse warning
                 "collapsed_classes": self.collapsed}
@@ -197,6 +199,9 @@ class Selection:
 
 
 SELECTION_FILE = "selection.pt"
+# the selection flags a selection.pt records: with the stored scores they give back its images
+RULE_SETTINGS = ("rule", "attnprobe", "attnlier", "outlier", "probe_blocks", "probe_head", "num_select", "per_class",
+                 "random", "seed")
 
 
 def read_record(path):

@@ -50,6 +50,7 @@ class SelectSettings:
     batch_size: int           # scoring batch
     chunk_size: int
     force: bool
+    report: bool              # not --no_report: draw report.py's pictures after the selection
     workers: int
     compile: bool
     amp: torch.dtype          # None: fp32
@@ -94,7 +95,8 @@ def resolve_select_settings(args, device, selection_file=None):
         attnlier=args.attnlier, outlier=args.outlier, per_class=args.per_class, random=args.random, seed=args.seed,
         probe_blocks=tuple(sorted(args.probe_blocks)), probe_head=args.probe_head, store_signals=args.store_signals,
         flip_signal=args.flip_signal, cache_dir=args.cache_dir, no_cache=args.no_cache, fast_decode=args.fast_decode,
-        batch_size=args.score_batch_size, chunk_size=args.chunk_size, force=args.force, workers=args.workers,
+        batch_size=args.score_batch_size, chunk_size=args.chunk_size, force=args.force, report=not args.no_report,
+        workers=args.workers,
         compile=args.compile, amp=amp_dtype(args.amp, device),
         teacher=dict(name=args.teacher, num_classes=args.nb_classes, path=args.teacher_dir, mean=args.mean,
                      std=args.std, img_size=args.img_size, ema=args.teacher_ema))

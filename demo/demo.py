@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import demo_pool as dp  # noqa: E402
+import plots  # noqa: E402
 from utils import cpu_cores  # noqa: E402
 
 RULES = ("random", "outlier", "probe", "outlier_balanced", "probe_balanced", "oracle", "energy")
@@ -609,9 +610,8 @@ def _source_row(s, sc, mask, relevant):
 
 # ------------------------------------------------------------------------------------------ pictures
 
-PALETTE = {"in-domain": (40, 170, 70), "irrelevant": (210, 60, 50), "photo": (230, 140, 30),
-           "glyph": (60, 110, 220), "shape": (170, 60, 190), "texture": (120, 120, 120),
-           "heldout irrelevant": (210, 60, 50)}
+PALETTE = {"in-domain": "#28aa46", "irrelevant": "#d23c32", "photo": "#e68c1e", "glyph": "#3c6edc",
+           "shape": "#aa3cbe", "texture": "#787878", "heldout irrelevant": "#d23c32"}
 
 
 def _groups(manifest):
@@ -626,100 +626,36 @@ def _groups(manifest):
     return g
 
 
-def draw_histograms(path, panels, groups, bins=40):
+def draw_histograms(path, panels, groups):
     """panels: [(title, scores (N,), auroc)] -> one PNG with a density histogram per group, per panel."""
-    from PIL import Image, ImageDraw
-    W, H, pad = 420, 240, 34
-    cols = 2
-    rows = math.ceil(len(panels) / cols)
-    img = Image.new("RGB", (cols * W, rows * H + 24), "white")
-    d = ImageDraw.Draw(img)
-    x = 8
-    for name in groups:
-        d.rectangle([x, 6, x + 12, 18], fill=PALETTE.get(name, (0, 0, 0)))
-        d.text((x + 16, 6), name, fill="black")
-        x += 24 + 7 * len(name)
-    for k, (title, values, auc) in enumerate(panels):
-        ox, oy = (k % cols) * W, 24 + (k // cols) * H
-        v = np.asarray(values, np.float64)
-        ok = np.isfinite(v)
-        lo, hi = np.percentile(v[ok], [0.5, 99.5]) if ok.any() else (0, 1)
-        hi = hi if hi > lo else lo + 1
-        edges = np.linspace(lo, hi, bins + 1)
-        hists = {n: np.histogram(np.clip(v[m & ok], lo, hi), edges, density=True)[0] for n, m in groups.items()}
-        top = max(max(h.max() for h in hists.values()), 1e-9)
-        x0, y0, x1, y1 = ox + pad, oy + 22, ox + W - 10, oy + H - 28
-        d.rectangle([x0, y0, x1, y1], outline=(150, 150, 150))
-        d.text((ox + pad, oy + 6), f"{title}   AUROC {auc:.3f}" if auc == auc else title, fill="black")
-        for n, h in hists.items():
-            pts = []
-            for i, hv in enumerate(h):
-                xa = x0 + (x1 - x0) * i / bins
-                xb = x0 + (x1 - x0) * (i + 1) / bins
-                yv = y1 - (y1 - y0) * hv / top
-                pts += [(xa, yv), (xb, yv)]
-            d.line(pts, fill=PALETTE.get(n, (0, 0, 0)), width=2)
-        d.text((x0, y1 + 4), f"{lo:.5g}", fill="black")
-        d.text((x1 - 50, y1 + 4), f"{hi:.5g}", fill="black")
-        d.text(((x0 + x1) // 2 - 40, y1 + 14), "low = kept first", fill=(90, 90, 90))
-    img.save(path)
+    plots.histograms(path, [(f"{title}   AUROC {auc:.3f}" if auc == auc else title, v) for title, v, auc in panels],
+                     {name: (mask, PALETTE.get(name, "black")) for name, mask in groups.items()}, density=True,
+                     title="low = kept first")
 
 
-def draw_grid(path, images, is_in, title, cols=16, scale=2):
-    """Tiles with a green (in-domain) or red (other) frame, best first."""
-    from PIL import Image, ImageDraw
-    t = 28 * scale + 4
-    rows = max(1, math.ceil(len(images) / cols))
-    img = Image.new("RGB", (cols * t, rows * t + 16), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 2), title, fill="black")
-    for k, (im, good) in enumerate(zip(images, is_in)):
-        x, y = (k % cols) * t, 16 + (k // cols) * t
-        d.rectangle([x, y, x + t - 1, y + t - 1], fill=PALETTE["in-domain" if good else "irrelevant"])
-        tile = Image.fromarray(np.asarray(im, np.uint8)).resize((28 * scale, 28 * scale), Image.NEAREST)
-        img.paste(tile.convert("RGB"), (x + 2, y + 2))
-    img.save(path)
+def draw_grid(path, images, is_in, title, cols=16):
+    """Tiles framed green (in-domain) or red (other), best first."""
+    plots.image_sheet(path, [torch.from_numpy(np.asarray(im, np.uint8))[None] for im in images], cols,
+                      frames=[PALETTE["in-domain" if good else "irrelevant"] for good in is_in], title=title,
+                      tile_inches=0.45)
 
 
-def _heat(gray, att, scale=4):
-    """Grey image with the probe row (upsampled from the patch grid) blended in as red-yellow."""
-    from PIL import Image
-    g = np.asarray(gray, np.float64) / 255
-    a = att - att.min()
-    a = a / max(a.max(), 1e-12)
-    rgb = np.stack([np.clip(2 * a, 0, 1), np.clip(2 * a - 1, 0, 1), np.zeros_like(a)], -1)
-    mix = 0.55 * g[..., None] + 0.45 * rgb
-    big = Image.fromarray((mix * 255).astype(np.uint8)).resize((28 * scale, 28 * scale), Image.NEAREST)
-    return big
-
-
-def draw_heatmaps(path, teacher, images, labels, mean, std, blocks, device, head=0, scale=4):
-    """Rows: image | probe of each block (head `head` CLS row over patches, bilinear-upsampled)."""
-    from PIL import Image, ImageDraw
-    import torch.nn.functional as F
+@torch.no_grad()
+def draw_heatmaps(path, teacher, images, labels, mean, std, blocks, device, head=0):
+    """Rows: image | probe of each block (head `head` CLS row over the patches)."""
     from attention_probe import probe_forward, probe_uniformity
     x = data.normalize(torch.from_numpy(np.asarray(images))[:, None].to(device), mean, std)
-    with torch.no_grad():
-        out = probe_forward(teacher, x, probe_blocks=tuple(blocks), head=head)
-    t = 28 * scale + 6
-    img = Image.new("RGB", ((1 + len(blocks)) * t + 230, len(images) * t + 18), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 2), "image | " + " | ".join(f"probe block {b} (head {head})" for b in blocks)
-           + "   (each map min-max scaled: dark = low, yellow = high attention)", fill="black")
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        y = 18 + i * t
-        img.paste(Image.fromarray(np.asarray(im, np.uint8)).resize((28 * scale, 28 * scale)).convert("RGB"),
-                  (3, y))
-        cos = []
-        for j, b in enumerate(blocks):
-            row = out.probes[b][i].float().cpu()
-            g = int(round(math.sqrt(row.numel())))
-            up = F.interpolate(row.view(1, 1, g, g), size=(28, 28), mode="bilinear", align_corners=False)[0, 0]
-            img.paste(_heat(im, up.numpy(), scale), (3 + (j + 1) * t, y))
-            cos.append(f"blk{b} {float(probe_uniformity(row[None])):.3f}")
-        d.text(((1 + len(blocks)) * t + 6, y + t // 2 - 12), lab, fill="black")
-        d.text(((1 + len(blocks)) * t + 6, y + t // 2 + 2), "cos to uniform: " + ", ".join(cos), fill=(90, 90, 90))
-    img.save(path)
+    out = probe_forward(teacher, x, probe_blocks=tuple(blocks), head=head)
+    maps = {}
+    for b in blocks:
+        rows = out.probes[b].float().cpu()                            # (N, patches)
+        g = int(round(math.sqrt(rows.shape[1])))
+        maps[b] = rows.view(-1, g, g).numpy()                         # (N, g, g)
+    cosines = [", ".join(f"blk{b} {float(probe_uniformity(out.probes[b][i:i + 1].float())):.3f}" for b in blocks)
+               for i in range(len(images))]
+    plots.probe_heatmaps(path, torch.from_numpy(np.asarray(images, np.uint8))[:, None], maps,
+                         [f"{lab}\ncos to uniform:\n{c}" for lab, c in zip(labels, cosines)], list(blocks),
+                         title=f"CLS -> patch attention of head {head} (cos to uniform: low = peaked)")
 
 
 def draw_pictures(pool_dir, out, name, manifest, sc, selections, cfg):

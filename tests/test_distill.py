@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 
+import fixtures as fx
 from test_select import make_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,10 @@ def test_end_to_end_losses_fall(world):
     summary = json.load(open(out / "summary.json"))
     assert "chosen without test labels" in summary["text"] and summary["final_acc1"] == epochs[-1]["test_acc1"]
     assert (out / "student" / "checkpoint.pth").exists() and (out / "student" / "last.pth").exists()
+    from PIL import Image
+    with Image.open(out / "curves.png") as im:   # redrawn after each epoch: losses, accuracy, lr, img/s
+        assert im.width == 4 * 4.2 * 100
+    assert (world / "sel" / "report" / "report.md").exists() and "report: " in proc.stdout
     final = torch.load(out / "student" / "final.pth", weights_only=True)   # the weights to report
     assert final["epoch"] == 3 and final["acc1"] == summary["final_acc1"]
     assert json.load(open(out / "args.json"))["attnprobe_dist"] is True
@@ -178,6 +183,8 @@ def test_torchrun_two_processes_select_the_same_images(world):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), key
     assert (single / "selected.txt").read_text() == (sel2 / "selected.txt").read_text()
     assert (out / "student" / "last.pth").exists()
+    # rank 0 alone draws the report (both ranks' stdout is here)
+    assert proc.stdout.count("report: ") == 1 and (sel2 / "report" / "contact_sheet.png").exists()
 
 
 def test_training_sh_runs_with_generated_data(world):
@@ -237,6 +244,7 @@ def test_224px_pipeline_with_pos_num(tmp_path):
     cifar = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
     assert tuple(json.load(open(out / "args.json"))[k] for k in ("mean", "std")) == cifar
     assert tuple(json.load(open(sel / "scores_meta.json"))[k] for k in ("mean", "std")) == cifar
+    fx.assert_report_is_the_selection(sel, num_classes=3)   # decoded from the pool files at 224 px
     assert "robust KD class weights (selection's and the labelled images'" in proc.stdout
     # the labelled images are part of this run: recorded in its folder; stage 1's folder is not written
     assert torch.load(out / "labelset_index_dict.pth", weights_only=True)["positive_index"] == [0, 1, 4, 5, 8, 9]

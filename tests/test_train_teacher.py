@@ -81,4 +81,5 @@ def test_changed_settings_are_refused_and_resume_no_starts_a_fresh_log(cifar, tm
                                                               epochs=1)) == 0
     assert [r["epoch"] for r in log_records(tmp_path / "t" / "teacher.log.txt")] == [0]
     assert [r["epoch"] for r in log_records(tmp_path / "t" / "teacher.log.1.txt")] == [0]
+    assert (tmp_path / "t" / "teacher.curves.png").stat().st_size > 0   # beside its log
     assert json.loads((tmp_path / "t" / "teacher.args.json").read_text())["lr"] == 0.01
