@@ -79,7 +79,10 @@ def class_bars(path, kept, even_share, marked=(), names=None, title=None, max_la
     fig = _figure(min(14, max(6, 0.28 * len(kept))) if not many else 10, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     if many:   # one filled outline: a thousand bar patches take half a second to draw
-        ax.stairs(kept[order], np.arange(len(kept) + 1) - 0.5, fill=True, color=KEPT)
+        edges = np.arange(len(kept) + 1) - 0.5
+        ax.stairs(kept[order], edges, fill=True, color=KEPT)
+        if marked:
+            ax.stairs(np.where(np.isin(order, list(marked)), kept[order], 0), edges, fill=True, color=DROPPED)
     else:
         ax.bar(np.arange(len(kept)), kept[order], width=0.8,
                color=[DROPPED if int(c) in marked else KEPT for c in order])
@@ -95,7 +98,7 @@ def class_bars(path, kept, even_share, marked=(), names=None, title=None, max_la
     ax.tick_params(labelsize=7)
     ax.set_xlim(-0.6, len(kept) - 0.4)
     handles = ax.get_legend_handles_labels()[0]
-    if marked and not many:
+    if marked:
         from matplotlib.patches import Patch
         handles.append(Patch(color=DROPPED, label="under a tenth of an even share"))
     ax.legend(handles=handles, fontsize=7, frameon=False)
