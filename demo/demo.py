@@ -53,6 +53,8 @@ RULE_SPECS = {
     # opt-in: the published selection and the signal study's post-hoc rule, plain and balanced, no PD
     "probe_balanced_nopd": ("probe", True, False),
     "tok": ("confidence+tok_norm_b2", False, False), "tok_balanced": ("confidence+tok_norm_b2", True, False),
+    # opt-in: balanced rules with PD, so that every rule of a comparison has the same loss (gpu_check part 6)
+    "outlier_balanced_pd": ("outlier", True, True), "tok_balanced_pd": ("confidence+tok_norm_b2", True, True),
 }
 ABLATIONS = {"pd": ("random", "random_pd", "outlier", "outlier_pd", "probe_nopd", "probe", "oracle", "oracle_pd")}
 # the comparisons the ablation answers: (a, b, what a - b measures)

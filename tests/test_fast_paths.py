@@ -212,3 +212,26 @@ def test_benchmark_script_writes_required_keys(tmp_path):
     assert res["cache_img_per_s_per_core"] is None          # section c not asked for
     assert res["errors"] == {}
     assert "END-TO-END ESTIMATE" in proc.stdout and "scoring" in proc.stdout
+
+
+def test_benchmark_script_224_sections_write_their_keys(tmp_path):
+    """Sections d, e, f at tiny sizes (width-32 ViTs at 224 px, a few JPEGs): every key and both scripts' estimates."""
+    out = tmp_path / "bench224.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmark", "benchmark.py"), "--tiny", "--sections", "d", "e", "f",
+           "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == {} and not (tmp_path / "bench224.json.partial").exists()
+    for key in benchmark.required_keys_224():
+        assert isinstance(res[key], float) and res[key] > 0, (key, res[key])
+    assert res["train224_base_img_per_s_published_tensor_na"] > 0
+    assert "end_to_end" not in res and "END-TO-END ESTIMATE, CIFAR-100" not in proc.stdout   # sections a-c did not run
+    est = res["end_to_end_224"]
+    # the published formula: int(640000 / num_select * 512) - 1 epochs at 224 px
+    assert est["training_tinyimagenet.sh"]["epochs"] == 408 and est["training_imagenet.sh"]["epochs"] == 326
+    assert est["training_imagenet.sh"]["training_images"] == 326 * (1_000_000 + 129_000)
+    for e in est.values():
+        assert e["ours_hours"] > 0 and e["published_hours"] > 0
+        assert all(b == "GPU step" or b.startswith("decoding") for b in e["ours_bounds"]["default"].values())
+    assert proc.stdout.count("END-TO-END ESTIMATE, training_") == 2
