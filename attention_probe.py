@@ -139,6 +139,16 @@ class WithFeatures(torch.nn.Module):
         return out.logits, out.features
 
 
+def probe_maps(out, blocks):
+    """The probe rows of a probe_forward output on their patch grid: {block: (B, g, g) float32 numpy}."""
+    maps = {}
+    for b in blocks:
+        rows = out.probes[b].float().cpu()                   # (B, g * g)
+        g = int(round(rows.shape[1] ** 0.5))
+        maps[b] = rows.view(-1, g, g).numpy()
+    return maps
+
+
 def probe_uniformity(probe):
     """Cosine similarity of each probe row with the uniform vector: (B, M) -> (B,).
 

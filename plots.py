@@ -26,6 +26,14 @@ def _figure(width, height):
     return Figure(figsize=(width, height), dpi=DPI)
 
 
+def _finish(fig, path, title=None):
+    """The figure's title, its panels laid out, saved."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})  # level 6 takes 3x longer
@@ -62,10 +70,7 @@ def histograms(path, panels, groups, cuts=None, density=False, bins=60, title=No
         ax.set_ylabel("density" if density else "images", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, path, title)
     return drawn
 
 
@@ -104,8 +109,7 @@ def class_bars(path, kept, even_share, marked=(), names=None, title=None, max_la
     ax.legend(handles=handles, fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, path)
 
 
 def _as_rgb_tiles(images, frames, pad):
@@ -238,10 +242,7 @@ def curves(log_path, png_path=None, title=None):
         ax.tick_params(labelsize=7)
         if len(keys) > 1:
             ax.legend(fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, png_path)
+    _finish(fig, png_path, title)
     return png_path
 
 

@@ -25,9 +25,9 @@ import data
 import plots
 import pool
 import scoring
-from attention_probe import probe_forward
+from attention_probe import probe_forward, probe_maps
 from safety import atomic_write_text
-from selection import class_collapse, combined_value
+from selection import class_collapse, combined_value, score_quantiles
 from utils import read_fingerprint
 
 SHEET_CLASSES = 20    # classes on the contact sheet (all of them up to this many)
@@ -55,7 +55,8 @@ def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_
     blocks = [b for b in s.probe_blocks if os.path.exists(os.path.join(s.folder, f"value_blk{b}.pth"))]
     panels = [("value_out = -log max softmax (low: confident)", value_out)]
     if blocks == list(s.probe_blocks):
-        probes = scoring.load_scores(s.folder, blocks)
+        have = all(f"value_blk{b}" in arrays for b in blocks)   # rank_pool read them for --attnprobe_sel
+        probes = arrays if have else scoring.load_scores(s.folder, blocks)
         panels.append((f"probe: Σ cos(CLS row, uniform), blocks {', '.join(map(str, blocks))} (low: peaked)",
                        sum(probes[f"value_blk{b}"].double() for b in blocks)))
         panels.append((f"combined = {s.attnlier:g}·probe + {s.outlier:g}·value_out",
@@ -160,11 +161,7 @@ def _probe_heatmaps(path, teacher, s, value, usable, kept, source):
     images = pool.load_selected_uint8(source, picks, teacher.img_size, teacher.in_chans)
     x = data.normalize(images.to(teacher.device), teacher.mean, teacher.std)
     out = probe_forward(teacher.model, x, probe_blocks=tuple(s.probe_blocks), head=s.probe_head)
-    maps = {}
-    for b in s.probe_blocks:
-        rows = out.probes[b].float().cpu()                   # (N, patches)
-        g = int(round(rows.shape[1] ** 0.5))
-        maps[b] = rows.view(-1, g, g).numpy()                # (N, g, g) on the patch grid
+    maps = probe_maps(out, s.probe_blocks)
     labels = [f"kept {j + 1}\n{float(value[i]):.4g}" for j, i in enumerate(best)] + \
              [f"dropped, last {j + 1}\n{float(value[i]):.4g}" for j, i in enumerate(worst)]
     plots.probe_heatmaps(path, images, maps, labels, list(s.probe_blocks),
@@ -173,7 +170,7 @@ def _probe_heatmaps(path, teacher, s, value, usable, kept, source):
 
 def _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per_class, class_cut, collapsed, skipped,
           files, command):
-    q = torch.quantile(value[usable].float()[:2_000_000], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
+    q = score_quantiles(value, usable)
     kept_values = value[indices].float()
     cut_text = (f"{cut:.6g} (the largest kept score; lower scores are kept first)" if cut is not None else
                 "none: random selection" if s.random else

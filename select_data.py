@@ -31,7 +31,8 @@ import signals
 from attention_probe import PROBE_BLOCKS
 from safety import cli_main, on_rank0, run_lock, set_phase
 from selection import (RULE_SETTINGS, RULES, Selection, class_collapse, class_mass, combined_value, describe,
-                       read_record, rule_needs, rule_value, select_indices, warn_class_collapse)
+                       read_record, rule_needs, rule_value, score_quantiles, select_indices,
+                       warn_class_collapse)
 from settings import resolve_select_settings
 from utils import InputError, init_distributed, rank_world, resolve_device, system_parser
 
@@ -267,7 +268,7 @@ def load_selection(path, s, teacher):
 
 def print_summary(picked, value, usable, num_classes):
     counts = torch.bincount(picked["pred"], minlength=num_classes)
-    q = torch.quantile(value[usable].float()[:2_000_000], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
+    q = score_quantiles(value, usable)
     print(f"selection: {len(picked['indices'])} of {int(usable.sum())} usable images ({int((~usable).sum())} "
           f"skipped), rule: {picked['rule']}")
     print("score quantiles (0/10/50/90/100%): " + " ".join(f"{v:.4f}" for v in q))

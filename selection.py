@@ -72,6 +72,14 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
 COLLAPSE_SHARE = 0.1   # a class kept under a tenth of an even share of the selection counts as lost
 
 
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def score_quantiles(value, usable):
+    """The QUANTILES of the usable images' scores (of the first 2 M: torch.quantile's input limit is 16 M)."""
+    return torch.quantile(value[usable].float()[:2_000_000], torch.tensor(QUANTILES)).tolist()
+
+
 def class_collapse(pred, num_classes, share=COLLAPSE_SHARE):
     """Teacher-predicted classes the selection keeps far too few of: [(class, kept)] for every class under
     `share` x an even share (kept / classes); [] when none. pred: (K,) predicted class of each kept image."""

@@ -20,7 +20,6 @@ finished student (with the time left), and a line each minute while no student f
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -645,14 +644,10 @@ def draw_grid(path, images, is_in, title, cols=16):
 @torch.no_grad()
 def draw_heatmaps(path, teacher, images, labels, mean, std, blocks, device, head=0):
     """Rows: image | probe of each block (head `head` CLS row over the patches)."""
-    from attention_probe import probe_forward, probe_uniformity
+    from attention_probe import probe_forward, probe_maps, probe_uniformity
     x = data.normalize(torch.from_numpy(np.asarray(images))[:, None].to(device), mean, std)
     out = probe_forward(teacher, x, probe_blocks=tuple(blocks), head=head)
-    maps = {}
-    for b in blocks:
-        rows = out.probes[b].float().cpu()                            # (N, patches)
-        g = int(round(math.sqrt(rows.shape[1])))
-        maps[b] = rows.view(-1, g, g).numpy()                         # (N, g, g)
+    maps = probe_maps(out, blocks)
     cosines = [", ".join(f"blk{b} {float(probe_uniformity(out.probes[b][i:i + 1].float())):.3f}" for b in blocks)
                for i in range(len(images))]
     plots.probe_heatmaps(path, torch.from_numpy(np.asarray(images, np.uint8))[:, None], maps,
