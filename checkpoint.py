@@ -164,6 +164,11 @@ class RunFolder:
         self.state = {"epoch": -1, "best_acc1": -1.0, "best_epoch": -1, "best_agree": -1.0,
                       "acc1_at_best_agree": None, "best_agree_epoch": -1}
 
+    @property
+    def resumes(self):
+        """What a restart of this run continues from (for the line a lost rank ends with)."""
+        return f"the last finished epoch ({os.path.relpath(self.last, self.dir)})"
+
     def resume_point(self, flag):
         return resume_path(flag, self.last)
 

@@ -141,7 +141,8 @@ def train(s, plan, run, loaders, teacher_net, student, class_weights, device):
         engine.set_lr(student.optimizers[0], lr)
         t0 = time.time()
         epoch_run = engine.TrainEpoch(loaders.train, loaders.augment, epoch, device, s.seed, s.log_every, "distill",
-                                      modules=(student.model, student.noise))
+                                      modules=(student.model, student.noise), phase="distillation",
+                                      resumes=run.resumes)
         for batch in epoch_run:
             with engine.autocast(device, s.amp):
                 terms = distill_step(batch.images, teacher_net, student.net, student.noise_net, s.loss, class_weights)

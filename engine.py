@@ -164,9 +164,12 @@ class TrainEpoch:
         metrics = epoch_run.metrics()            # the mean of each loss, img_per_s, seconds
     """
 
-    def __init__(self, batches, augment, epoch, device, seed=0, log_every=50, desc="train", modules=()):
+    def __init__(self, batches, augment, epoch, device, seed=0, log_every=50, desc="train", modules=(), phase=None,
+                 resumes="the last finished epoch"):
         self.batches, self.augment, self.epoch, self.device = batches, augment, epoch, device
         self.log_every, self.desc, self.modules = log_every, desc, modules
+        # for the line a lost rank ends with: what this loop is (default: desc), what a restart resumes from
+        self.phase, self.resumes = phase or desc, resumes
         self.seed_value = seed * 1000003 + epoch * 1009 + rank_world()[0]
         self.sums, self.count, self.seen = {}, 0, 0
 
@@ -177,10 +180,8 @@ class TrainEpoch:
         self.t0 = time.time()
         self.bar = tqdm(total=len(self.batches), desc=f"{self.desc} {self.epoch}", disable=rank_world()[0] != 0,
                         leave=False, dynamic_ncols=True)
-        resumes = "the last finished epoch" + (" (student/last.pth)" if self.desc == "distill" else "")
-        what = {"distill": "distillation"}.get(self.desc, self.desc)
         for step, batch in enumerate(self.batches.epoch(self.epoch)):
-            set_phase(f"{what} epoch {self.epoch} step {step}", resumes)   # for the line a lost rank ends with
+            set_phase(f"{self.phase} epoch {self.epoch} step {step}", self.resumes)
             images = batch.images.to(self.device, non_blocking=True)
             labels, cropped = (None if t is None else t.to(self.device, non_blocking=True)
                                for t in (batch.labels, batch.cropped))

@@ -29,7 +29,7 @@ import published
 from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, resume_path, rng_state,
                         save_checkpoint, trim_log, unwrap)
 from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
-from utils import DIST_TIMEOUT, InputError, amp_dtype, init_distributed, resolve_device, system_parser
+from utils import InputError, amp_dtype, init_distributed, resolve_device, system_parser
 
 
 def get_args_parser():
@@ -104,7 +104,7 @@ def train_teacher(args, on_epoch=None):
     if args.epochs <= 0:
         raise InputError(f"--epochs must be positive, got {args.epochs}")
     device = resolve_device(args.device)
-    rank, world = init_distributed(device, getattr(args, "dist_timeout", DIST_TIMEOUT))
+    rank, world = init_distributed(device, args.dist_timeout)
     amp = amp_dtype(args.amp, device)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     paths = output_paths(args.output)
