@@ -249,6 +249,26 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def timed_row(args, device, row, batch, make, warmup):
+    """row + img/s, reps and peak memory of make()'s runner, or + an error (one variant must not hide the others)."""
+    try:
+        run = make()
+        reps, dt, mem = measure(run, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
+        row.update(batch=batch, img_per_s=reps * batch / dt, reps=reps, **mem)
+        print(f"  {row['label']}: {row['img_per_s']:,.1f} img/s", flush=True)   # a timeout still shows what ran
+    except Exception as e:
+        traceback.print_exc()
+        row.update(batch=batch, error=f"{type(e).__name__}: {e}")
+    run = None
+    free_memory()
+    return row
+
+
+def best_of(rows, names):
+    """The fastest of the rows named `names` that ran."""
+    return max((r for r in rows if r["name"] in names and "img_per_s" in r), key=lambda r: r["img_per_s"], default=None)
+
+
 # ---- section (a): scoring -----------------------------------------------------------------
 
 def section_scoring(args, device, teacher, res):
@@ -262,15 +282,7 @@ def section_scoring(args, device, teacher, res):
     rows = []
 
     def record(name, label, fn, warmup):
-        try:
-            reps, dt, mem = measure(fn, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
-            row = {"name": name, "label": label, "batch": B, "img_per_s": reps * B / dt, "reps": reps, **mem}
-        except Exception as e:  # one variant failing must not hide the others
-            traceback.print_exc()
-            row = {"name": name, "label": label, "batch": B, "error": f"{type(e).__name__}: {e}"}
-        rows.append(row)
-        free_memory()
-        return row
+        rows.append(timed_row(args, device, {"name": name, "label": label}, B, lambda: fn, warmup))
 
     def ours(fn, *extra):
         def run(n):
@@ -296,8 +308,7 @@ def section_scoring(args, device, teacher, res):
 
     res["scoring"] = {"teacher": args.teacher, "batch": B, "rows": rows}
     pub = _rate(rows, "published")
-    best = max((r for r in rows if r["name"] in ("ours", "ours_compiled") and "img_per_s" in r),
-               key=lambda r: r["img_per_s"], default=None)
+    best = best_of(rows, ("ours", "ours_compiled"))
     res["scoring_img_per_s_published"] = pub
     res["scoring_img_per_s_ours"] = _rate(rows, "ours")
     res["scoring_img_per_s_ours_compiled"] = _rate(rows, "ours_compiled")
@@ -396,31 +407,30 @@ def published_train_runner(args, device, teacher, batch, pool_batches=4):
     return run
 
 
+def train_variants(args):
+    """Our training step's variants a run measures: eager, then the asked-for compiled ones."""
+    return ["eager"] + (["compiled"] if args.compile else []) + (["cuda_graphs"] if args.cuda_graphs else [])
+
+
+def variant_label(variant, amp_name):
+    return {"eager": f"{amp_name} eager", "compiled": f"{amp_name} + torch.compile",
+            "cuda_graphs": f"{amp_name} + compile reduce-overhead"}[variant]
+
+
 def section_training(args, device, teacher, res):
-    variants = ["eager"] + (["compiled"] if args.compile else []) + (["cuda_graphs"] if args.cuda_graphs else [])
+    variants = train_variants(args)
     amp_name = "bf16" if device.type == "cuda" else "fp32"
     rows = []
     for batch in dict.fromkeys([args.train_batch, args.large_batch]):
         configs = []
         for v in variants:
-            label = {"eager": f"ours: engine step, {amp_name} eager", "compiled": f"ours: {amp_name} + torch.compile",
-                     "cuda_graphs": f"ours: {amp_name} + compile reduce-overhead"}[v]
+            label = "ours: " + ("engine step, " if v == "eager" else "") + variant_label(v, amp_name)
             configs.append((f"ours_{v}", label, lambda v=v: ours_train_runner(args, device, teacher, batch, v),
                             1 if v == "eager" else 3))
         configs.append(("published", f"published: fp32 eager, hooks, foreach AdamW, NA {args.published_na}",
                         lambda: published_train_runner(args, device, teacher, batch), 1))
         for name, label, make, warmup in configs:
-            try:
-                run = make()
-                reps, dt, mem = measure(run, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
-                row = {"name": name, "label": label, "batch": batch, "img_per_s": reps * batch / dt,
-                       "reps": reps, **mem}
-            except Exception as e:
-                traceback.print_exc()
-                row = {"name": name, "label": label, "batch": batch, "error": f"{type(e).__name__}: {e}"}
-            rows.append(row)
-            run = None
-            free_memory()
+            rows.append(timed_row(args, device, {"name": name, "label": label}, batch, make, warmup))
     for r in rows:
         pub = next((p.get("img_per_s") for p in rows if p["name"] == "published" and p["batch"] == r["batch"]), None)
         r["speedup"] = r["img_per_s"] / pub if pub and "img_per_s" in r else None
@@ -555,25 +565,6 @@ def make_teacher224(args, name, device):
     return models.Teacher.of(model.to(device), name)
 
 
-def timed_row(args, device, row, batch, make, warmup):
-    """row + img/s, reps and peak memory of make()'s runner, or + an error (one variant must not hide the others)."""
-    try:
-        run = make()
-        reps, dt, mem = measure(run, device, args.seconds, warmup=warmup, min_reps=3 if not args.quick else 2)
-        row.update(batch=batch, img_per_s=reps * batch / dt, reps=reps, **mem)
-        print(f"  {row['label']}: {row['img_per_s']:,.1f} img/s", flush=True)   # a timeout still shows what ran
-    except Exception as e:
-        traceback.print_exc()
-        row.update(batch=batch, error=f"{type(e).__name__}: {e}")
-    run = None
-    free_memory()
-    return row
-
-
-def best_of(rows, names):
-    return max((r for r in rows if r["name"] in names and "img_per_s" in r), key=lambda r: r["img_per_s"], default=None)
-
-
 def section_scoring224(args, device, res):
     """(d) scoring.score_images on each 224-px teacher (bf16 eager, + torch.compile) vs the published two passes."""
     B = args.score_batch224
@@ -631,7 +622,7 @@ def section_scoring224(args, device, res):
 def section_training224(args, device, res):
     """(e) one KD + NA + PD step, each 224-px teacher -> --student224, ours (bf16 eager, compiled) vs published."""
     batch = args.train_batch224
-    variants = ["eager"] + (["compiled"] if args.compile else []) + (["cuda_graphs"] if args.cuda_graphs else [])
+    variants = train_variants(args)
     amp_name = "bf16" if device.type == "cuda" else "fp32"
     rows = []
     res["training224"] = {"teachers": list(args.teachers224), "student": args.student224, "batch": batch, "rows": rows}
@@ -642,10 +633,8 @@ def section_training224(args, device, res):
         a = SimpleNamespace(**{**vars(args), "student": args.student224, "num_classes": teacher.num_classes,
                                "model_kwargs": TINY_224 if args.tiny else {}})
         for v in variants:
-            label = {"eager": f"{amp_name} eager", "compiled": f"{amp_name} + torch.compile",
-                     "cuda_graphs": f"{amp_name} + compile reduce-overhead"}[v]
             mine.append(timed_row(args, device, {"name": f"ours_{v}", "teacher": name,
-                                                 "label": f"ours: {tag} -> tiny, {label}"}, batch,
+                                                 "label": f"ours: {tag} -> tiny, {variant_label(v, amp_name)}"}, batch,
                                   lambda v=v: ours_train_runner(a, device, teacher, batch, v),
                                   1 if v == "eager" else 3))
         mine.append(timed_row(args, device, {"name": "published", "teacher": name,
@@ -769,8 +758,6 @@ def end_to_end_224(res, pool_images):
     --fast_decode; the published algorithm with its 8 workers. Each step runs at the slower of the GPU and
     the decoding; the --pos_num images are counted at the wild images' decoding rate."""
     est, lines = {}, []
-    feed, fast, pub_feed = (res.get(k) for k in ("loader224_img_per_s", "loader224_img_per_s_fast_decode",
-                                                 "loader224_img_per_s_published"))
     w, pw = res.get("loader224_workers"), res.get("loader224_published_workers")
 
     def slower(images, gpu, dec, dec_name):

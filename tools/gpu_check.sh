@@ -161,10 +161,12 @@ EOF
     # after a failure bench224.json.partial holds the sections that finished: their figures still go in the line
     "$PY" - "$J" > "$OUTDIR/part5.result" <<'EOF' || exit 1
 import json, os, sys
+sys.path.insert(0, "benchmark")
+from benchmark import tag224   # the teacher's part of the JSON keys
 path = sys.argv[1] if os.path.exists(sys.argv[1]) else sys.argv[1] + ".partial"
 r = json.load(open(path))
 f = lambda k: "-" if r.get(k) is None else f"{r[k]:,.0f}" if r[k] > 100 else f"{r[k]:.2f}"
-t = [t.replace("deit_", "", 1).split("_patch")[0] for t in r.get("teachers224", [])]
+t = [tag224(t) for t in r.get("teachers224", [])]
 score = "; ".join(f"score {k} {f(f'scoring224_{k}_img_per_s_ours_best')} ({r.get(f'scoring224_{k}_best_variant')}) "
                   f"vs {f(f'scoring224_{k}_img_per_s_published')} ({f(f'scoring224_{k}_speedup')}x)" for k in t)
 step = "; ".join(f"step {k}->tiny {f(f'train224_{k}_img_per_s_ours')} ({r.get(f'train224_{k}_best_variant')}) vs "
