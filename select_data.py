@@ -226,10 +226,11 @@ def rank_pool(s, pool_size):
     return arrays, value, usable, pred
 
 
-def select_from_scores(s, num_classes, pool_index):
-    """Rank 0, cheap: the stored scores ranked by the rule, with the class-collapse warning and a summary
-    printed. -> {'indices', 'pred', 'mass', 'rule', 'value', 'settings'} (Selection.of's arguments)"""
-    arrays, value, usable, pred = rank_pool(s, len(pool_index))
+def select_from_scores(s, num_classes, pool_index, ranking=None):
+    """Rank 0, cheap: the stored scores ranked by the rule (rank_pool's, unless `ranking` holds them), with the
+    class-collapse warning and a summary printed. -> {'indices', 'pred', 'mass', 'rule', 'value', 'settings'}
+    (Selection.of's arguments)"""
+    arrays, value, usable, pred = ranking or rank_pool(s, len(pool_index))
     chosen = select_indices(value, usable, s.num_select, pred, s.per_class, s.random, s.seed)
     mass = class_mass(scoring.load_probs(s.folder), pred, chosen, num_classes)
     picked = {"indices": chosen, "pred": pred[chosen], "mass": mass,

@@ -76,14 +76,15 @@ def main(args):
     s = SimpleNamespace(folder=folder, **knobs)
     num_classes = int(meta["nb_classes"])
     source = image_source(folder, record, args.data_imagenet)
+    ranking = rank_pool(s, meta["pool_size"])
     if changed:
         if len(source) != meta["pool_size"]:
             raise InputError(f"the pool has {len(source)} images but the scores in {folder} cover {meta['pool_size']}")
-        picked = select_from_scores(s, num_classes, source)
+        picked = select_from_scores(s, num_classes, source, ranking)
         indices, rule_text = picked["indices"], picked["rule"]
     else:
         indices, rule_text = record["indices"], str(record.get("rule", "as stored"))
-    return report.draw(s, rank_pool(s, meta["pool_size"]), indices, rule_text, num_classes, source, out_dir=args.out)
+    return report.draw(s, ranking, indices, rule_text, num_classes, source, out_dir=args.out)
 
 
 if __name__ == "__main__":
