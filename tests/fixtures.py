@@ -283,18 +283,28 @@ def start_script(script, *args, env=None, stdout=None, stderr=None):
                             env={**os.environ, **CHILD_ENV, **(env or {})})
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's store)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank, world, port):
+    """The variables torchrun gives rank `rank` of a one-node group of `world` meeting on 127.0.0.1:port."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+
+
 def run_ranks(script, args, out_dir, world=2, timeout=180):
     """Run a CLI as `world` gloo processes with the environment torchrun gives each (CPU) -> (exit codes,
     stderr texts). Fails the test when a rank is still running `timeout` s later (a rank left waiting)."""
     import pytest
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs, files = [], []
     for rank in range(world):
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        env = rank_env(rank, world, port)
         files += [open(os.path.join(out_dir, f"out{rank}.txt"), "w"), open(os.path.join(out_dir, f"err{rank}.txt"), "w")]
         procs.append(start_script(script, *args, env=env, stdout=files[-2], stderr=files[-1]))
     try:

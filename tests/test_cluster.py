@@ -71,12 +71,6 @@ def run_flags(w, run, script=D, out=None, sel=None):
     return [fx.script_path(script), *map(str, flags)]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(fault=None):
     return {**os.environ, **fx.CHILD_ENV, **({"CLUSTER_FAULT": fault} if fault else {})}
 
@@ -91,7 +85,7 @@ def torchrun(argv, *launch, fault=None, timeout=300):
 def two_agents(argv_of_node, timeout=300):
     """Two torchrun agents of one worker each, meeting by c10d rendezvous on 127.0.0.1 as two nodes would;
     argv_of_node(node) -> that node's command line. -> [(exit code, stdout, stderr)] per agent."""
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{fx.free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
                                "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "cluster-test",
                                "--max_restarts", "0", HERE, *argv_of_node(node)], cwd=fx.ROOT, env=env(),
@@ -185,13 +179,12 @@ def test_a_hung_rank_ends_the_run_within_dist_timeout(world, tmp_path):
     """Rank 1 stops (SIGSTOP: alive, silent) at the first step of epoch 1: rank 0 ends with one line naming
     rank 1 and the step within --dist_timeout plus the heartbeat check, exit 1; epoch 0's files are whole."""
     timeout = 10
-    port = free_port()
+    port = fx.free_port()
     procs, files = [], []
     run = tmp_path / "hung"
     argv = run_flags(world, run) + ["--dist_timeout", str(timeout)]
     for rank in range(2):
-        e = {**env("1:distill:distill_step:3:stop"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-             "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        e = {**env("1:distill:distill_step:3:stop"), **fx.rank_env(rank, 2, port)}
         files.append(open(tmp_path / f"err{rank}.txt", "w+"))
         procs.append(subprocess.Popen([sys.executable, HERE, *argv], cwd=fx.ROOT, env=e, stdout=subprocess.DEVNULL,
                                       stderr=files[-1]))

@@ -4,7 +4,6 @@ caller's folder, and each run folder records the images it trained on."""
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -232,11 +231,8 @@ def test_force_keeps_a_matching_image_cache(tmp_path, monkeypatch):
 # ---- 3, 4. torchrun ------------------------------------------------------------------------------
 
 def _torchrun(*argv, timeout=300):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), *map(str, argv)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(fx.free_port()), *map(str, argv)],
                           capture_output=True, text=True, timeout=timeout, cwd=fx.ROOT,
                           env={**os.environ, **fx.CHILD_ENV})
 
