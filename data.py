@@ -704,6 +704,12 @@ def apply_crop_flip(x, padding, dy, dx, flip):
     return out.view(B, C, H, W)
 
 
+def check_padding(padding, img_size):
+    """A crop padding wider than the image would crop windows holding none of it: refused."""
+    if padding > img_size:
+        raise InputError(f"--crop_padding {padding} is wider than the {img_size}-px images: at most {img_size}")
+
+
 def random_crop_flip(x, padding, generator=None, done=None):
     """Per-image random crop (zero padding) + horizontal flip with p=0.5, vectorised.
 

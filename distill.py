@@ -13,7 +13,6 @@ gets student/{checkpoint.pth (best test acc1), final.pth, last.pth (resume point
 line per epoch), args.json, summary.json, selection.pt, and with --pos_num labelset_index_dict.pth.
 Rerunning the same command resumes from last.pth.
 """
-import argparse
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import engine
+import flags
 import models
 import published
 import select_data
@@ -34,60 +34,89 @@ from data import DATASETS
 from losses import TERMS, NoiseAdaptation
 from safety import atomic_torch_save, check_writable, on_rank0, run_lock
 from selection import labelled_class_mass, robust_kd_weights
-from settings import check_student, plan_run, resolve_settings
-from utils import git_sha, init_distributed, rank_world, resolve_device, system_parser
+from settings import check_probe, check_student, plan_run, resolve_settings
+from utils import git_sha, init_distributed, rank_world, resolve_device
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention Probe: probe distillation of a ViT student",
-                                     allow_abbrev=False, parents=[system_parser()])
+    parser = flags.Parser(description="Attention Probe: probe distillation of a ViT student",
+                          parents=[flags.system_parser()])
     parser.add_argument("--dataset", default=None, choices=list(DATASETS),
                         help=f"the teacher's task; its test set measures the student (default {published.DATASET}; "
                         "with --eval_only the student checkpoint's)")
-    parser.add_argument("--data_cifar", help="original dataset root (test set; train set for --pos_num): "
+    parser.add_argument("--data_cifar", type=flags.path,
+                        help="original dataset root (test set; train set for --pos_num): "
                         "CIFAR pickles, IDX files, or an ImageFolder tree with train/ and val/")
     select_data.add_selection_args(parser)
-    parser.add_argument("--selection_file", default=None, help="train on a precomputed selection.pt "
+    parser.add_argument("--selection_file", type=flags.path, default=None, help="train on a precomputed selection.pt "
                         "({'indices', 'pred'}; e.g. demo.py's oracle/energy references, or a run's "
                         "output_dir/selection.pt) instead of selecting; --selected_file is then optional")
     g = parser.add_argument_group("distillation (stage 2)")
-    g.add_argument("--output_dir", "--output-dir", help="run folder: student/, log.txt, args.json")
-    g.add_argument("--student", default=None, help="student model (default: the tiny DeiT at the teacher's size)")
-    g.add_argument("--lr_S", type=float, default=published.LR_S,
+    g.add_argument("--output_dir", "--output-dir", type=flags.path, help="run folder: student/, log.txt, args.json")
+    g.add_argument("--student", type=flags.model_name, default=None,
+                   help="student model (default: the tiny DeiT at the teacher's size)")
+    g.add_argument("--lr_S", type=flags.positive_float, default=published.LR_S,
                    help=f"student AdamW learning rate (default {published.LR_S})")
-    g.add_argument("--weight_decay", "--weight-decay", type=float, default=published.WEIGHT_DECAY)
-    g.add_argument("--batch_size", "--batch-size", type=int, default=published.BATCH_SIZE,
+    g.add_argument("--weight_decay", "--weight-decay", type=flags.nonneg_float, default=published.WEIGHT_DECAY,
+                   help=f"student AdamW weight decay (default {published.WEIGHT_DECAY})")
+    g.add_argument("--batch_size", "--batch-size", type=flags.positive_int, default=published.BATCH_SIZE,
                    help=f"global batch (default {published.BATCH_SIZE}, as the paper)")
-    g.add_argument("--epochs", type=int, default=None, help="default: the published formula int(320000 / num_select "
+    g.add_argument("--epochs", type=flags.positive_int, default=None,
+                   help="default: the published formula int(320000 / num_select "
                    "* 512) (640000 for 224 px)")
-    g.add_argument("--schedule", type=int, nargs="*", default=list(published.SCHEDULE), help="lr ×0.1 at these epochs")
+    g.add_argument("--schedule", type=flags.nonneg_int, nargs="*", action=flags.Increasing,
+                   default=list(published.SCHEDULE), help="lr ×0.1 from each of these epochs on, increasing (default "
+                   + " ".join(map(str, published.SCHEDULE)) + "; none: a constant lr)")
     g.add_argument("--cos", action="store_true", help="cosine learning rate instead of --schedule")
     g.add_argument("--robust", action="store_true", help="class-weighted KD (the selection's class weights)")
     g.add_argument("--attnprobe_dist", action="store_true", help="add probe distillation (PD) to the loss")
-    g.add_argument("--patchattn", type=float, default=published.PATCHATTN,
+    g.add_argument("--patchattn", type=flags.positive_float, default=published.PATCHATTN,
                    help=f"weight of PD (default {published.PATCHATTN}, as published)")
     g.add_argument("--pd_loss", default="cls_gram", choices=list(TERMS["pd"]),
                    help="the PD variant of losses.TERMS (default cls_gram, the published one)")
     blocks = " ".join(map(str, FEATURE_BLOCKS))
-    g.add_argument("--pd_teacher_blocks", type=int, nargs="+", default=None, help=f"default {blocks}")
-    g.add_argument("--pd_student_blocks", type=int, nargs="+", default=None, help=f"default {blocks}")
-    g.add_argument("--teacher_acc", type=float, default=None, help="noise-adaptation diagonal (default: the "
+    for who in ("teacher", "student"):
+        g.add_argument(f"--pd_{who}_blocks", type=flags.nonneg_int, nargs="+", action=flags.Increasing, default=None,
+                       help=f"the {who}'s PD blocks, increasing, paired in order with the other's (default {blocks})")
+    g.add_argument("--teacher_acc", type=flags.accuracy, default=None, help="noise-adaptation diagonal (default: the "
                    "teacher file's accuracy, else the published constant of --dataset: "
                    + ", ".join(f"{k} {v}" for k, v in published.TEACHER_ACC.items()) + "; other datasets need it)")
-    g.add_argument("--pos_num", type=int, default=0, help="add the first K labelled train images per class "
+    g.add_argument("--pos_num", type=flags.nonneg_int, default=0,
+                   help="add the first K labelled train images per class "
                    "(published: 50 Tiny-ImageNet, 129 ImageNet); the run is then NOT data-free")
-    g.add_argument("--holdout", type=float, default=0.0,
+    g.add_argument("--holdout", type=flags.below_half, default=0.0,
                    help="share of the selected images held out (not trained on) to report the test accuracy at "
                    "the best student-teacher agreement, chosen without test labels (default 0: none, as published)")
-    g.add_argument("--eval_every", type=int, default=1, help="test every N epochs (and at the last)")
-    g.add_argument("--crop_padding", type=int, default=None,
+    g.add_argument("--eval_every", type=flags.positive_int, default=1, help="test every N epochs (and at the last)")
+    g.add_argument("--crop_padding", type=flags.nonneg_int, default=None,
                    help="random-crop padding (default 4 at 32 and 224 px, as published; img_size // 8 at other sizes)")
-    g.add_argument("--resume", default="auto", help="'auto' (default: output_dir/student/last.pth if present), "
+    g.add_argument("--resume", type=flags.resume_point, default="auto",
+                   help="'auto' (default: output_dir/student/last.pth if present), "
                    "a last.pth path, or 'no'")
-    g.add_argument("--eval_only", "--eval", default=None, metavar="CKPT", help="only evaluate this student checkpoint")
+    g.add_argument("--eval_only", "--eval", type=flags.path, default=None, metavar="CKPT",
+                   help="only evaluate this student checkpoint")
     g.add_argument("--cuda_graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
-    g.add_argument("--log_every", type=int, default=50, help="steps between progress-bar loss reads")
+    g.add_argument("--log_every", type=flags.positive_int, default=50, help="steps between progress-bar loss reads")
+    for flag in ("--patchattn", "--pd_loss", "--pd_teacher_blocks", "--pd_student_blocks"):
+        parser.needs(flag, "--attnprobe_dist", "it sets probe distillation")
+    parser.needs("--cuda_graphs", "--compile", "CUDA graphs are a torch.compile mode")
+    parser.excludes("--cos", "--schedule", "the cosine lr has no milestones")
+    parser.only_with("--selection_file", SELECTION_FILE_USES, "the file decides the images: no scoring, no rule")
+    parser.only_with("--eval_only", EVAL_ONLY_USES, "it tests the checkpoint only")
     return parser
+
+
+# what --selection_file and --eval_only read; any other flag given with them would be ignored, so it is refused
+SELECTION_FILE_USES = {"--dataset", "--data_cifar", "--data_imagenet", "--teacher", "--teacher_dir", "--teacher_ema",
+                       "--nb_classes", "--num_select", "--selected_file", "--probe_blocks", "--probe_head",
+                       "--img_size", "--mean", "--std", "--cache_dir", "--no_cache", "--fast_decode", "--output_dir",
+                       "--student", "--lr_S", "--weight_decay", "--batch_size", "--epochs", "--schedule", "--cos",
+                       "--robust", "--attnprobe_dist", "--patchattn", "--pd_loss", "--pd_teacher_blocks",
+                       "--pd_student_blocks", "--teacher_acc", "--pos_num", "--holdout", "--eval_every",
+                       "--crop_padding", "--resume", "--cuda_graphs", "--log_every", "--device", "--workers", "--amp",
+                       "--compile", "--seed", "--dist_timeout"}
+EVAL_ONLY_USES = {"--dataset", "--data_cifar", "--student", "--nb_classes", "--img_size", "--mean", "--std",
+                  "--device", "--workers", "--amp", "--dist_timeout"}
 
 
 # ---- the method ----------------------------------------------------------------------------------
@@ -185,6 +214,7 @@ def distill(s, device):
     t_start = time.time()
     # everything that can fail on bad input happens before any long work
     teacher = models.load_teacher(**s.select.teacher, device=device)
+    check_probe(s.select, teacher)
     for note in teacher.notes:
         say(f"note: {note}")
     if DATASETS[s.dataset] not in (None, teacher.num_classes):
@@ -197,7 +227,7 @@ def distill(s, device):
     plan = plan_run(s, teacher, len(selection) if selection is not None else s.select.num_select, len(test.classes),
                     ckpt.get("args") if ckpt else None, rank_world()[1])
     torch.manual_seed(s.seed)
-    student = models.create(plan.student, teacher.num_classes)
+    student = models.create(plan.student, teacher.num_classes, flag="--student")
     check_student(student, plan.student, teacher, s.pd_blocks)
     run.args = plan.record(s, teacher)   # args.json, and the args of every checkpoint
     if ckpt is not None:

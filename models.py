@@ -71,10 +71,10 @@ for _size in _DEMO_SIZES:
             _register(_size, 28, _suffix, _patch, _DEMO_SIZES)
 
 
-def create(name, num_classes, **kwargs):
-    """timm.create_model with a clear error for an unknown name."""
+def create(name, num_classes, flag=None, **kwargs):
+    """timm.create_model with a clear error for an unknown name (naming `flag`, the option that gave it)."""
     if name not in timm.list_models(name):
-        raise InputError(f"unknown model '{name}'; registered here: "
+        raise InputError((f"{flag} {name}: unknown model" if flag else f"unknown model '{name}'") + "; registered here: "
                          + ", ".join(timm.list_models("deit_*patch4*")) + ", and timm's own models")
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
@@ -311,12 +311,13 @@ def load_teacher(name, num_classes, path, device="cpu", mean=None, std=None, img
     else:
         state_dict, meta = read_checkpoint(path, ema)   # read once: a DeiT main.py file holds optimizer state too
         info, where = teacher_file_info(meta)
+        flag = "--teacher" if name else None
         name, _ = _resolve("--teacher", name, info, where, "model", notes, published.TEACHER)
         head = state_dict.get("head.weight")
         if info["num_classes"] is not None and head is not None and info["num_classes"] != head.shape[0]:
             notes.append(f"the teacher file's {where['num_classes']} says {info['num_classes']} classes but its "
                          f"head has {head.shape[0]}: using {head.shape[0]}")
-        model = create(name, num_classes or num_classes_of(state_dict, path))
+        model = create(name, num_classes or num_classes_of(state_dict, path), flag=flag)
         try:
             load_state_dict_strict(model, state_dict, source=os.fspath(path))
         except InputError as e:

@@ -254,7 +254,7 @@ def _close_progress_bars():
         pass
 
 
-def _tell_once(line):
+def tell_once(line):
     """Print a closing line to stderr from one process: under torchrun every rank ends the same way
     (errors found on rank 0 are shared, see on_rank0), so rank 0 speaks for all of them."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -277,7 +277,7 @@ def cli_main(main):
         try:
             return main(*a, **kw)
         except InputError as e:
-            _tell_once(f"error: {e}")
+            tell_once(f"error: {e}")
             sys.exit(2)
         except Exception as e:
             _exit_if_out_of_space(e)
@@ -286,7 +286,7 @@ def cli_main(main):
         except KeyboardInterrupt:
             _close_progress_bars()  # else they redraw at exit, after our message
             _exit_if_rank_lost(None)   # torchrun's agent stops the survivors of a lost rank with SIGTERM
-            _tell_once("interrupted: finished work is saved; run the same command again to continue")
+            tell_once("interrupted: finished work is saved; run the same command again to continue")
             sys.exit(130)
         finally:
             _leave_process_group()

@@ -216,15 +216,21 @@ def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, sto
     full = {key: torch.full((n,), float("inf")) for key in keys}
     pred = torch.full((n,), -1, dtype=torch.long)
     skipped = []
+    covered = torch.zeros(n, dtype=torch.bool)
     for k in range(num_chunks):
         part = torch.load(_chunk_path(chunks_dir, k), weights_only=True)
         idx, ok = part["index"], part["ok"].bool()
+        covered[idx] = True
         for key in keys:
             full[key][idx[ok]] = part[key][ok].float()
         pred[idx[ok]] = part["pred_out"][ok].long()
         skipped += [(i, part["reasons"].get(i, "unreadable")) for i in idx[~ok].tolist()]
         if store:
             store.add_chunk(part, n)
+    if not bool(covered.all()):   # never mark scores complete that miss an image; the rerun scores afresh
+        shutil.rmtree(chunks_dir)
+        raise RuntimeError(f"scoring covered {int(covered.sum())} of {n} pool images: the score files in {out_dir} "
+                           "are not written; run the same command again")
     for key in keys:
         atomic_torch_save(full[key], os.path.join(out_dir, f"{key}.pth"))
     atomic_torch_save(pred, os.path.join(out_dir, "pred_out.pth"))

@@ -22,6 +22,7 @@ import time
 import torch
 
 import data
+import flags
 import models
 import pool
 import published
@@ -33,34 +34,39 @@ from safety import cli_main, on_rank0, run_lock, set_phase
 from selection import (RULE_SETTINGS, RULES, Selection, class_collapse, class_mass, combined_value, describe,
                        read_record, rule_needs, rule_value, score_quantiles, select_indices,
                        warn_class_collapse)
-from settings import resolve_select_settings
-from utils import InputError, init_distributed, rank_world, resolve_device, system_parser
+from settings import check_probe, resolve_select_settings
+from utils import InputError, init_distributed, rank_world, resolve_device
 
 
 def add_selection_args(parser):
     """Flags shared by select_data.py and DFND_DeiT-train.py (published names kept)."""
     g = parser.add_argument_group("selection (stage 1)")
-    g.add_argument("--data_imagenet", nargs="+", help="wild pool: a folder of images (any depth), "
+    g.add_argument("--data_imagenet", type=flags.path, nargs="+", help="wild pool: a folder of images (any depth), "
                    "a folder of .tar shards, or .tar shard paths")
-    g.add_argument("--teacher", default=None, help="teacher model name (default: the one the teacher file names, "
+    g.add_argument("--teacher", type=flags.model_name, default=None,
+                   help="teacher model name (default: the one the teacher file names, "
                    f"else {published.TEACHER})")
-    g.add_argument("--teacher_dir", help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
+    g.add_argument("--teacher_dir", type=flags.path,
+                   help="teacher checkpoint file: DeiT main.py or timm train.py checkpoints, "
                    "the official DeiT releases, train_teacher.py files, plain state dicts, .safetensors; or "
                    "weights timm loads itself: hf-hub:org/name or a pretrained tag (deit_base_patch16_224.fb_in1k)")
     g.add_argument("--teacher_ema", action="store_true",
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
-    g.add_argument("--nb_classes", type=int, default=None, help="teacher classes (default: read from checkpoint)")
-    g.add_argument("--num_select", type=int, default=None,
+    g.add_argument("--nb_classes", type=flags.positive_int, default=None,
+                   help="teacher classes (default: read from checkpoint)")
+    g.add_argument("--num_select", type=flags.positive_int, default=None,
                    help=f"images to keep (default {published.NUM_SELECT}, as published)")
-    g.add_argument("--selected_file", help="folder for score files and the selection (read-only is fine when it "
+    g.add_argument("--selected_file", type=flags.path,
+                   help="folder for score files and the selection (read-only is fine when it "
                    "holds complete scores of this pool and teacher)")
     g.add_argument("--attnprobe_sel", action="store_true",
                    help="add the attention probe to the score (the published flag was inverted; this is not)")
     g.add_argument("--random", action="store_true", help="select uniformly at random (baseline)")
-    g.add_argument("--attnlier", type=float, default=published.ATTNLIER,
-                   help=f"weight of the probe scores (default {published.ATTNLIER})")
-    g.add_argument("--outlier", type=float, default=published.OUTLIER,
-                   help=f"weight of the confidence score (default {published.OUTLIER})")
+    g.add_argument("--attnlier", type=flags.nonneg_float, default=published.ATTNLIER,
+                   help=f"with --attnprobe_sel: weight of the probe scores (default {published.ATTNLIER})")
+    g.add_argument("--outlier", type=flags.nonneg_float, default=published.OUTLIER,
+                   help=f"with --attnprobe_sel: weight of the confidence score (default {published.OUTLIER}; without "
+                   "--attnprobe_sel the confidence alone ranks)")
     g.add_argument("--rule", default="published", choices=["published", *RULES],
                    help="ranking score: 'published' (default: confidence, plus the probe with --attnprobe_sel) "
                         "or an opt-in rule of selection.RULES")
@@ -70,34 +76,50 @@ def add_selection_args(parser):
     g.add_argument("--flip_signal", action="store_true",
                    help="with the extra signals, also score each image flipped (flip_agree, flip_kl): "
                         "doubles the teacher compute")
-    g.add_argument("--per_class", type=int, default=None,
-                   help="class-balanced: best N per teacher-predicted class, then fill from the global order")
-    g.add_argument("--probe_blocks", type=int, nargs="+", default=list(PROBE_BLOCKS),
-                   help="0-based (default " + " ".join(map(str, PROBE_BLOCKS)) + ")")
-    g.add_argument("--probe_head", type=int, default=0, help="attention head of the probe (default 0)")
-    g.add_argument("--img_size", type=int, default=None, help="must equal the teacher's input size (default: it)")
-    g.add_argument("--mean", type=float, nargs="+", default=None,
-                   help="normalisation mean (default: the teacher checkpoint's, else ImageNet's)")
-    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (as --mean)")
-    g.add_argument("--cache_dir", default=None, help=f"uint8 pool cache (default for inputs <= {data.LARGE_INPUT} px: "
+    g.add_argument("--per_class", type=flags.positive_int, default=None,
+                   help="class-balanced: best N per teacher-predicted class, then fill from the global order "
+                   "(with --random: N drawn at random per predicted class, then filled at random)")
+    g.add_argument("--probe_blocks", type=flags.nonneg_int, nargs="+", action=flags.Increasing,
+                   default=list(PROBE_BLOCKS), help="0-based blocks of the teacher, increasing (default "
+                   + " ".join(map(str, PROBE_BLOCKS)) + ")")
+    g.add_argument("--probe_head", type=flags.nonneg_int, default=0,
+                   help="attention head of the probe, below the teacher's head count (default 0)")
+    g.add_argument("--img_size", type=flags.positive_int, default=None,
+                   help="must equal the teacher's input size (default: it)")
+    g.add_argument("--mean", type=flags.finite_float, nargs="+", default=None,
+                   help="normalisation mean, one value or one per channel (default: the teacher checkpoint's, "
+                   "else ImageNet's)")
+    g.add_argument("--std", type=flags.positive_float, nargs="+", default=None, help="normalisation std (as --mean)")
+    g.add_argument("--cache_dir", type=flags.path, default=None,
+                   help=f"uint8 pool cache (default for inputs <= {data.LARGE_INPUT} px: "
                    "<selected_file>/pool_cache_<size>px)")
     g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
     g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~2x "
                    "faster, slightly different pixels and scores; default: full decode + resize, as published)")
-    g.add_argument("--score_batch_size", type=int, default=512, help="scoring batch (default 512)")
-    g.add_argument("--chunk_size", type=int, default=65536, help="images per resumable scoring chunk")
+    g.add_argument("--score_batch_size", type=flags.positive_int, default=512, help="scoring batch (default 512)")
+    g.add_argument("--chunk_size", type=flags.positive_int, default=65536,
+                   help="images per resumable scoring chunk (default 65536)")
     g.add_argument("--force", action="store_true", help="rescore even if score files from another run exist")
     g.add_argument("--no_report", action="store_true", help="draw no selection report (--selected_file/report/: "
                    "report.md, histograms, classes, contact sheet, probe heat maps; ours, not published)")
+    # flags that would be ignored in a combination are refused, naming both
+    parser.needs("--attnlier", "--attnprobe_sel", "it weighs the probe scores")
+    parser.needs("--outlier", "--attnprobe_sel", "without it the confidence alone ranks")
+    parser.check(lambda a: a.attnprobe_sel and a.attnlier == 0 and a.outlier == 0,
+                 "--attnlier 0 and --outlier 0 weigh every score by zero: nothing would rank the images")
+    parser.excludes("--attnprobe_sel", "--rule", "a --rule ranks by its own score")
+    parser.excludes("--random", "--attnprobe_sel", "--random ranks by no score")
+    parser.excludes("--random", "--rule", "--random ranks by no score")
+    parser.excludes("--cache_dir", "--no_cache", "--no_cache decodes every image without a cache")
     return parser
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Attention-probe selection of wild images", allow_abbrev=False,
-                                     parents=[system_parser()])
+    parser = flags.Parser(description="Attention-probe selection of wild images", parents=[flags.system_parser()])
     add_selection_args(parser)
     # in DFND_DeiT-train.py --batch_size is the training batch; here the old spelling of the scoring batch
-    parser.add_argument("--batch_size", "--batch-size", type=int, dest="score_batch_size", default=argparse.SUPPRESS,
+    parser.add_argument("--batch_size", "--batch-size", type=flags.positive_int, dest="score_batch_size",
+                        default=argparse.SUPPRESS,
                         help="old spelling of --score_batch_size")
     return parser
 
@@ -252,6 +274,10 @@ def load_selection(path, s, teacher):
     if int(indices.min()) < 0 or int(indices.max()) >= len(pool_index):
         raise InputError(f"--selection_file {path}: indices must lie in [0, {len(pool_index)}), the pool "
                          f"({pool_index.describe()})")
+    recorded_pool = (sel.get("scores") or {}).get("pool")
+    if recorded_pool is not None and recorded_pool != pool.pool_fingerprint(pool_index):
+        raise InputError(f"--selection_file {path} was chosen from another pool than --data_imagenet "
+                         f"({pool_index.describe()}): its recorded pool fingerprint differs")
     if s.num_select_given and s.num_select != len(indices):
         raise InputError(f"--num_select {s.num_select} but --selection_file {path} holds {len(indices)} images: "
                          "drop --num_select (the file decides)")
@@ -280,6 +306,7 @@ def print_summary(picked, value, usable, num_classes):
 def load_teacher(s, device):
     """The teacher of the flags, its first lines printed on rank 0."""
     teacher = models.load_teacher(**s.teacher, device=device)
+    check_probe(s, teacher)
     if rank_world()[0] == 0:
         print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
               + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "

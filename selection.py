@@ -39,15 +39,17 @@ def select_indices(value, usable, num_select, pred=None, per_class=None, random=
 
     usable: (N,) bool, False for skipped images, which are never chosen.
     per_class: keep the best `per_class` images of each predicted class, then fill from the global order.
+    random: a seeded uniform draw instead of the ranking (with per_class: at random within each class).
     """
     candidates = usable.nonzero().squeeze(1)
     if num_select > len(candidates):
         raise InputError(f"--num_select {num_select} is larger than the usable pool "
                          f"({len(candidates)} images; {int((~usable).sum())} unreadable ones skipped)")
-    if random:
+    if random:   # the order is a uniform random permutation (per_class then caps each class at random)
         g = torch.Generator().manual_seed(seed)
-        return candidates[torch.randperm(len(candidates), generator=g)[:num_select]]
-    order = candidates[torch.argsort(value[candidates], stable=True)]          # best first
+        order = candidates[torch.randperm(len(candidates), generator=g)]
+    else:
+        order = candidates[torch.argsort(value[candidates], stable=True)]      # best first
     if per_class is None:
         return order[:num_select]
     ranked_pred = pred[order].clamp_min(0)                                      # (K,)
@@ -96,7 +98,7 @@ def warn_class_collapse(collapsed, kept, num_classes, per_class=None):
     shown = ", ".join(f"{c}: {n}" for c, n in collapsed[:20]) + (
         f" and {len(collapsed) - 20} more" if len(collapsed) > 20 else "")
     way = (f"the pool holds too few images the teacher assigns to them even with --per_class {per_class}"
-           if per_class else f"keep them with --per_class {even} (at most {even} per predicted class)")
+           if per_class else f"keep them with --per_class {max(1, even)} (at most {max(1, even)} per predicted class)")
     print(f"warning: class collapse: {len(collapsed)} of {num_classes} teacher-predicted classes got under a tenth of "
           f"an even share ({even}) of the {kept} kept images (class: kept) {shown}; {way}", flush=True)
 

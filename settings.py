@@ -40,7 +40,7 @@ class SelectSettings:
     per_class: int            # None: not class-balanced
     random: bool
     seed: int
-    probe_blocks: tuple       # sorted
+    probe_blocks: tuple       # increasing (flags.Increasing)
     probe_head: int
     store_signals: bool
     flip_signal: bool
@@ -70,13 +70,6 @@ def resolve_select_settings(args, device, selection_file=None):
         raise InputError("--teacher_dir (the teacher checkpoint) is required")
     if not args.selected_file and not selection_file:
         raise InputError("--selected_file (folder for scores and the selection) is required")
-    for flag, value in (("--num_select", args.num_select), ("--per_class", args.per_class)):
-        if value is not None and value <= 0:
-            raise InputError(f"{flag} must be positive, got {value}")
-    if args.random and args.attnprobe_sel:
-        raise InputError("--random and --attnprobe_sel exclude each other")
-    if args.random and args.rule != "published":
-        raise InputError(f"--random and --rule {args.rule} exclude each other")
     if args.selected_file and os.path.exists(args.selected_file) and not os.path.isdir(args.selected_file):
         raise InputError(f"--selected_file {args.selected_file} exists and is not a folder")
     paths = [p for arg in args.data_imagenet for p in pool.expand_braces(arg)]
@@ -93,7 +86,7 @@ def resolve_select_settings(args, device, selection_file=None):
         num_select=published.NUM_SELECT if args.num_select is None else args.num_select,
         num_select_given=args.num_select is not None, rule=args.rule, attnprobe=args.attnprobe_sel,
         attnlier=args.attnlier, outlier=args.outlier, per_class=args.per_class, random=args.random, seed=args.seed,
-        probe_blocks=tuple(sorted(args.probe_blocks)), probe_head=args.probe_head, store_signals=args.store_signals,
+        probe_blocks=tuple(args.probe_blocks), probe_head=args.probe_head, store_signals=args.store_signals,
         flip_signal=args.flip_signal, cache_dir=args.cache_dir, no_cache=args.no_cache, fast_decode=args.fast_decode,
         batch_size=args.score_batch_size, chunk_size=args.chunk_size, force=args.force, report=not args.no_report,
         workers=args.workers,
@@ -150,12 +143,6 @@ def resolve_settings(args, device):
     if not args.eval_only:
         if not args.output_dir:
             raise InputError("--output_dir is required")
-        if args.epochs is not None and args.epochs <= 0:
-            raise InputError(f"--epochs must be positive, got {args.epochs}")
-        if not 0 <= args.holdout < 0.5:
-            raise InputError(f"--holdout must be in [0, 0.5), got {args.holdout}")
-        if args.batch_size <= 0:
-            raise InputError(f"--batch_size must be positive, got {args.batch_size}")
     resume = None if args.eval_only else RunFolder(args.output_dir).resume_point(args.resume)
     loss = LossConfig(kd_loss="robust" if args.robust else "plain", pd_loss=args.pd_loss,
                       patchattn=args.patchattn if args.attnprobe_dist else 0.0)
@@ -209,6 +196,7 @@ def plan_run(s, teacher, selection_size, test_classes, saved, world):
     acc, acc_from = resolve_teacher_acc(s.teacher_acc, teacher, s.dataset)
     epochs, offset, epochs_from = epoch_plan(s.epochs, selection_size, teacher.img_size, saved)
     padding = s.crop_padding if s.crop_padding is not None else published.crop_padding(teacher.img_size)
+    data.check_padding(padding, teacher.img_size)
     return Plan(s.student or models.default_student(teacher.img_size), selection_size, epochs, offset, epochs_from,
                 acc, acc_from, padding)
 
@@ -242,6 +230,16 @@ def resolve_teacher_acc(flag, teacher, dataset):
     raise InputError(f"--dataset {dataset} has no published noise-adaptation constant (only "
                      + ", ".join(published.TEACHER_ACC) + ") and the teacher file records no accuracy: pass "
                      "--teacher_acc, the teacher's top-1 test accuracy as a fraction (e.g. 0.91)")
+
+
+def check_probe(s, teacher):
+    """Refuse probe blocks or a probe head the teacher lacks, before any image is scored."""
+    depth, heads = len(teacher.model.blocks), teacher.model.blocks[0].attn.num_heads
+    if max(s.probe_blocks) >= depth:
+        raise InputError(f"--probe_blocks {' '.join(map(str, s.probe_blocks))}: the teacher {teacher.name} has "
+                         f"{depth} blocks (0 to {depth - 1})")
+    if s.probe_head >= heads:
+        raise InputError(f"--probe_head {s.probe_head}: the teacher {teacher.name} has {heads} heads (0 to {heads - 1})")
 
 
 def check_student(student, name, teacher, pd_blocks):

@@ -13,7 +13,6 @@ teacher format (DFND_DeiT-train.py and select_data.py read 'acc1' for noise adap
 one JSON line in <stem>.log.txt (DeiT's keys) and <stem>.args.json. Rerunning the same
 command continues from <stem>.last.pth; changed settings are refused.
 """
-import argparse
 import json
 import os
 import time
@@ -24,33 +23,46 @@ import torch.nn.functional as F
 
 import data
 import engine
+import flags
 import models
 import published
 from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, resume_path, rng_state,
                         save_checkpoint, trim_log, unwrap)
 from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
-from utils import InputError, amp_dtype, init_distributed, resolve_device, system_parser
+from utils import InputError, amp_dtype, init_distributed, resolve_device
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Train a teacher ViT", allow_abbrev=False, parents=[system_parser()])
+    parser = flags.Parser(description="Train a teacher ViT", parents=[flags.system_parser()])
     parser.add_argument("--dataset", required=True, choices=list(data.DATASETS))
-    parser.add_argument("--data", "--data-path", "--data_path", required=True, help="dataset root (CIFAR pickles, IDX files or ImageFolder tree)")
-    parser.add_argument("--model", default="deit_base_patch4_32_teacher", help="registered model name")
-    parser.add_argument("--nb_classes", "--num-classes", "--num_classes", type=int, default=None, help="default: the dataset's class count")
-    parser.add_argument("--output", required=True, help="teacher checkpoint to write (.pth)")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=256, help="global batch (default 256)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    parser.add_argument("--weight_decay", "--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup_epochs", "--warmup-epochs", type=int, default=1, help="linear warm-up epochs (default 1)")
-    parser.add_argument("--label_smoothing", "--smoothing", type=float, default=0.1)
-    parser.add_argument("--crop_padding", type=int, default=None,
+    parser.add_argument("--data", "--data-path", "--data_path", type=flags.path, required=True,
+                        help="dataset root (CIFAR pickles, IDX files or ImageFolder tree)")
+    parser.add_argument("--model", type=flags.model_name, default="deit_base_patch4_32_teacher",
+                        help="registered model name")
+    parser.add_argument("--nb_classes", "--num-classes", "--num_classes", type=flags.positive_int, default=None,
+                        help="default: the dataset's class count (at least that many)")
+    parser.add_argument("--output", type=flags.path, required=True,
+                        help="teacher checkpoint file to write (.pth; not a folder)")
+    parser.add_argument("--epochs", type=flags.positive_int, default=100, help="default 100")
+    parser.add_argument("--batch_size", "--batch-size", type=flags.positive_int, default=256,
+                        help="global batch (default 256)")
+    parser.add_argument("--lr", type=flags.positive_float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    parser.add_argument("--weight_decay", "--weight-decay", type=flags.nonneg_float, default=0.05,
+                        help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--warmup_epochs", "--warmup-epochs", type=flags.nonneg_int, default=1,
+                        help="linear warm-up epochs (default 1)")
+    parser.add_argument("--label_smoothing", "--smoothing", type=flags.below_one, default=0.1,
+                        help="cross-entropy label smoothing (default 0.1)")
+    parser.add_argument("--crop_padding", type=flags.nonneg_int, default=None,
                         help="default 4 at 32 and 224 px (the published RandomCrop), img_size // 8 at other sizes")
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="default ImageNet's")
-    parser.add_argument("--std", type=float, nargs="+", default=None)
-    parser.add_argument("--log_every", type=int, default=50)
-    parser.add_argument("--resume", default="auto", help="'auto' (default: continue from <output stem>.last.pth "
+    parser.add_argument("--mean", type=flags.finite_float, nargs="+", default=None,
+                        help="normalisation mean, one value or one per channel (default ImageNet's)")
+    parser.add_argument("--std", type=flags.positive_float, nargs="+", default=None,
+                        help="normalisation std (as --mean)")
+    parser.add_argument("--log_every", type=flags.positive_int, default=50,
+                        help="steps between progress-bar loss reads")
+    parser.add_argument("--resume", type=flags.resume_point, default="auto",
+                        help="'auto' (default: continue from <output stem>.last.pth "
                         "when present), a last.pth path, or 'no' (start over; an old log is kept as .1.txt)")
     return parser
 
@@ -101,20 +113,28 @@ def train_teacher(args, on_epoch=None):
 
     on_epoch: optional callable given each epoch's record dict (rank 0), e.g. for a progress line.
     """
-    if args.epochs <= 0:
-        raise InputError(f"--epochs must be positive, got {args.epochs}")
+    if not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data}: no such folder")
+    if os.path.isdir(args.output):
+        raise InputError(f"--output {args.output} is a folder: name the teacher file to write in it "
+                         f"(e.g. {os.path.join(args.output, 'teacher.pth')})")
     device = resolve_device(args.device)
     rank, world = init_distributed(device, args.dist_timeout)
     amp = amp_dtype(args.amp, device)
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     paths = output_paths(args.output)
     resume, ckpt = _resume_state(args.resume, vars(args), paths["last"])
-    probe = models.create(args.model, 2)
+    probe = models.create(args.model, 2, flag="--model")
     in_chans, img_size = models.input_spec(probe)
     train = data.load_labelled(args.dataset, args.data, "train", img_size, in_chans)
     test = data.load_labelled(args.dataset, args.data, "val", img_size, in_chans)
+    if args.nb_classes is not None and args.nb_classes < len(train.classes):   # a label beyond the head
+        raise InputError(f"--nb_classes {args.nb_classes} is fewer than the {len(train.classes)} classes of the "
+                         f"train split at {args.data}")
     num_classes = args.nb_classes or data.DATASETS[args.dataset] or train.num_classes
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
+    padding = args.crop_padding if args.crop_padding is not None else published.crop_padding(img_size)
+    data.check_padding(padding, img_size)
     on_gpu = device.type == "cuda"
     train_batches = engine.make_batches(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                         seed=args.seed, workers=args.workers, device=device)
@@ -138,7 +158,6 @@ def train_teacher(args, on_epoch=None):
     if args.compile:
         train_model = torch.compile(train_model)
 
-    padding = args.crop_padding if args.crop_padding is not None else published.crop_padding(img_size)
     augment, plain = engine.Augment(mean, std, padding), engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in model.parameters())
     if rank == 0:

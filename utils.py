@@ -64,6 +64,8 @@ def resolve_device(name=None):
             raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
         if name == "cuda":
             name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if torch.device(name).index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(torch.device(name))
     return torch.device(name)
 
@@ -175,24 +177,6 @@ def changed_keys(saved, wanted):
     Keys only `saved` holds (what an earlier run stored besides) change nothing."""
     saved = saved if isinstance(saved, dict) else {}
     return [k for k in wanted if saved.get(k) != wanted[k]]
-
-
-def system_parser():
-    """The machine's flags, shared by every script's parser as DeiT shares its own: parents=[system_parser()]."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    g = parser.add_argument_group("system")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--workers", "--num_workers", "--num-workers", type=int, default=default_workers(),
-                   help="image decoding processes (default: this machine's cores per process, at most 8)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                   help="autocast (auto: bf16 on CUDA; off: fp32)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model passes")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--dist_timeout", "--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="SECONDS",
-                   help=f"under torchrun: how long a rank waits for the others before the run ends with one error "
-                   f"line naming the rank and step (default {DIST_TIMEOUT}; ours: torch's default is 30 min gloo, "
-                   "10 min NCCL); rank 0's long solo work (the pool cache) is waited for as long as it lives")
-    return parser
 
 
 def git_sha():

@@ -394,3 +394,24 @@ def test_stage2_noise_diagonal_without_accuracy_in_the_teacher_file(stage2, flag
     spy, _ = run_stage2(tmp, "teacher_no_acc.pth", "sel_no_acc", f"out_no_acc_{acc}", "--num_select", 12,
                         "--epochs", 1, "--batch_size", 12, *flags)
     assert len(spy.na_diag) == 1 and torch.allclose(spy.na_diag[0], torch.full((10,), acc))
+
+
+def test_stage2_options_do_what_their_help_says(stage2):
+    """Non-default stage-2 values, observed in the run: PD's weight and its block pairs in the order given,
+    the crop padding, AdamW's weight decay, the cosine lr over --epochs, and tests every --eval_every epochs."""
+    tmp = stage2[0]
+    spy, final = run_stage2(tmp, "teacher.pth", "sel_options", "out_options", "--num_select", 12, "--epochs", 3,
+                            "--batch_size", 6, "--lr_S", 2e-3, "--cos", "--weight_decay", 0.1, "--crop_padding", 2,
+                            "--eval_every", 2, "--attnprobe_dist", "--patchattn", 0.5,
+                            "--pd_teacher_blocks", 1, 5, 9, "--pd_student_blocks", 2, 6, 10)
+    log = [json.loads(line) for line in (tmp / "out_options" / "log.txt").read_text().splitlines()]
+    assert {pad for _, pad in spy.crops} == {2}
+    assert sorted(set(spy.feature_blocks)) == [(False, (1, 5, 9)), (True, (2, 6, 10))]
+    for r in log:   # loss = KD + NA + 0.5 · PD
+        assert r["train_loss"] == pytest.approx(r["train_kd"] + r["train_na"] + 0.5 * r["train_pd"], rel=1e-5)
+    student = [(lr, wd) for name, lr, wd in spy.steps if name == "AdamW"]
+    cosine = [2e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3) for _ in range(2)]
+    assert [lr for lr, _ in student] == pytest.approx(cosine) and {wd for _, wd in student} == {0.1}
+    # tested after epochs 1 (every 2nd) and 2 (the last), not after epoch 0
+    assert len([x for x, _ in spy.evals if len(x) == 20]) == 2
+    assert final["epochs"] == 3

@@ -75,9 +75,9 @@ def test_parsers_refuse_abbreviations_and_take_deit_spellings(capsys):
         with pytest.raises(SystemExit):
             p.parse_args(wrong)
     capsys.readouterr()
-    a = p.parse_args(["--batch-size", "64", "--num_workers", "3", "--eval", "ck.pth", "--output-dir", "o",
-                      "--weight-decay", "0.05"])
-    assert (a.batch_size, a.workers, a.eval_only, a.output_dir, a.weight_decay) == (64, 3, "ck.pth", "o", 0.05)
+    a = p.parse_args(["--batch-size", "64", "--num_workers", "3", "--output-dir", "o", "--weight-decay", "0.05"])
+    assert (a.batch_size, a.workers, a.output_dir, a.weight_decay) == (64, 3, "o", 0.05)
+    assert p.parse_args(["--eval", "ck.pth", "--num_workers", "3"]).eval_only == "ck.pth"
     s = select_data.get_args_parser().parse_args(["--batch-size", "32", "--num-workers", "2"])
     assert (s.score_batch_size, s.workers) == (32, 2)      # the old spelling of --score_batch_size
     with pytest.raises(SystemExit):

@@ -66,7 +66,8 @@ def test_show_selection_redraws_what_select_data_would_choose(scored, tmp_path):
         assert "report: " in proc.stdout
         kept, table, _, cut = fx.report_page(out / "report.md")
         # the same flags through select_data.py (reusing the scores) write the selection.pt to compare with
-        again = fx.run_script("select_data.py", *common, *flags, "--no_report", "--attnprobe_sel")
+        probe = [] if "--rule" in flags else ["--attnprobe_sel"]   # a --rule ranks by its own score
+        again = fx.run_script("select_data.py", *common, *flags, "--no_report", *probe)
         assert again.returncode == 0 and "report: " not in again.stdout, again.stderr[-3000:]
         sel = torch.load(base / "sel" / SELECTION_FILE, weights_only=True)
         assert kept == len(sel["indices"])

@@ -184,7 +184,10 @@ def test_bad_input(case, world, tmp_path, capsys):
     d = tmp_path
     over = setup(world, d)
     cleanup = over.pop("cleanup", None)
-    flags = select_flags(world, d / "sel") if script == S else distill_flags(world, d)
+    if "--eval_only" in over:   # it takes no training flags (they are refused beside it)
+        flags = {"--data_cifar": world.cifar, "--workers": 0}
+    else:
+        flags = select_flags(world, d / "sel") if script == S else distill_flags(world, d)
     flags.update(over)
     before = fx.snapshot(world.base, d)
     capsys.readouterr()

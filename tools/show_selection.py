@@ -9,7 +9,6 @@ SELECTED_DIR is a --selected_file folder (scores and selection.pt). The images c
 when there is one, else from the pool files selection.pt names (--data_imagenet to point elsewhere).
 Nothing in SELECTED_DIR changes except its report/ folder (use --out to keep that one).
 """
-import argparse
 import glob
 import os
 import sys
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flags  # noqa: E402
 import pool  # noqa: E402
 import report  # noqa: E402
 import scoring  # noqa: E402
@@ -27,10 +27,10 @@ from utils import InputError, read_fingerprint  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("selected_dir", help="a --selected_file folder: its scores and selection.pt")
-    p.add_argument("--num_select", type=int, default=None, help="images to keep (default: as stored)")
-    p.add_argument("--per_class", type=int, default=None, help="class-balanced: the best K per predicted class first")
+    p.add_argument("--num_select", type=flags.positive_int, default=None, help="images to keep (default: as stored)")
+    p.add_argument("--per_class", type=flags.positive_int, default=None, help="class-balanced: the best K per predicted class first")
     p.add_argument("--rule", default=None, choices=["published", *RULES], help="another rule (default: as stored)")
     p.add_argument("--attnprobe_sel", action="store_true", default=None, help="the published rule with the probe")
     p.add_argument("--data_imagenet", nargs="+", default=None, help="the pool, when it moved (default: as stored)")

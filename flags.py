@@ -1,0 +1,182 @@
+"""What each flag accepts, declared where the flag is: the argparse `type=` functions of every script, the
+parser they share (a refusal is one `error:` line, exit 2, before anything is read or written) and its rules
+for flags that act only together with another one.
+
+    parser = flags.Parser(description=..., parents=[flags.system_parser()])
+    parser.add_argument("--chunk_size", type=flags.positive_int, default=65536)
+    parser.needs("--patchattn", "--attnprobe_dist")     # --patchattn 0.5 alone: refused, naming both
+
+A flag counts as given when its value differs from its default: the default given explicitly changes nothing.
+What needs the teacher or the pool (a probe head beyond the model, a selection file's pool) is checked in
+settings.py, before the first write.
+"""
+import argparse
+import math
+import os
+import re
+
+from safety import tell_once
+from utils import DIST_TIMEOUT, default_workers
+
+
+# ---- value domains: each type function carries its `domain`, the words of its refusal and of the docs -----
+
+def _domain(convert, accepts, domain):
+    def parse(text):
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {domain}, got {text!r}")
+        return value
+    parse.domain = domain
+    parse.__name__ = domain   # argparse names a type by it in its own messages
+    return parse
+
+
+positive_int = _domain(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _domain(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _domain(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")   # numpy's seed range
+finite_float = _domain(float, lambda v: True, "a finite number")
+positive_float = _domain(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _domain(float, lambda v: v >= 0, "a number >= 0")
+accuracy = _domain(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+below_half = _domain(float, lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5)")
+below_one = _domain(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+device_name = _domain(str, lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
+                      "cpu, cuda, cuda:N or auto")
+
+
+def text(domain):
+    """A string flag whose domain is told in words (a path, a model name): checked where it is used."""
+    def parse(value):
+        return value
+    parse.domain = domain
+    parse.__name__ = domain
+    return parse
+
+
+path, model_name = text("a path"), text("a model name (timm's or models.py's)")
+resume_point = text("auto, no or a checkpoint path")
+
+
+class Increasing(argparse.Action):
+    """A list (of blocks, of epochs) in increasing order, each value once: what the list names is what runs,
+    in the order it runs (block features come back in depth order; milestones count once each)."""
+    domain_suffix = ", increasing, each once"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(b <= a for a, b in zip(values, values[1:])):
+            parser.error(f"argument {option_string}: values must increase, each given once, got "
+                         + " ".join(map(str, values)))
+        setattr(namespace, self.dest, values)
+
+
+# ---- the parser ----------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error: ...` line and exit 2 (rank 0 speaks under torchrun), with
+    rules checked after parsing: `needs` (a flag that acts only with another), `excludes` (two flags that
+    cannot act together), each refused naming both flags, and `check` (a refusal over several values)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.rules = []   # (kind, flag, other, why)
+
+    def error(self, message):
+        tell_once(f"error: {message}")
+        raise SystemExit(2)
+
+    def needs(self, flag, other, why=""):
+        """`flag` has an effect only when `other` is given."""
+        self.rules.append(("needs", flag, other, why))
+
+    def excludes(self, flag, other, why=""):
+        """`flag` and `other` cannot both act."""
+        self.rules.append(("excludes", flag, other, why))
+
+    def check(self, refused, message):
+        """A refusal over several values: `refused(args)` true -> one error line, `message`."""
+        self.rules.append(("check", refused, message, ""))
+
+    def only_with(self, flag, allowed, why=""):
+        """With `flag` given, every flag outside `allowed` has no effect."""
+        for action in self._actions:
+            option = long_option(action)
+            if option and option != flag and option not in allowed:
+                self.rules.append(("unused", flag, option, why))
+
+    def given(self, args, flag):
+        action = self.action(flag)
+        return getattr(args, action.dest) != self.get_default(action.dest)
+
+    def action(self, flag):
+        return next(a for a in self._actions if flag in a.option_strings)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for kind, flag, other, why in self.rules:
+            if kind == "check" and flag(parsed):
+                self.error(other)
+            if kind == "needs" and self.given(parsed, flag) and not self.given(parsed, other):
+                self.error(f"{shown(self, parsed, flag)} has no effect without {other}"
+                           + (f" ({why})" if why else "") + f": add {other} or drop {flag}")
+            if kind == "unused" and self.given(parsed, flag) and self.given(parsed, other):
+                self.error(f"{shown(self, parsed, other)} has no effect with {flag} ({why}): drop {other}")
+            if kind == "excludes" and self.given(parsed, flag) and self.given(parsed, other):
+                self.error(f"{shown(self, parsed, flag)} and {shown(self, parsed, other)} exclude each other"
+                           + (f": {why}" if why else ""))
+        return parsed, rest
+
+
+def long_option(action):
+    """The name a flag is known by: its first --long option (None for positionals and --help)."""
+    if isinstance(action, argparse._HelpAction):
+        return None
+    return next((o for o in action.option_strings if o.startswith("--")), None)
+
+
+def shown(parser, args, flag):
+    """`--flag value` as given (a switch: `--flag`)."""
+    value = getattr(args, parser.action(flag).dest)
+    if isinstance(value, bool):
+        return flag
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
+    return f"{flag} {value}"
+
+
+def system_parser():
+    """The machine's flags, shared by every script's parser as DeiT shares its own: parents=[system_parser()]."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    g = parser.add_argument_group("system")
+    g.add_argument("--device", type=device_name, default=None, help="cuda, cuda:N or cpu (default: cuda when "
+                   "available)")
+    g.add_argument("--workers", "--num_workers", "--num-workers", type=nonneg_int, default=default_workers(),
+                   help="image decoding processes (default: this machine's cores per process, at most 8; 0: in the "
+                   "main process)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="autocast (auto: bf16 on CUDA; off: fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model passes")
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
+    g.add_argument("--dist_timeout", "--dist-timeout", type=positive_float, default=DIST_TIMEOUT, metavar="SECONDS",
+                   help=f"under torchrun: how long a rank waits for the others before the run ends with one error "
+                   f"line naming the rank and step (default {DIST_TIMEOUT}; ours: torch's default is 30 min gloo, "
+                   "10 min NCCL); rank 0's long solo work (the pool cache) is waited for as long as it lives")
+    return parser
+
+
+def domain(action):
+    """What a flag accepts, in words (the docs' flag reference)."""
+    if action.choices is not None:
+        return "one of " + ", ".join(map(str, action.choices))
+    if action.nargs == 0:
+        return "a switch"
+    words = getattr(action.type, "domain", "text")
+    if action.nargs in ("+", "*"):
+        words = f"{'one or more' if action.nargs == '+' else 'zero or more'} of {words}"
+        if isinstance(action, Increasing):
+            words += Increasing.domain_suffix
+    return words
