@@ -50,7 +50,11 @@ FLAGS = {
     "dataset": ("cifar10", "also `tinyimagenet` (the published parser rejected it), `fashionmnist`, `folder`; "
                 "`--eval_only` takes the student checkpoint's", "no"),
     "data_cifar": ("a path on the authors' machine", "", ""),
-    "data_imagenet": ("a path on the authors' machine", "also several folders or `.tar` shards", "no"),
+    "data_imagenet": ("a path on the authors' machine: one ImageFolder root (`DFND_DeiT-train.py` line 142)",
+                      "one folder of images (any depth); one folder of `.tar` shards (only its top-level `.tar` files "
+                      "are read); one or more `.tar` paths, also as a brace range (`pool-{000000..000009}.tar`). "
+                      "Refused with one `error:` line: several folders, a folder given with `.tar` paths, two shards "
+                      "of one file name, an image file", "no"),
     "teacher": ("deit_base_patch4_32_teacher", "the model the teacher file names (DeiT `args.model`, timm `arch`) "
                 "when it names one", "no: the published files name none, or the same"),
     "teacher_dir": ("a path on the authors' machine", "DeiT, timm, release, plain and safetensors files; "
@@ -110,13 +114,19 @@ BEHAVIOURS = [
      "(`--dataset tinyimagenet` was rejected)"),
     ("Ranking", "`value.topk(num_select, largest=False)` in fp32 on the GPU", "a stable sort in float64; ties "
      "by pool order", "deterministic", "only among equal scores"),
-    ("Several GPUs", "nn.DataParallel: the probe hooks fired on every replica and kept one replica's rows, so "
-     "the `value_blk` scores were misaligned with the images, but the published selection (the inverted "
-     "`--attnprobe_sel`) never used them; the (L, B, N, C) block features were gathered along L, which left PD's "
-     "value unchanged (the same rows, reordered)", "DistributedDataParallel; the pool scored in strided "
+    ("Several GPUs", "nn.DataParallel (`DFND_DeiT-train.py` line 98; the run scripts used one GPU, "
+     "`training.sh` lines 13, 15). Read from the code, not run: scoring on several GPUs would have crashed before "
+     "writing a score file (lines 452-455 save after both passes). The teacher call of line 264 gathers the "
+     "replicas' (3, B/G, N, C) block features (`vision_transformer.py` lines 63-64) along dim 0, which needs equal "
+     "chunks; ImageNet train's 1,281,167 images in batches of 256 (line 232) end with a batch of 143 (1,281,167 mod "
+     "256), which 2 to 8 GPUs split unequally (3, 5, 6 or 7 GPUs split 256 unequally too). The probe hooks (lines "
+     "253-260) fired once per replica and lines 268-279 used the first one's rows only (a device mismatch when it "
+     "was not the first GPU's). Distillation on 4 GPUs from one GPU's score files (the published `README.md` line "
+     "107) ran (256 and 650,000 mod 256 = 16 split evenly): the block features gathered along L left PD's value "
+     "unchanged (the same rows, reordered)", "DistributedDataParallel; the pool scored in strided "
      "shards gathered by index; each epoch's images split evenly over the processes: fewer images than processes "
      "left out (up to 64 px) or repeated (224 px)", "defect; speed", "only on more than one GPU, through the "
-     "images each step draws; neither misalignment changed a published number"),
+     "images each step draws (no published score came from several GPUs)"),
     ("Class weights (`--robust`)", "teacher softmax summed per class over one augmented, shuffled pass of the "
      "training set: the selection and, at 224 px, the `--pos_num` images", "the selection's softmax stored by "
      "the scoring pass (resized, not augmented), plus the `--pos_num` images' (Resize, CenterCrop, not "
@@ -189,12 +199,14 @@ BEHAVIOURS = [
      "it; no abbreviations", "", "only where a typo was ignored"),
     ("Process settings", "4 CPU threads (`torch.set_num_threads(4)`, OMP/MKL variables); all warnings hidden",
      "PyTorch's default threads; warnings shown", "", "no"),
-    ("Converters `process_cifar10.py`, `process_cifar100.py`", "the train split only, written to "
-     "`<root>/CIFAR10_image/<label>/<k>.png` under a hard-coded root whose `CIFAR10_image/` had to exist; labels "
-     "not zero-padded, so an ImageFolder reading the CIFAR-100 tree sorts its classes as strings ('10' is "
-     "class 2)", "`--root`, `--out`: both splits to `OUT/{train,val}/<NN_name>/<k>.png`, in label order", "the "
-     "published scripts could not run as committed; their CIFAR-100 tree mislabels classes", "no: the published "
-     "commands read the pickles"),
+    ("Converters `process_cifar10.py`, `process_cifar100.py`", "no arguments; the train split only (line 8 of "
+     "each), written to `/database/cifar10/CIFAR10_image/<label>/<k>.png` and "
+     "`/database/cifar100/CIFAR100_image/<label>/<k>.png` (hard-coded roots, line 4; `os.mkdir` at line 12 needs "
+     "`CIFAR10_image/` or `CIFAR100_image/` to exist); labels not zero-padded, so an ImageFolder reading the "
+     "CIFAR-100 tree sorts its classes as strings ('10' is class 2)", "ours: `--root`, `--out`: both splits to "
+     "`OUT/{train,val}/<NN_name>/<k>.png`, in label order", "the published scripts ran only with the authors' "
+     "paths; their CIFAR-100 tree mislabels classes", "no: the published commands read the pickles "
+     "(`DFND_DeiT-train.py` lines 177, 183)"),
     ("Converters `process_tinyimagenet.py`, `process_move_file.py`", "a hard-coded `/database/tiny-imagenet/`; "
      "`process_move_file.py` as committed runs only the removal of `train/<wnid>/images/` (its moves are "
      "commented out), which fails on a fresh tree", "the same final tree (the images in `train/<wnid>/` and "
@@ -203,9 +215,10 @@ BEHAVIOURS = [
     ("Pool file names with a tab, newline or carriage return", "read by ImageFolder like any other name",
      "left out of the pool with one warning", "ids are lines of `selected.txt` and `skipped.txt`",
      "only for pools with such names"),
-    ("Class-weight softmax", "summed in fp32 on the GPU", "stored as fp16 in `probs_out.npy` (each value "
-     "rounded to within 2^-11, relative), summed in float64", "one N x C array serves every later selection", "rounding "
-     "only"),
+    ("Class-weight softmax", "each image's fp32 softmax (computed on the GPU) added on the CPU into a float64 NumPy "
+     "array (`DFND_DeiT-train.py` lines 107, 117-119)", "stored as fp16 in `probs_out.npy` (each value rounded to "
+     "within 2^-11, relative), summed in float64", "one N x C array serves every later selection", "rounding only: "
+     "the fp16 storage of each value"),
     ("Noise-adaptation log", "`log(softmax(s) @ Q)` as it is", "the same, clamped at 1e-12 before the log",
      "a probability that underflows to 0 gives a finite loss", "only where the published value underflowed"),
     ("Labelled data readers", "torchvision's CIFAR classes (MD5-checked pickles) and ImageFolder",
