@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import demo_pool as dp  # noqa: E402
 import plots  # noqa: E402
+import pool_share  # noqa: E402
 from utils import cpu_cores  # noqa: E402
 
 RULES = ("random", "outlier", "probe", "outlier_balanced", "probe_balanced", "oracle", "energy")
@@ -55,7 +56,12 @@ RULE_SPECS = {
     # opt-in: balanced rules with PD, so that every rule of a comparison has the same loss (gpu_check part 6)
     "outlier_balanced_pd": ("outlier", True, True), "tok_balanced_pd": ("confidence+tok_norm_b2", True, True),
 }
-ABLATIONS = {"pd": ("random", "random_pd", "outlier", "outlier_pd", "probe_nopd", "probe", "oracle", "oracle_pd")}
+ABLATIONS = {"pd": ("random", "random_pd", "outlier", "outlier_pd", "probe_nopd", "probe", "oracle", "oracle_pd"),
+             # every student with PD: does selecting pay, with which rule (docs/demo_experiments.md, section 3)
+             "selection": ("random_pd", "probe", "probe_balanced", "tok_balanced_pd", "oracle_pd")}
+# the pools of an ablation, in the order they run (selection: the share where selection should pay first)
+ABLATION_POOLS = {"pd": [("mismatch", None), ("far-ood", None)],
+                  "selection": [("mismatch", 0.05), ("mismatch", 0.2), ("far-ood", None)]}
 # the comparisons the ablation answers: (a, b, what a - b measures)
 ABLATION_PAIRS = {"pd": [("probe", "outlier", "the demo's +3 points: images and PD together"),
                          ("outlier_pd", "outlier", "PD on outlier's images"),
@@ -65,7 +71,16 @@ ABLATION_PAIRS = {"pd": [("probe", "outlier", "the demo's +3 points: images and 
                          ("random_pd", "random", "PD on random images"),
                          ("oracle_pd", "oracle", "PD on the in-domain images"),
                          ("probe", "random_pd", "probe vs random, both with PD"),
-                         ("probe", "oracle_pd", "probe vs oracle, both with PD")]}
+                         ("probe", "oracle_pd", "probe vs oracle, both with PD")],
+                  "selection": [("probe", "random_pd", "the published rule vs random images"),
+                                ("probe_balanced", "random_pd", "the published rule, balanced, vs random images"),
+                                ("tok_balanced_pd", "random_pd", "the stronger signal, balanced, vs random images"),
+                                ("oracle_pd", "random_pd", "finding the domain exactly vs random images"),
+                                ("tok_balanced_pd", "probe_balanced", "the stronger signal vs the published rule"),
+                                ("probe_balanced", "probe", "balancing the published rule"),
+                                ("probe", "oracle_pd", "the published rule vs the oracle"),
+                                ("probe_balanced", "oracle_pd", "the published rule, balanced, vs the oracle"),
+                                ("tok_balanced_pd", "oracle_pd", "the stronger signal, balanced, vs the oracle")]}
 RESULT_FIELDS = ("selection_precision", "student_acc1", "auroc", "classes_covered", "seconds")
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
 
@@ -116,7 +131,12 @@ def get_args_parser():
                    help=f"rules to run (default: {' '.join(RULES)}; with --ablation: its rules)")
     p.add_argument("--ablation", choices=list(ABLATIONS), default=None,
                    help="pd: selection x probe distillation on the mismatch and far-ood pools, seeds 0 1 2 "
-                        f"(rules {' '.join(ABLATIONS['pd'])}); --pool, --seeds, --rules narrow it")
+                        f"(rules {' '.join(ABLATIONS['pd'])}); selection: every student with PD on the mismatch "
+                        f"pool at shares 0.05 and 0.2 and the far-ood pool, seeds 0 1 2 (rules "
+                        f"{' '.join(ABLATIONS['selection'])}); --pool, --relevant_share, --seeds, --rules narrow it")
+    p.add_argument("--estimate_only", action="store_true",
+                   help="score each pool with each seed's teacher and measure the in-domain estimators "
+                        "(pool_share.py) against the truth; no students")
     p.add_argument("--keep_ratio", type=_positive, default=1.0,
                    help="images every rule keeps, relative to the pool's in-domain images (default 1)")
     p.add_argument("--teachers", default=None,
@@ -146,7 +166,7 @@ def resolve_config(args):
     name = "full" if args.full else "tiny" if args.tiny else "default"
     cfg = dict(PRESETS[name], preset=name)
     if args.ablation:
-        cfg.update(pools=[("mismatch", None), ("far-ood", None)], seeds=[0, 1, 2])
+        cfg.update(pools=list(ABLATION_POOLS[args.ablation]), seeds=[0, 1, 2])
     if args.pool:
         cfg["pools"] = [(args.pool, args.relevant_share)]
     elif args.relevant_share is not None:
@@ -164,6 +184,7 @@ def resolve_config(args):
     cfg["rules"] = list(args.rules or (ABLATIONS[args.ablation] if args.ablation else RULES))
     cfg["ablation"] = args.ablation
     cfg["keep_ratio"] = args.keep_ratio
+    cfg["estimate_only"] = args.estimate_only
     cores = cpu_cores()
     cfg["threads"] = args.threads or cores
     cfg["workers"] = args.workers if args.workers is not None else min(cores, 8)
@@ -472,7 +493,7 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
     if pool_mod.list_pool(os.path.join(pool_dir, "pool", "images")).ids != manifest["id"].tolist():
         raise RuntimeError("pool order differs from the manifest order")
 
-    scored, selections, jobs, score_seconds = {}, {}, [], {}
+    scored, selections, jobs, score_seconds, estimates = {}, {}, [], {}, []
     for seed in seeds:
         t0 = time.time()
         print(f"pool: scoring {len(relevant)} images with teacher seed {seed}...", flush=True)
@@ -481,6 +502,12 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
         scored[seed] = sc
         pred = sc["scores"]["pred_out"].long()
         usable = torch.isfinite(sc["scores"]["value_out"]) & (pred >= 0)
+        estimates.append(pool_share.estimate_in_domain(sc["scores"]["value_out"], usable,
+                                                       labelled_confidence(sc, teachers[seed])))
+        print(f"pool: in-domain {in_domain}; estimated " + ", ".join(f"{k} {v:.0f}" for k, v in estimates[-1].items()),
+              flush=True)
+        if cfg["estimate_only"]:
+            continue
         line = []
         for rule in cfg["rules"]:
             t1 = time.time()
@@ -499,6 +526,18 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
             line.append(f"{rule} {precision:.3f}")
         print(f"pool: seed {seed} scored in {score_seconds[seed]:.0f}s; selection precision: " + ", ".join(line),
               flush=True)
+    pool_info = {"name": name, "kind": kind, "relevant_share": share, "size": int(len(relevant)),
+                 "in_domain": in_domain, "num_select": num_select, "keep_ratio": cfg["keep_ratio"],
+                 "per_class": per_class,
+                 "sources": {k: int(v) for k, v in zip(*np.unique(manifest["source"], return_counts=True))},
+                 "teacher_classes": [data.FASHION_CLASSES[c] for c in classes],
+                 "overlap_with_teacher_train": overlap}
+    estimated = estimate_errors(estimates, in_domain, seeds)
+    if cfg["estimate_only"]:
+        return {"pool": pool_info, "seeds": seeds, "in_domain_estimates": estimated,
+                "teacher_acc1_per_seed": [teachers[seed]["acc1"] for seed in seeds],
+                "timing": {"scoring_seconds": float(sum(score_seconds.values())),
+                           "pool_seconds": time.time() - t_pool}}
     print(f"pool: {len(relevant)} images, {in_domain} in-domain; every rule selects {num_select}; training "
           f"{len(jobs)} students ({cfg['student']}, {epochs} epochs, {cfg['jobs']} at a time)...", flush=True)
     t_students = time.time()
@@ -567,12 +606,6 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
                     per_source[label] = _source_row(s, sc, mm, relevant)
         else:
             per_source[src] = _source_row(s, sc, m, relevant)
-    pool_info = {"name": name, "kind": kind, "relevant_share": share, "size": int(len(relevant)),
-                 "in_domain": in_domain, "num_select": num_select, "keep_ratio": cfg["keep_ratio"],
-                 "per_class": per_class,
-                 "sources": {k: int(v) for k, v in zip(*np.unique(manifest["source"], return_counts=True))},
-                 "teacher_classes": [data.FASHION_CLASSES[c] for c in classes],
-                 "overlap_with_teacher_train": overlap}
     result = {"preset": cfg["preset"], "data": cfg["data"], "teacher": cfg["teacher"], "student": cfg["student"],
               "student_epochs": epochs, "seeds": seeds,
               "sd": "sample standard deviation over seeds (ddof=1); *_per_seed lists follow `seeds`",
@@ -580,6 +613,7 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
     add_spread(result, "teacher_acc1", [teachers[seed]["acc1"] for seed in seeds])
     result.update({"pool": pool_info, **{r: res[r] for r in cfg["rules"]},
                    "auroc_diagnostics": diag, "auroc_diagnostics_per_seed": diag_per_seed,
+                   "in_domain_estimates": estimated,
                    "per_source_teacher_seed": seeds[0], "per_source": per_source,
                    "timing": {"scoring_seconds": float(sum(score_seconds.values())),
                               "student_phase_seconds": student_seconds}})
@@ -595,6 +629,28 @@ def run_pool(cfg, kind, share, name, fm, teachers, out, device):
         result["pictures"] = draw_pictures(pool_dir, out, name, manifest, sc, selections, cfg)
     result["timing"].update(pictures_seconds=time.time() - t_pic, pool_seconds=time.time() - t_pool)
     return result
+
+
+def labelled_confidence(sc, teacher_info):
+    """The teacher's value_out on its own labelled test images, their labels unused (pool_share's `labelled`
+    estimator)."""
+    import models
+    import scoring
+    in_chans, img_size = models.input_spec(sc["teacher"])
+    images = data.load_labelled("fashionmnist", teacher_info["data"], "val", img_size, in_chans).images
+    with torch.no_grad():
+        return torch.cat([scoring.score_images(sc["teacher"], images[i:i + 1024], sc["mean"], sc["std"], [], 0)
+                          ["value_out"] for i in range(0, len(images), 1024)])
+
+
+def estimate_errors(estimates, in_domain, seeds):
+    """Each estimator's in-domain counts per seed and its relative error |estimate - truth| / truth."""
+    out = {"true": in_domain, "seeds": seeds}
+    for name in estimates[0]:
+        counts = [e[name] for e in estimates]
+        errors = [abs(c - in_domain) / in_domain for c in counts]
+        out[name] = {"per_seed": counts, "relative_error_per_seed": errors, "max_relative_error": max(errors)}
+    return out
 
 
 def _source_row(s, sc, mask, relevant):
@@ -745,6 +801,7 @@ def markdown(results, cfg, total_seconds, machine):
                 lines.append(f"| {c['a']} − {c['b']} | {c['what']} | {c['diff']:+.2f} ± {c['diff_sd']:.2f} | "
                              + ", ".join(f"{x:+.2f}" for x in c["diff_per_seed"]) + " | "
                              + ("yes" if c["beyond_spread"] else "no") + " |")
+        lines += ["", estimates_line(r["in_domain_estimates"])]
         lines += ["", "AUROC (in-domain vs the rest, low score = in-domain):", "",
                   "| signal | AUROC |", "|---|---|"]
         sd = r.get("auroc_diagnostics_sd", {})
@@ -768,6 +825,30 @@ def markdown(results, cfg, total_seconds, machine):
               + (f" (summed over seeds); with {cfg['jobs']} students trained at once these overlap." if cfg["jobs"] > 1
                  else " (summed over seeds)."), ""]
     return "\n".join(lines)
+
+
+def estimates_line(e):
+    """One line: the pool's in-domain count and each estimator's counts per seed with its largest error."""
+    parts = [f"`{name}` " + ", ".join(f"{c:.0f}" for c in e[name]["per_seed"])
+             + f" (largest error {100 * e[name]['max_relative_error']:.1f} %)"
+             for name in e if name not in ("true", "seeds")]
+    return f"In-domain images: {e['true']}; estimated (seeds {e['seeds']}, `pool_share.py`): " + "; ".join(parts) + "."
+
+
+def estimates_markdown(results, total_seconds, machine):
+    lines = ["# In-domain estimators on the demo's pools (`--estimate_only`)", "",
+             f"Machine: {machine}. Total wall time: {total_seconds / 60:.1f} min.", "",
+             "| pool | relevant share | in-domain | estimator | estimate per seed | relative error per seed "
+             "| largest |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        e = r["in_domain_estimates"]
+        for est in (k for k in e if k not in ("true", "seeds")):
+            x = e[est]
+            lines.append(f"| {name} | {r['pool']['relevant_share']:g} "
+                         f"| {e['true']} | `{est}` | " + ", ".join(f"{c:.0f}" for c in x["per_seed"]) + " | "
+                         + ", ".join(f"{100 * v:.1f} %" for v in x["relative_error_per_seed"])
+                         + f" | {100 * x['max_relative_error']:.1f} % |")
+    return "\n".join(lines) + "\n"
 
 
 def machine_text(device):
@@ -810,7 +891,8 @@ def main(argv=None):
     main_result["machine"] = machine_text(device)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(main_result, f, indent=1)
-    md = markdown(results, cfg, total, machine_text(device))
+    md = (estimates_markdown(results, total, machine_text(device)) if cfg["estimate_only"]
+          else markdown(results, cfg, total, machine_text(device)))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     print("\n" + md)

@@ -22,7 +22,8 @@ COMPARISON RULES
     dtype, shape and their raw bytes (bit for bit: NaN payloads and -0.0 count), dicts key by key, lists
     and tuples element by element, scalars by type and value (float NaN == NaN). Keys on one side only are
     NOTES. A top-level 'args' entry (the resolved flags) is compared as a note only, like args.json.
-  * *.npy: dtype, shape and raw bytes. Other binary files (PNG figures, the uint8 pool cache): bytes.
+  * *.npy: dtype, shape and raw bytes. Other binary files (PNG figures, the uint8 pool cache): bytes, but
+    curves.png, drawn from the compared log with an img/s (wall time) panel, is listed as excluded.
   * log.txt and other JSON-lines logs: every key of every line, except timing keys; key-set differences
     per line are notes; a different number of lines is a difference.
   * args.json / *.args.json: differences and missing keys are notes only (new flags may appear).
@@ -631,6 +632,10 @@ def compare_file(pa, pb, rel, rep, volatile_rules):
                 rep.diff(f"{rel}: symlink targets {os.readlink(pa)} vs {os.readlink(pb)}")
         else:
             rep.diff(f"{rel}: a symlink on one side only")
+        return
+    if name == "curves.png" or name.endswith(".curves.png"):
+        # drawn from the log beside it (compared), with an img/s panel: wall time, differs between any two runs
+        rep.exclude("curves.png (the log it draws is compared; its img/s panel is wall time)", rel)
         return
     if name.endswith((".pth", ".pt")):
         cmp_torch_file(pa, pb, rel, rep, vol)

@@ -1,0 +1,76 @@
+"""How much of a wild pool is the teacher's domain, estimated from the one scoring pass (no labels of the pool).
+
+Two estimators of the in-domain count, pre-registered in docs/demo_experiments.md (section 3) before their
+errors were measured on the demo's pools:
+
+- `mixture`: a two-component Gaussian mixture fitted by EM to log(value_out) of the usable images
+  (value_out = -log max softmax, stored by every pass); the in-domain count is the weight of the component
+  with the lower mean (the confident one) times the usable images.
+- `labelled`: the teacher's own confidence on labelled images of its domain (their images only, never their
+  labels): t = the LABELLED_QUANTILE quantile of their value_out; the in-domain count is the pool images
+  with value_out <= t, divided by LABELLED_QUANTILE (the share of in-domain images expected below t).
+
+    estimates = estimate_in_domain(value_out, usable, labelled_value_out=None)   # {name: count}
+"""
+import math
+
+import torch
+
+LABELLED_QUANTILE = 0.9
+EPS = 1e-6          # log(value_out + EPS): a fully confident image has value_out 0
+EM_STEPS = 300
+EM_SAMPLE = 200_000
+
+
+def two_gaussians(x, steps=EM_STEPS):
+    """EM for a mixture of two 1-D Gaussians -> (weights, means, sds), the component of the lower mean
+    first. Deterministic: started at the 25 % and 75 % quantiles with half the overall sd each."""
+    x = x.double().flatten()
+    if len(x) > EM_SAMPLE:   # every k-th value: the fit of a million scores in well under a second
+        x = x[::len(x) // EM_SAMPLE]
+    means = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    floor = max(float(x.var()), 1e-12) * 1e-4          # no component collapses onto one value
+    var = torch.full((2,), max(float(x.var()) / 4, floor), dtype=torch.float64)
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    last = -math.inf
+    for _ in range(steps):
+        # E: responsibilities (N, 2), in log space
+        log_p = (torch.log(weights) - 0.5 * torch.log(2 * math.pi * var)
+                 - 0.5 * (x[:, None] - means) ** 2 / var)
+        likelihood = float(torch.logsumexp(log_p, dim=1).mean())
+        if likelihood - last < 1e-10:   # converged
+            break
+        last = likelihood
+        resp = torch.softmax(log_p, dim=1)
+        # M
+        mass = resp.sum(0).clamp_min(1e-12)
+        weights = mass / len(x)
+        means = (resp * x[:, None]).sum(0) / mass
+        var = ((resp * (x[:, None] - means) ** 2).sum(0) / mass).clamp_min(floor)
+    order = torch.argsort(means)
+    return weights[order], means[order], var[order].sqrt()
+
+
+def mixture_estimate(value_out, usable):
+    """In-domain count: the confident component's weight of a two-Gaussian fit to log(value_out)."""
+    x = torch.log(value_out[usable].double() + EPS)
+    if len(x) < 2:
+        return float(len(x))
+    weights, _, _ = two_gaussians(x)
+    return float(weights[0]) * len(x)
+
+
+def labelled_estimate(value_out, usable, labelled_value_out, quantile=LABELLED_QUANTILE):
+    """In-domain count: pool images at least as confident as the `quantile` of the teacher's own labelled
+    images, divided by `quantile`."""
+    threshold = torch.quantile(labelled_value_out.double(), quantile)
+    below = int((value_out[usable].double() <= threshold).sum())
+    return below / quantile
+
+
+def estimate_in_domain(value_out, usable, labelled_value_out=None):
+    """{estimator: estimated in-domain count} (`labelled` only when labelled images were scored)."""
+    out = {"mixture": mixture_estimate(value_out, usable)}
+    if labelled_value_out is not None and len(labelled_value_out):
+        out["labelled"] = labelled_estimate(value_out, usable, labelled_value_out)
+    return out
