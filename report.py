@@ -1,7 +1,8 @@
 """The selection report: what stage 1 kept, drawn from the stored scores into <--selected_file>/report/.
 
-    report.md            pool size, kept, the cut, score quantiles, per predicted class the pool and kept
-                         counts (collapsed classes marked), skipped files, the command
+    report.md            pool size, kept, the cut, score quantiles, the estimated share of the teacher's domain
+                         (pool_share.py) and what the demo measured there, per predicted class the pool and
+                         kept counts (collapsed classes marked), skipped files, the command
     histograms.png       value_out, the probe sum, the combined score (and the --rule's score): kept and
                          dropped images in two colours, the cut marked
     classes.png          kept images per predicted class against an even share
@@ -24,6 +25,7 @@ import torch
 import data
 import plots
 import pool
+import pool_share
 import scoring
 from attention_probe import probe_forward, probe_maps
 from safety import atomic_write_text
@@ -95,7 +97,8 @@ def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_
     class_cut = torch.full((num_classes,), float("nan"), dtype=torch.float64).scatter_reduce(
         0, pred[indices], value[indices].double(), reduce="amax", include_self=False)
     page = _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per_class, class_cut, collapsed,
-                 skipped, files, command or " ".join(shlex.quote(a) for a in sys.argv))
+                 skipped, files, command or " ".join(shlex.quote(a) for a in sys.argv),
+                 pool_share.report_lines(value_out, usable))
     atomic_write_text(os.path.join(out_dir, "report.md"), page)
     print(f"report: {out_dir} ({len(files)} pictures and report.md, {time.time() - t0:.1f}s)")
     return {"folder": out_dir, "files": files, "cut_lines": cut_lines, "cut": cut, "seconds": time.time() - t0}
@@ -169,7 +172,7 @@ def _probe_heatmaps(path, teacher, s, value, usable, kept, source):
 
 
 def _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per_class, class_cut, collapsed, skipped,
-          files, command):
+          files, command, domain_lines):
     q = score_quantiles(value, usable)
     kept_values = value[indices].float()
     cut_text = (f"{cut:.6g} (the largest kept score; lower scores are kept first)" if cut is not None else
@@ -183,6 +186,7 @@ def _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per
              f"- kept scores: {float(kept_values.min()):.4g} to {float(kept_values.max()):.4g}",
              f"- predicted classes with kept images: {int((kept_per_class > 0).sum())} of {len(kept_per_class)}"
              + (f"; {len(collapsed)} collapsed (kept under a tenth of an even share)" if collapsed else ""),
+             *domain_lines,
              f"- scores: {s.folder}", f"- command: `{command}`", "",
              "Pictures: " + ", ".join(f"[{k}]({os.path.basename(p)})" for k, p in files.items()), "",
              "## Per predicted class", "", "| class | pool | kept | kept share | class cut |", "|---|---|---|---|---|"]

@@ -11,6 +11,7 @@ from PIL import Image
 import fixtures as fx
 import plots
 import pool
+import pool_share
 import report
 from select_data import rank_pool
 from selection import SELECTION_FILE, select_indices
@@ -42,6 +43,31 @@ def test_report_counts_are_the_selection_and_the_cut_is_its_threshold(scored):
     assert cut == pytest.approx(float(sel["value"].max()), rel=1e-5)   # the threshold of the ranking
     text = (base / "sel/report/report.md").read_text()
     assert "broken/zero_0000.jpg" in text and "--attnprobe_sel" in text
+
+
+def test_report_estimates_the_teachers_domain_and_says_what_the_demo_measured(scored):
+    """report.md: the `mixture` estimate of the in-domain images from the stored value_out, with the error it had
+    on the demo's pools and the grid's sentence for the nearest measured share."""
+    base, _, _ = scored
+    text = (base / "sel/report/report.md").read_text()
+    value_out = torch.load(base / "sel" / "value_out.pth", weights_only=True)
+    pred = torch.load(base / "sel" / "pred_out.pth", weights_only=True)
+    usable = torch.isfinite(value_out) & (pred >= 0)
+    count = pool_share.mixture_estimate(value_out, usable)
+    assert f"the teacher's domain: about {count:,.0f} of the 117 usable images" in text
+    assert f"off by up to {100 * pool_share.MEASURED_ERROR['mixture']:.0f} %" in text
+    share = count / 117
+    nearest = min(pool_share.GRID_SAYS, key=lambda row: abs(row[0] - share))
+    assert f"what the demo measured at share {nearest[0]:g}, every student with probe distillation: {nearest[1]}" in text
+
+
+def test_grid_sentence_of_the_nearest_measured_share():
+    usable = torch.ones(1000, dtype=torch.bool)
+    for share, sentence in pool_share.GRID_SAYS:
+        value = torch.cat([torch.full((round(share * 1000),), 1e-4), torch.full((1000 - round(share * 1000),), 1.5)])
+        value = value * torch.exp(torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.1)
+        lines = pool_share.report_lines(value, usable)
+        assert lines[1].endswith(sentence), (share, lines)
 
 
 def test_the_histogram_cut_line_is_drawn_at_the_threshold(scored, tmp_path):
