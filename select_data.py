@@ -54,7 +54,7 @@ def add_selection_args(parser):
                    help="use the EMA weights of the teacher file (DeiT 'model_ema', timm 'state_dict_ema')")
     g.add_argument("--nb_classes", type=flags.positive_int, default=None,
                    help="teacher classes (default: read from checkpoint)")
-    g.add_argument("--num_select", type=flags.positive_int, default=None,
+    g.add_argument("--num_select", type=flags.selection_count, default=None,
                    help=f"images to keep (default {published.NUM_SELECT}, as published)")
     g.add_argument("--selected_file", type=flags.path,
                    help="folder for score files and the selection (read-only is fine when it "

@@ -58,6 +58,7 @@ REFUSED = [
     refused(SD, "--num_select", "0", says=INT1),
     refused(SD, "--num_select", "-3", says=INT1),
     refused(SD, "--num_select", "41", says="larger than the pool"),
+    refused(SD, "--num_select", "auto", says="auto is not offered"),
     refused(SD, "--selected_file", "{afile}/s", says="cannot be written"),
     refused(SD, "--attnprobe_sel", "--random", says="exclude each other"),
     refused(SD, "--random", "--rule", "entropy", says="exclude each other"),
