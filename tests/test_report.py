@@ -91,6 +91,7 @@ def test_show_selection_redraws_what_select_data_would_choose(scored, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "report: " in proc.stdout
         kept, table, _, cut = fx.report_page(out / "report.md")
+        assert "the teacher's domain: about" in (out / "report.md").read_text()   # the estimate, redrawn too
         # the same flags through select_data.py (reusing the scores) write the selection.pt to compare with
         probe = [] if "--rule" in flags else ["--attnprobe_sel"]   # a --rule ranks by its own score
         again = fx.run_script("select_data.py", *common, *flags, "--no_report", *probe)
