@@ -7,12 +7,11 @@ for flags that act only together with another one.
     parser.needs("--patchattn", "--attnprobe_dist")     # --patchattn 0.5 alone: refused, naming both
 
 A flag counts as given when its value differs from its default: the default given explicitly changes nothing.
-What needs the teacher or the pool (a probe head beyond the model, a selection file's pool) is checked in
-settings.py, before the first write.
+What needs the teacher or the pool (a probe head beyond the model, a selection file's pool, a padding wider than
+the images) is checked where the run resolves them (settings.py, the scripts' first steps), before the first write.
 """
 import argparse
 import math
-import os
 import re
 
 from safety import tell_once
