@@ -101,20 +101,16 @@ def get_args_parser():
         parser.needs(flag, "--attnprobe_dist", "it sets probe distillation")
     parser.needs("--cuda_graphs", "--compile", "CUDA graphs are a torch.compile mode")
     parser.excludes("--cos", "--schedule", "the cosine lr has no milestones")
-    parser.only_with("--selection_file", SELECTION_FILE_USES, "the file decides the images: no scoring, no rule")
+    parser.unused_with("--selection_file", SELECTION_FILE_IGNORES, "the file decides the images: no scoring, no rule")
     parser.only_with("--eval_only", EVAL_ONLY_USES, "it tests the checkpoint only")
     return parser
 
 
-# what --selection_file and --eval_only read; any other flag given with them would be ignored, so it is refused
-SELECTION_FILE_USES = {"--dataset", "--data_cifar", "--data_imagenet", "--teacher", "--teacher_dir", "--teacher_ema",
-                       "--nb_classes", "--num_select", "--selected_file", "--probe_blocks", "--probe_head",
-                       "--img_size", "--mean", "--std", "--cache_dir", "--no_cache", "--fast_decode", "--output_dir",
-                       "--student", "--lr_S", "--weight_decay", "--batch_size", "--epochs", "--schedule", "--cos",
-                       "--robust", "--attnprobe_dist", "--patchattn", "--pd_loss", "--pd_teacher_blocks",
-                       "--pd_student_blocks", "--teacher_acc", "--pos_num", "--holdout", "--eval_every",
-                       "--crop_padding", "--resume", "--cuda_graphs", "--log_every", "--device", "--workers", "--amp",
-                       "--compile", "--seed", "--dist_timeout"}
+# --selection_file makes the flags that score and choose unused; --eval_only reads only EVAL_ONLY_USES: a flag
+# they would ignore is refused beside them
+SELECTION_FILE_IGNORES = ("--attnprobe_sel", "--random", "--rule", "--attnlier", "--outlier", "--per_class",
+                          "--store_signals", "--flip_signal", "--force", "--score_batch_size", "--chunk_size",
+                          "--no_report")
 EVAL_ONLY_USES = {"--dataset", "--data_cifar", "--student", "--nb_classes", "--img_size", "--mean", "--std",
                   "--device", "--workers", "--amp", "--dist_timeout"}
 

@@ -90,8 +90,9 @@ class Increasing(argparse.Action):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose refusals are one `error: ...` line and exit 2 (rank 0 speaks under torchrun), with
-    rules checked after parsing: `needs` (a flag that acts only with another), `excludes` (two flags that
-    cannot act together), each refused naming both flags, and `check` (a refusal over several values)."""
+    rules checked after parsing, each refused naming both flags: `needs` (a flag that acts only with another),
+    `excludes` (two flags that cannot act together), `unused_with` / `only_with` (flags a mode ignores); and
+    `check` (a refusal over several values)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -113,6 +114,11 @@ class Parser(argparse.ArgumentParser):
     def check(self, refused, message):
         """A refusal over several values: `refused(args)` true -> one error line, `message`."""
         self.rules.append(("check", refused, message, ""))
+
+    def unused_with(self, flag, others, why=""):
+        """With `flag` given, each of `others` has no effect."""
+        for other in others:
+            self.rules.append(("unused", flag, other, why))
 
     def only_with(self, flag, allowed, why=""):
         """With `flag` given, every flag outside `allowed` has no effect."""
