@@ -704,10 +704,14 @@ def apply_crop_flip(x, padding, dy, dx, flip):
     return out.view(B, C, H, W)
 
 
-def check_padding(padding, img_size):
-    """A crop padding wider than the image would crop windows holding none of it: refused."""
+def crop_padding(flag, img_size):
+    """The random crop's padding: --crop_padding, else the published one of the input size. One wider than the
+    image would crop windows holding none of it: refused."""
+    import published   # here: published.py reads data.LARGE_INPUT at import
+    padding = flag if flag is not None else published.crop_padding(img_size)
     if padding > img_size:
         raise InputError(f"--crop_padding {padding} is wider than the {img_size}-px images: at most {img_size}")
+    return padding
 
 
 def random_crop_flip(x, padding, generator=None, done=None):

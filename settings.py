@@ -195,8 +195,7 @@ def plan_run(s, teacher, selection_size, test_classes, saved, world):
                          "run fewer processes")
     acc, acc_from = resolve_teacher_acc(s.teacher_acc, teacher, s.dataset)
     epochs, offset, epochs_from = epoch_plan(s.epochs, selection_size, teacher.img_size, saved)
-    padding = s.crop_padding if s.crop_padding is not None else published.crop_padding(teacher.img_size)
-    data.check_padding(padding, teacher.img_size)
+    padding = data.crop_padding(s.crop_padding, teacher.img_size)
     return Plan(s.student or models.default_student(teacher.img_size), selection_size, epochs, offset, epochs_from,
                 acc, acc_from, padding)
 

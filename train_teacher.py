@@ -25,7 +25,6 @@ import data
 import engine
 import flags
 import models
-import published
 from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, resume_path, rng_state,
                         save_checkpoint, trim_log, unwrap)
 from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
@@ -133,8 +132,7 @@ def train_teacher(args, on_epoch=None):
                          f"train split at {args.data}")
     num_classes = args.nb_classes or data.DATASETS[args.dataset] or train.num_classes
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
-    padding = args.crop_padding if args.crop_padding is not None else published.crop_padding(img_size)
-    data.check_padding(padding, img_size)
+    padding = data.crop_padding(args.crop_padding, img_size)
     on_gpu = device.type == "cuda"
     train_batches = engine.make_batches(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                         seed=args.seed, workers=args.workers, device=device)
