@@ -105,7 +105,7 @@ def report_lines(value_out, usable):
     count = mixture_estimate(value_out, usable)
     n = int(usable.sum())
     share = count / max(1, n)
-    measured, sentence = min(GRID_SAYS, key=lambda row: abs(row[0] - share))[0:2]
+    measured, sentence = min(GRID_SAYS, key=lambda row: abs(row[0] - share))
     return [f"- the teacher's domain: about {count:,.0f} of the {n:,} usable images (share {share:.3f}), by "
             f"pool_share.py's `mixture` estimator; on the demo's pools its estimates were off by up to "
             f"{100 * MEASURED_ERROR['mixture']:.0f} % (docs/demo_experiments.md, section 3), so read it as a rough "

@@ -645,11 +645,12 @@ def labelled_confidence(sc, teacher_info):
 
 def estimate_errors(estimates, in_domain, seeds):
     """Each estimator's in-domain counts per seed and its relative error |estimate - truth| / truth."""
-    out = {"true": in_domain, "seeds": seeds}
+    out = {"true": in_domain, "seeds": seeds, "estimators": {}}
     for name in estimates[0]:
         counts = [e[name] for e in estimates]
         errors = [abs(c - in_domain) / in_domain for c in counts]
-        out[name] = {"per_seed": counts, "relative_error_per_seed": errors, "max_relative_error": max(errors)}
+        out["estimators"][name] = {"per_seed": counts, "relative_error_per_seed": errors,
+                                   "max_relative_error": max(errors)}
     return out
 
 
@@ -829,9 +830,8 @@ def markdown(results, cfg, total_seconds, machine):
 
 def estimates_line(e):
     """One line: the pool's in-domain count and each estimator's counts per seed with its largest error."""
-    parts = [f"`{name}` " + ", ".join(f"{c:.0f}" for c in e[name]["per_seed"])
-             + f" (largest error {100 * e[name]['max_relative_error']:.1f} %)"
-             for name in e if name not in ("true", "seeds")]
+    parts = [f"`{name}` " + ", ".join(f"{c:.0f}" for c in x["per_seed"])
+             + f" (largest error {100 * x['max_relative_error']:.1f} %)" for name, x in e["estimators"].items()]
     return f"In-domain images: {e['true']}; estimated (seeds {e['seeds']}, `pool_share.py`): " + "; ".join(parts) + "."
 
 
@@ -842,8 +842,7 @@ def estimates_markdown(results, total_seconds, machine):
              "| largest |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         e = r["in_domain_estimates"]
-        for est in (k for k in e if k not in ("true", "seeds")):
-            x = e[est]
+        for est, x in e["estimators"].items():
             lines.append(f"| {name} | {r['pool']['relevant_share']:g} "
                          f"| {e['true']} | `{est}` | " + ", ".join(f"{c:.0f}" for c in x["per_seed"]) + " | "
                          + ", ".join(f"{100 * v:.1f} %" for v in x["relative_error_per_seed"])
