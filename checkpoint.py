@@ -103,7 +103,8 @@ def move_aside(paths):
 def trim_log(path, resumed_epoch, record=None):
     """A resumed run's JSON-lines log keeps exactly the lines of epochs <= resumed_epoch (a kill may have
     torn a line); `record`, the resumed checkpoint's own line, is appended when a failure after its
-    save cut it off."""
+    save cut it off. Pass `record` only for the log's own run: a checkpoint from another folder's run
+    has no place in this log."""
     lines = []
     if os.path.exists(path):
         with open(path) as f:
@@ -117,11 +118,17 @@ def trim_log(path, resumed_epoch, record=None):
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
             keep.append(line if line.endswith("\n") else line + "\n")
             logged.add(rec["epoch"])
-    if record is not None and resumed_epoch not in logged and (resumed_epoch - 1 in logged or (
-            resumed_epoch == 0 and os.path.exists(path))):   # not into the log of another run folder
-        keep.append(json.dumps(record) + "\n")
+    if record is not None and resumed_epoch not in logged and (resumed_epoch == 0 or resumed_epoch - 1 in logged):
+        keep.append(json.dumps(record) + "\n")   # a kill after epoch 0's save may leave no log at all
     if keep != lines:
         atomic_write_text(path, "".join(keep))
+
+
+def own_record(ckpt, resumed_from, own_last):
+    """The log line saved in a resumed checkpoint, for trim_log: only when it is the run's own resume file."""
+    if ckpt is None or not os.path.exists(own_last) or not os.path.samefile(resumed_from, own_last):
+        return None
+    return ckpt.get("record")
 
 
 def commit_epoch(log_path, record, save):

@@ -29,7 +29,7 @@ import models
 import published
 import select_data
 from attention_probe import FEATURE_BLOCKS, WithFeatures
-from checkpoint import RunFolder
+from checkpoint import RunFolder, own_record
 from data import DATASETS
 from losses import TERMS, NoiseAdaptation
 from safety import atomic_torch_save, check_writable, on_rank0, run_lock
@@ -239,7 +239,7 @@ def distill(s, device):
         selection = select_data.run_selection(s.select, teacher)
     loaders, labelled = make_loaders(s, plan, selection, teacher, test, device)
     student = make_student(s, plan, teacher, student, device, ckpt, run)
-    on_rank0(run.prepare, s.resume, ckpt.get("record") if ckpt else None)
+    on_rank0(run.prepare, s.resume, own_record(ckpt, s.resume, run.last))
     on_rank0(run.record_selection, selection, s.resume)
     class_weights = kd_class_weights(s, selection, teacher, labelled, device) if s.loss.kd_loss == "robust" else None
     teacher_net, student = wrap(s, teacher, student, device)

@@ -257,6 +257,44 @@ def test_disk_full_at_a_checkpoint_resumes_to_the_same_log(trained, small_disk, 
     same_log(out / log, trained / ref_log)
 
 
+class _Killed(BaseException):
+    """A SIGKILL's effect, deterministic: the process stops where it stands, no handler runs."""
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_killed_before_the_first_log_line_resumes_to_the_same_log(trained, tmp_path, monkeypatch, capsys, case):
+    """Killed between epoch 0's checkpoint and its log line, before log.txt exists at all: the rerun
+    resumes after epoch 0 and writes that epoch's line from the checkpoint (it once went missing)."""
+    script, flags_of, log, last, ref_log = CASES[case]
+    out = tmp_path / "out"
+    flags = flags_of(trained, out)
+
+    def killed(path, line):
+        raise _Killed
+    monkeypatch.setattr(checkpoint, "append_line", killed)
+    with pytest.raises(_Killed):
+        fx.run_script_inprocess(script, *argv(flags))
+    monkeypatch.undo()
+    assert not os.path.exists(out / log) and checkpoint.load_resume(out / last)["epoch"] == 0
+    code, o, err = run(script, flags, capsys)
+    assert code == 0, err
+    assert f"resumed from {out / last} after epoch 0" in o
+    same_log(out / log, trained / ref_log)
+
+
+def test_a_checkpoint_of_another_folder_lends_no_log_line(tmp_path):
+    """--resume of another run's last.pth: its saved line belongs to that run's log, never this one's."""
+    ckpt = {"record": {"epoch": 0}}
+    own, other = tmp_path / "own.pth", tmp_path / "other.pth"
+    other.write_bytes(b"x")
+    assert checkpoint.own_record(ckpt, other, own) is None       # this folder has no resume file yet
+    own.write_bytes(b"x")
+    assert checkpoint.own_record(ckpt, other, own) is None
+    assert checkpoint.own_record(ckpt, own, own) == {"epoch": 0}
+    assert checkpoint.own_record(ckpt, tmp_path / "." / "own.pth", own) == {"epoch": 0}
+    assert checkpoint.own_record(None, own, own) is None
+
+
 class _CutOffWrite:
     """A file whose next write stores half its bytes, then fails as a full disk does."""
 
