@@ -162,7 +162,7 @@ def train(s, plan, run, loaders, teacher_net, student, class_weights, device):
     """Epoch after epoch: its learning rate, a distill_step per batch, the test, the epoch committed."""
     n_parameters = sum(p.numel() for p in student.model.parameters())
     for epoch in range(run.state["epoch"] + 1, plan.epochs):
-        lr = engine.lr_at(epoch + plan.lr_offset, s.lr, plan.epochs + plan.lr_offset, s.schedule, s.cos)
+        lr = engine.lr_at(epoch + plan.lr_offset, s.lr_S, plan.epochs + plan.lr_offset, s.schedule, s.cos)
         engine.set_lr(student.optimizers[0], lr)
         t0 = time.time()
         epoch_run = engine.TrainEpoch(loaders.train, loaders.augment, epoch, device, s.seed, s.log_every, "distill",
@@ -209,13 +209,13 @@ def distill(s, device):
     """The run: the teacher and its selection, the student, then its epochs; -> the final numbers."""
     t_start = time.time()
     # everything that can fail on bad input happens before any long work
-    teacher = models.load_teacher(**s.select.teacher, device=device)
+    teacher = models.load_teacher(**s.select.teacher_spec, device=device)
     check_probe(s.select, teacher)
     for note in teacher.notes:
         say(f"note: {note}")
     if DATASETS[s.dataset] not in (None, teacher.num_classes):
         say(f"note: --dataset {s.dataset} has {DATASETS[s.dataset]} classes; the teacher has {teacher.num_classes}")
-    test = data.load_labelled(s.dataset, s.data_root, "val", teacher.img_size, teacher.in_chans)
+    test = data.load_labelled(s.dataset, s.data_cifar, "val", teacher.img_size, teacher.in_chans)
     # a selection file is read first: its size sets the epoch count
     selection = select_data.load_selection(s.selection_file, s.select, teacher) if s.selection_file else None
     run = RunFolder(s.output_dir)
@@ -241,7 +241,7 @@ def distill(s, device):
     student = make_student(s, plan, teacher, student, device, ckpt, run)
     on_rank0(run.prepare, s.resume, own_record(ckpt, s.resume, run.last))
     on_rank0(run.record_selection, selection, s.resume)
-    class_weights = kd_class_weights(s, selection, teacher, labelled, device) if s.loss.kd_loss == "robust" else None
+    class_weights = kd_class_weights(s, selection, teacher, labelled, device) if s.robust else None
     teacher_net, student = wrap(s, teacher, student, device)
     on_rank0(run.write_args)
     train(s, plan, run, loaders, teacher_net, student, class_weights, device)
@@ -257,7 +257,7 @@ def make_loaders(s, plan, selection, teacher, test, device):
     img_size, in_chans = teacher.img_size, teacher.in_chans
     positives = labelled = None
     if s.pos_num > 0:
-        positives, pos_index, labelled = data.labelled_positives(s.dataset, s.data_root, s.pos_num, img_size,
+        positives, pos_index, labelled = data.labelled_positives(s.dataset, s.data_cifar, s.pos_num, img_size,
                                                                  in_chans, plan.padding, s.seed)
         # part of this run's training set: recorded in its folder, not in stage 1's
         on_rank0(atomic_torch_save, {"positive_index": pos_index},
@@ -287,7 +287,7 @@ def make_student(s, plan, teacher, model, device, ckpt, run):
     on_gpu = device.type == "cuda"
     model = model.to(device)
     noise = NoiseAdaptation(teacher.num_classes, plan.teacher_acc).to(device)
-    opt_s = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+    opt_s = torch.optim.AdamW(model.parameters(), lr=s.lr_S, weight_decay=s.weight_decay,
                               **({"fused": True} if on_gpu else {}))
     opt_n = torch.optim.Adam(noise.parameters(), lr=published.NOISE_LR)
     if ckpt is not None:
@@ -335,16 +335,15 @@ def wrap(s, teacher, student, device):
 def evaluate_checkpoint(s, device):
     """Test a student checkpoint; what a flag does not say (dataset, model and with it the image size,
     mean/std) comes from the checkpoint. Under torchrun every rank tests its share; rank 0 prints."""
-    flags = s.model_flags
-    student, name, meta = models.load_student(s.eval_only, s.student, flags["nb_classes"], flags["img_size"])
+    student, name, meta = models.load_student(s.eval_only, s.student, s.nb_classes, s.img_size)
     saved = meta.get("args") or {}
     in_chans, img_size = models.input_spec(student)
     dataset, dataset_from = ((s.dataset, "--dataset") if s.dataset else
                              (saved["dataset"], "the checkpoint") if saved.get("dataset") else
                              (published.DATASET, "the default"))
-    mean, std = data.resolve_mean_std(flags["mean"] or meta.get("mean") or saved.get("mean"),
-                                      flags["std"] or meta.get("std") or saved.get("std"), in_chans)
-    test = data.load_labelled(dataset, s.data_root, "val", img_size, in_chans)
+    mean, std = data.resolve_mean_std(s.mean or meta.get("mean") or saved.get("mean"),
+                                      s.std or meta.get("std") or saved.get("std"), in_chans)
+    test = data.load_labelled(dataset, s.data_cifar, "val", img_size, in_chans)
     batches = engine.make_batches(test, batch_size=512, shuffle=False, drop_last=False, workers=s.workers,
                                   device=device)
     result = engine.evaluate(student.to(device), batches, engine.Augment(mean, std, 0, train=False), device, s.amp)

@@ -5,10 +5,11 @@
     NA = NoiseAdaptation(C, acc)(s, t)
     PD = patch_attention_probe_loss(f_t, f_s)
 
-Each term's variants stand in TERMS by name; a run's choice travels as one LossConfig. A new variant is one
-TERMS entry (it becomes a choice of --pd_loss) and its test.
+KD takes optional per-image weights (robust KD passes its class weights). PD's variants stand in TERMS by name;
+a run's choices travel as one LossConfig. A new PD variant is one TERMS entry (it becomes a choice of --pd_loss)
+and its test.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -81,25 +82,30 @@ class NoiseAdaptation(nn.Module):
 
 
 # ---- the terms by name ---------------------------------------------------------------------------
-# kd variants: (student logits, teacher logits, per-sample weights or None, T) -> scalar
 # pd variants: (teacher features, student features), each (L, B, N, C) -> scalar
 TERMS = {
-    "kd": {"plain": lambda s, t, weights, T: kdloss(s, t, T),
-           "robust": lambda s, t, weights, T: robust_kdloss(s, t, weights, T)},
     "pd": {"cls_gram": patch_attention_probe_loss},     # the published probe distillation
 }
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Which variant of each term a run uses, and the weights: loss = kd + na + patchattn · pd."""
-    kd_loss: str = "plain"          # "robust" with --robust
+    """The loss's variants and weights: loss = kd + na + patchattn · pd. Fields take the stage-2 flag of
+    the same name (from_flags), so a new weight is a field here and its add_argument."""
     pd_loss: str = "cls_gram"       # --pd_loss
     patchattn: float = PATCHATTN    # the weight of PD; 0: no PD (no --attnprobe_dist)
     temperature: float = KD_TEMPERATURE
 
+    @classmethod
+    def from_flags(cls, args):
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, "patchattn": args.patchattn if args.attnprobe_dist else 0.0})
+
     def kd(self, student_logits, teacher_logits, weights=None):
-        return TERMS["kd"][self.kd_loss](student_logits, teacher_logits, weights, self.temperature)
+        """KD, each image's KL scaled by `weights` (B,) when given (robust KD: its teacher class's weight)."""
+        if weights is None:
+            return kdloss(student_logits, teacher_logits, self.temperature)
+        return robust_kdloss(student_logits, teacher_logits, weights, self.temperature)
 
     def pd(self, teacher_features, student_features):
         return TERMS["pd"][self.pd_loss](teacher_features, student_features)

@@ -38,15 +38,15 @@ HEATMAP_IMAGES = 4    # kept and dropped images each on the heat maps
 
 
 def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_dir=None, command=None):
-    """Write the report of the images `indices` chosen by settings `s` from the scores in s.folder.
+    """Write the report of the images `indices` chosen by settings `s` from the scores in s.selected_file.
 
     ranking: select_data.rank_pool's (arrays, value, usable, pred), the order the selection was made in;
     source: where the images are read from (a pool.PoolCache or pool.PoolIndex); teacher: for the probe heat
     maps (None: not drawn). -> {'folder', 'files': {name: path}, 'cut', 'cut_lines' (drawn), 'seconds'}"""
     t0 = time.time()
-    out_dir = out_dir or os.path.join(s.folder, "report")
+    out_dir = out_dir or os.path.join(s.selected_file, "report")
     os.makedirs(out_dir, exist_ok=True)
-    meta = read_fingerprint(os.path.join(s.folder, scoring.META_FILE))   # None for published score files
+    meta = read_fingerprint(os.path.join(s.selected_file, scoring.META_FILE))   # None for published score files
     arrays, value, usable, pred = ranking
     n = len(value)
     indices = torch.as_tensor(indices).long()
@@ -54,18 +54,18 @@ def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_
     kept[indices] = True
     dropped = usable & ~kept
     value_out = arrays["value_out"].double()
-    blocks = [b for b in s.probe_blocks if os.path.exists(os.path.join(s.folder, f"value_blk{b}.pth"))]
+    blocks = [b for b in s.probe_blocks if os.path.exists(os.path.join(s.selected_file, f"value_blk{b}.pth"))]
     panels = [("value_out = -log max softmax (low: confident)", value_out)]
     if blocks == list(s.probe_blocks):
         have = all(f"value_blk{b}" in arrays for b in blocks)   # rank_pool read them for --attnprobe_sel
-        probes = arrays if have else scoring.load_scores(s.folder, blocks)
+        probes = arrays if have else scoring.load_scores(s.selected_file, blocks)
         panels.append((f"probe: Σ cos(CLS row, uniform), blocks {', '.join(map(str, blocks))} (low: peaked)",
                        sum(probes[f"value_blk{b}"].double() for b in blocks)))
         panels.append((f"combined = {s.attnlier:g}·probe + {s.outlier:g}·value_out",
                        combined_value(probes, True, s.attnlier, s.outlier, blocks)))
     if s.rule != "published":
         panels.append((f"--rule {s.rule} (low: kept first)", value))
-    ranked_by = (len(panels) - 1 if s.rule != "published" or s.attnprobe else 0)
+    ranked_by = (len(panels) - 1 if s.rule != "published" or s.attnprobe_sel else 0)
     cut = None if s.random or s.per_class else float(value[indices].max())
     files = {}
 
@@ -91,8 +91,8 @@ def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_
         files["probe_heatmaps"] = os.path.join(out_dir, "probe_heatmaps.png")
         _probe_heatmaps(files["probe_heatmaps"], teacher, s, value, usable, kept, source)
 
-    skipped = pool.read_skipped(os.path.join(s.folder, "skipped.txt")) \
-        if os.path.exists(os.path.join(s.folder, "skipped.txt")) else []
+    skipped = pool.read_skipped(os.path.join(s.selected_file, "skipped.txt")) \
+        if os.path.exists(os.path.join(s.selected_file, "skipped.txt")) else []
     # each class's cut: its largest kept score
     class_cut = torch.full((num_classes,), float("nan"), dtype=torch.float64).scatter_reduce(
         0, pred[indices], value[indices].double(), reduce="amax", include_self=False)
@@ -187,7 +187,7 @@ def _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per
              f"- predicted classes with kept images: {int((kept_per_class > 0).sum())} of {len(kept_per_class)}"
              + (f"; {len(collapsed)} collapsed (kept under a tenth of an even share)" if collapsed else ""),
              *domain_lines,
-             f"- scores: {s.folder}", f"- command: `{command}`", "",
+             f"- scores: {s.selected_file}", f"- command: `{command}`", "",
              "Pictures: " + ", ".join(f"[{k}]({os.path.basename(p)})" for k, p in files.items()), "",
              "## Per predicted class", "", "| class | pool | kept | kept share | class cut |", "|---|---|---|---|---|"]
     for c in range(len(kept_per_class)):
@@ -198,6 +198,6 @@ def _page(s, rule_text, n, usable, indices, value, cut, kept_per_class, pool_per
         lines.append(f"| {c}{mark} | {int(pool_per_class[c]):,} | {int(kept_per_class[c]):,} | "
                      f"{int(kept_per_class[c]) / max(1, len(indices)):.2%} | {cut_c} |")
     if skipped:
-        lines += ["", f"## Skipped files ({len(skipped):,}; all in {os.path.join(s.folder, 'skipped.txt')})", ""]
+        lines += ["", f"## Skipped files ({len(skipped):,}; all in {os.path.join(s.selected_file, 'skipped.txt')})", ""]
         lines += [f"- `{i}`: {r}" for i, r in skipped[:20]]
     return "\n".join(lines) + "\n"

@@ -101,15 +101,15 @@ def _chunk_path(chunks_dir, c):
 
 
 def score_pool(s, teacher, pool_index, cache, fingerprint, store=None):
-    """Score the whole pool into s.folder (--selected_file), chunk by chunk; a killed run resumes at its
-    last chunk. s: select_data.SelectSettings.
+    """Score the whole pool into s.selected_file (--selected_file), chunk by chunk; a killed run resumes at its
+    last chunk. s: the stage-1 settings.Settings.
 
     Each rank scores the strided shard range(rank, chunk, world) of every chunk; rank 0 stores the
     gathered results by pool index. `cache`: the uint8 pool cache, or None to decode the images.
     `store` (signals.SignalStore) adds the extra signals; None scores the published files alone.
     """
     rank, world = rank_world()
-    out_dir, device = s.folder, teacher.device
+    out_dir, device = s.selected_file, teacher.device
     n, c = len(pool_index), teacher.num_classes
     blocks = sorted(s.probe_blocks)
     chunks_dir = os.path.join(out_dir, CHUNKS)
@@ -134,7 +134,7 @@ def score_pool(s, teacher, pool_index, cache, fingerprint, store=None):
                                     *[f"value_blk{b}" for b in blocks])}
         reasons = {}
         for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher.img_size, teacher.in_chans,
-                                                 s.batch_size, s.workers, device.type == "cuda", s.fast_decode):
+                                                 s.score_batch_size, s.workers, device.type == "cuda", s.fast_decode):
             scores = score_fn(teacher.model, images.to(device, non_blocking=True), teacher.mean, teacher.std, blocks,
                               s.probe_head, s.amp, store is not None, bool(store and store.flip))
             part["index"].append(idx)

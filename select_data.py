@@ -134,9 +134,9 @@ def default_cache_dir(s, teacher):
         return None
     if s.cache_dir:
         return s.cache_dir
-    if teacher.img_size <= data.LARGE_INPUT and s.folder:
+    if teacher.img_size <= data.LARGE_INPUT and s.selected_file:
         fast = "_fast" if s.fast_decode else ""
-        return os.path.join(s.folder, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
+        return os.path.join(s.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
     return None
 
 
@@ -165,6 +165,11 @@ def existing_cache(s, teacher):
 
 # ---- stage 1 ---------------------------------------------------------------------------------------
 
+def rule_signals(rule):
+    """The extra signals (signals.SIGNALS) `rule` reads: they must be stored."""
+    return [] if rule == "published" else [a for a in rule_needs(rule) if a in signals.SIGNALS]
+
+
 def run_selection(s, teacher):
     """Score the pool with `teacher` (or reuse the scores) and select -> Selection, on every rank.
 
@@ -180,25 +185,25 @@ def run_selection(s, teacher):
         print(f"pool: {pool_index.describe()}")
     fingerprint = scoring.fingerprint(pool_index, teacher, s.probe_blocks, s.probe_head, s.fast_decode)
     cache = None
-    if scoring.read_only(s.folder):   # finished scores only: nothing is written there, nothing to lock
-        if s.force or not on_rank0(scoring.scores_ready, s.folder, fingerprint, False):
-            raise InputError(f"--selected_file {s.folder} cannot be written and holds no complete scores "
+    if scoring.read_only(s.selected_file):   # finished scores only: nothing is written there, nothing to lock
+        if s.force or not on_rank0(scoring.scores_ready, s.selected_file, fingerprint, False):
+            raise InputError(f"--selected_file {s.selected_file} cannot be written and holds no complete scores "
                              "of this pool and teacher" + (" (--force rescores)" if s.force else "")
                              + ": choose a writable --selected_file")
         chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index)
         selection = Selection.of(**chosen, pool_index=pool_index, cache=None, scores=fingerprint)
     else:
         if rank == 0:
-            os.makedirs(s.folder, exist_ok=True)
+            os.makedirs(s.selected_file, exist_ok=True)
         # two runs writing one --selected_file would mix their chunks: the second is refused
-        with run_lock(s.folder, "--selected_file"):
-            store = (signals.SignalStore(s.folder, flip=s.flip_signal)
-                     if s.store_signals or s.flip_signal or s.rule_signals() else None)
+        with run_lock(s.selected_file, "--selected_file"):
+            store = (signals.SignalStore(s.selected_file, flip=s.flip_signal)
+                     if s.store_signals or s.flip_signal or rule_signals(s.rule) else None)
             # rank 0's view, on every rank: one rank seeing files another does not would split the run
-            ready = on_rank0(scoring.scores_ready, s.folder, fingerprint, s.force)
+            ready = on_rank0(scoring.scores_ready, s.selected_file, fingerprint, s.force)
             if ready and store and not on_rank0(store.complete):
                 if rank == 0:
-                    print(f"the score files in {s.folder} lack extra signals this run needs: scoring "
+                    print(f"the score files in {s.selected_file} lack extra signals this run needs: scoring "
                           "again to store them (the published files come out the same)")
                 ready = False
             if not ready:
@@ -206,10 +211,10 @@ def run_selection(s, teacher):
                 scoring.score_pool(s, teacher, pool_index, cache, fingerprint, store)
             chosen = on_rank0(select_from_scores, s, teacher.num_classes, pool_index)
             selection = Selection.of(**chosen, pool_index=pool_index, cache=cache, scores=fingerprint)
-            on_rank0(selection.save, s.folder)
+            on_rank0(selection.save, s.selected_file)
     if selection.cache is None:
         selection.cache = existing_cache(s, teacher)
-    if s.report and not scoring.read_only(s.folder):
+    if not s.no_report and not scoring.read_only(s.selected_file):
         on_rank0(draw_report, s, selection, teacher)
     return selection
 
@@ -222,29 +227,29 @@ def draw_report(s, selection, teacher):
                     teacher.num_classes, selection.source, teacher)
     except Exception as e:
         print(f"warning: the selection report was not drawn ({type(e).__name__}: {e}); "
-              f"python tools/show_selection.py {s.folder} draws it from the saved scores", file=sys.stderr)
+              f"python tools/show_selection.py {s.selected_file} draws it from the saved scores", file=sys.stderr)
 
 
 def rank_pool(s, pool_size):
-    """The stored scores in s.folder and what the rule ranks them by -> (arrays, value (N,) float64,
+    """The stored scores in s.selected_file and what the rule ranks them by -> (arrays, value (N,) float64,
     usable (N,) bool, pred (N,) long); LOW value = kept first, skipped images unusable."""
     if s.rule == "published":
-        needs = ["value_blk"] if s.attnprobe else []
+        needs = ["value_blk"] if s.attnprobe_sel else []
     else:
         needs = rule_needs(s.rule)
-    arrays = scoring.load_arrays(s.folder, needs, s.probe_blocks if "value_blk" in needs else [])
+    arrays = scoring.load_arrays(s.selected_file, needs, s.probe_blocks if "value_blk" in needs else [])
     n = len(arrays["value_out"])
     if pool_size is not None and n != pool_size:
-        raise InputError(f"score files in {s.folder} cover {n} images but the pool has {pool_size}")
+        raise InputError(f"score files in {s.selected_file} cover {n} images but the pool has {pool_size}")
     pred = arrays["pred_out"].long()
     usable = torch.isfinite(arrays["value_out"]) & (pred >= 0)
     if s.rule == "published":
-        value = combined_value(arrays, s.attnprobe, s.attnlier, s.outlier, s.probe_blocks)
+        value = combined_value(arrays, s.attnprobe_sel, s.attnlier, s.outlier, s.probe_blocks)
     else:   # an opt-in rule of selection.RULES, from the same single scoring pass
         try:
             value = rule_value(s.rule, arrays, usable, s.probe_blocks)
         except ValueError as e:
-            raise InputError(f"--rule {s.rule}: {e} (score files in {s.folder})") from None
+            raise InputError(f"--rule {s.rule}: {e} (score files in {s.selected_file})") from None
     return arrays, value, usable, pred
 
 
@@ -254,10 +259,10 @@ def select_from_scores(s, num_classes, pool_index, ranking=None):
     (Selection.of's arguments)"""
     arrays, value, usable, pred = ranking or rank_pool(s, len(pool_index))
     chosen = select_indices(value, usable, s.num_select, pred, s.per_class, s.random, s.seed)
-    mass = class_mass(scoring.load_probs(s.folder), pred, chosen, num_classes)
+    mass = class_mass(scoring.load_probs(s.selected_file), pred, chosen, num_classes)
     picked = {"indices": chosen, "pred": pred[chosen], "mass": mass,
-              "rule": describe(s.rule, s.attnprobe, s.random, s.per_class), "value": value[chosen].float(),
-              "settings": {k: getattr(s, k) for k in RULE_SETTINGS}}
+              "rule": describe(s.rule, s.attnprobe_sel, s.random, s.per_class), "value": value[chosen].float(),
+              "settings": {key: getattr(s, dest) for key, dest in RULE_SETTINGS.items()}}
     warn_class_collapse(class_collapse(picked["pred"], num_classes), len(chosen), num_classes, s.per_class)
     print_summary(picked, value, usable, num_classes)
     return picked
@@ -281,8 +286,8 @@ def load_selection(path, s, teacher):
     if s.num_select_given and s.num_select != len(indices):
         raise InputError(f"--num_select {s.num_select} but --selection_file {path} holds {len(indices)} images: "
                          "drop --num_select (the file decides)")
-    probs = scoring.load_probs(s.folder) if s.folder else None
-    if probs is not None and scoring.matches(s.folder, scoring.fingerprint(pool_index, teacher, s.probe_blocks,
+    probs = scoring.load_probs(s.selected_file) if s.selected_file else None
+    if probs is not None and scoring.matches(s.selected_file, scoring.fingerprint(pool_index, teacher, s.probe_blocks,
                                                                           s.probe_head, s.fast_decode)):
         mass = class_mass(probs, None, indices, teacher.num_classes)
     else:
@@ -305,7 +310,7 @@ def print_summary(picked, value, usable, num_classes):
 
 def load_teacher(s, device):
     """The teacher of the flags, its first lines printed on rank 0."""
-    teacher = models.load_teacher(**s.teacher, device=device)
+    teacher = models.load_teacher(**s.teacher_spec, device=device)
     check_probe(s, teacher)
     if rank_world()[0] == 0:
         print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
@@ -326,8 +331,8 @@ def main(args):
     run_selection(s, teacher)
     if rank_world()[0] == 0:
         print(f"done in {time.time() - t0:.1f}s; " + (
-            f"{s.folder} is read-only: the selection was not written (DFND_DeiT-train.py writes it into "
-            "its --output_dir)" if scoring.read_only(s.folder) else f"files in {s.folder}"))
+            f"{s.selected_file} is read-only: the selection was not written (DFND_DeiT-train.py writes it into "
+            "its --output_dir)" if scoring.read_only(s.selected_file) else f"files in {s.selected_file}"))
 
 
 if __name__ == "__main__":

@@ -210,8 +210,10 @@ class Selection:
 
 SELECTION_FILE = "selection.pt"
 # the selection flags a selection.pt records: with the stored scores they give back its images
-RULE_SETTINGS = ("rule", "attnprobe", "attnlier", "outlier", "probe_blocks", "probe_head", "num_select", "per_class",
-                 "random", "seed")
+# the stage-1 settings a selection record keeps (its key: the flag's dest)
+RULE_SETTINGS = {"rule": "rule", "attnprobe": "attnprobe_sel", "attnlier": "attnlier", "outlier": "outlier",
+                 "probe_blocks": "probe_blocks", "probe_head": "probe_head", "num_select": "num_select",
+                 "per_class": "per_class", "random": "random", "seed": "seed"}
 
 
 def read_record(path):

@@ -1,69 +1,44 @@
-"""The flags of both stages checked and resolved once, before any work: SelectSettings (stage 1,
-select_data.py), Settings (stage 2, DFND_DeiT-train.py) and the Plan that the teacher, the selection and a
-resumed checkpoint add. The functions of the method take these values, never the parsed `args`.
+"""The flags of both stages checked and resolved once, before any work: the Settings of stage 1
+(select_data.py) and of stage 2 (DFND_DeiT-train.py), each the flags by dest with the resolved values
+beside them, and the Plan that the teacher, the selection and a resumed checkpoint add. The functions of
+the method take these values, never the parsed `args`.
 
     s = resolve_settings(args, device)            # s.select: the stage-1 settings
     plan = plan_run(s, teacher, selection_size, test_classes, saved_args, world)
 """
 import os
 from dataclasses import dataclass
-
-import torch
+from types import SimpleNamespace
 
 import data
 import models
 import pool
 import published
 import scoring
-import signals
 from attention_probe import FEATURE_BLOCKS
 from checkpoint import RunFolder
 from losses import LossConfig
 from safety import check_writable
-from selection import rule_needs
 from utils import InputError, amp_dtype
+
+
+class Settings(SimpleNamespace):
+    """One script's flags by dest, read-only, with the values resolved from them beside them (or in place
+    of them: documented where they are set). A new flag is readable as s.<dest> with no line here."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"settings are read-only: {name} (resolve it in settings.py)")
 
 
 # ---- stage 1 ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SelectSettings:
-    """Stage 1 as the flags ask for it, resolved and checked once; `args` stays as the user gave it."""
-    pool: list                # --data_imagenet, brace ranges expanded (pool-{000000..000009}.tar)
-    folder: str               # --selected_file: scores and the selection (None with --selection_file alone)
-    num_select: int           # --num_select, else the published default
-    num_select_given: bool
-    rule: str                 # "published" or a key of selection.RULES
-    attnprobe: bool           # --attnprobe_sel
-    attnlier: float
-    outlier: float
-    per_class: int            # None: not class-balanced
-    random: bool
-    seed: int
-    probe_blocks: tuple       # increasing (flags.Increasing)
-    probe_head: int
-    store_signals: bool
-    flip_signal: bool
-    cache_dir: str            # None: the default place (or none, with no_cache)
-    no_cache: bool
-    fast_decode: bool
-    batch_size: int           # scoring batch
-    chunk_size: int
-    force: bool
-    report: bool              # not --no_report: draw report.py's pictures after the selection
-    workers: int
-    compile: bool
-    amp: torch.dtype          # None: fp32
-    teacher: dict             # models.load_teacher's arguments
-
-    def rule_signals(self):
-        """The extra signals (signals.SIGNALS) the rule reads: they must be stored."""
-        return [] if self.rule == "published" else [a for a in rule_needs(self.rule) if a in signals.SIGNALS]
-
-
 def resolve_select_settings(args, device, selection_file=None):
-    """Check the selection flags before any work (--selected_file is created) -> SelectSettings.
-    selection_file: DFND_DeiT-train.py's --selection_file, which makes --selected_file optional."""
+    """Check the selection flags before any work (--selected_file is created) -> Settings.
+    selection_file: DFND_DeiT-train.py's --selection_file, which makes --selected_file optional.
+    Resolved: pool (--data_imagenet, brace ranges expanded: pool-{000000..000009}.tar), probe_blocks (a tuple,
+    as selection records keep it), num_select (else the
+    published default; num_select_given says which), amp (a dtype, None: fp32), teacher_spec
+    (models.load_teacher's arguments)."""
     if not args.data_imagenet:
         raise InputError("--data_imagenet (the wild pool) is required")
     if not args.teacher_dir:
@@ -81,58 +56,22 @@ def resolve_select_settings(args, device, selection_file=None):
                          "pretrained tag)")
     if args.selected_file and not scoring.read_only(args.selected_file):
         check_writable(args.selected_file, "--selected_file")   # creates it, nothing inside
-    return SelectSettings(
-        pool=paths, folder=args.selected_file,
-        num_select=published.NUM_SELECT if args.num_select is None else args.num_select,
-        num_select_given=args.num_select is not None, rule=args.rule, attnprobe=args.attnprobe_sel,
-        attnlier=args.attnlier, outlier=args.outlier, per_class=args.per_class, random=args.random, seed=args.seed,
-        probe_blocks=tuple(args.probe_blocks), probe_head=args.probe_head, store_signals=args.store_signals,
-        flip_signal=args.flip_signal, cache_dir=args.cache_dir, no_cache=args.no_cache, fast_decode=args.fast_decode,
-        batch_size=args.score_batch_size, chunk_size=args.chunk_size, force=args.force, report=not args.no_report,
-        workers=args.workers,
-        compile=args.compile, amp=amp_dtype(args.amp, device),
-        teacher=dict(name=args.teacher, num_classes=args.nb_classes, path=args.teacher_dir, mean=args.mean,
-                     std=args.std, img_size=args.img_size, ema=args.teacher_ema))
+    return Settings(**{
+        **vars(args), "pool": paths, "probe_blocks": tuple(args.probe_blocks),
+        "num_select": published.NUM_SELECT if args.num_select is None else args.num_select,
+        "num_select_given": args.num_select is not None, "amp": amp_dtype(args.amp, device),
+        "teacher_spec": dict(name=args.teacher, num_classes=args.nb_classes, path=args.teacher_dir, mean=args.mean,
+                             std=args.std, img_size=args.img_size, ema=args.teacher_ema)})
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Settings:
-    """Stage 2 as the flags ask for it, checked and resolved once; `args` stays as the user gave it."""
-    flags: dict               # vars(args), as given: args.json and the resume checks start from it
-    select: object            # select_data.SelectSettings (None with --eval_only)
-    data_root: str            # --data_cifar: the test set, and the train set of --pos_num
-    dataset: str              # --dataset, else the published default (with --eval_only: None = the checkpoint's)
-    output_dir: str
-    resume: str               # the last.pth to resume from, or None
-    selection_file: str
-    student: str              # --student (None: the tiny DeiT at the teacher's size)
-    lr: float                 # --lr_S
-    weight_decay: float
-    batch_size: int           # global
-    epochs: int               # --epochs (None: the published formula)
-    schedule: list
-    cos: bool
-    loss: LossConfig          # kd + na + patchattn · pd, each term's variant by name
-    pd_blocks: tuple          # (teacher blocks, student blocks) of PD; ((), ()) without --attnprobe_dist
-    teacher_acc: float        # --teacher_acc (None: the teacher file's, else the published constant)
-    pos_num: int
-    holdout: float
-    eval_every: int
-    crop_padding: int         # None: published.crop_padding of the input size
-    compile: bool
-    cuda_graphs: bool
-    log_every: int
-    seed: int
-    workers: int
-    amp: torch.dtype          # None: fp32
-    eval_only: str            # a student checkpoint to test, and with it: --nb_classes, --img_size, --mean, --std
-    model_flags: dict
-
-
 def resolve_settings(args, device):
-    """Check the flags before any work (--output_dir is not created here, --selected_file is) -> Settings."""
+    """Check the flags before any work (--output_dir is not created here, --selected_file is) -> Settings.
+    Resolved: flags (vars(args) as given: args.json and the resume checks start from it), select (the
+    stage-1 Settings; None with --eval_only), dataset (else the published default; with --eval_only None:
+    the checkpoint's), resume (the last.pth to resume from, or None), amp (a dtype, None: fp32), loss
+    (losses.LossConfig), pd_blocks ((teacher blocks, student blocks) of PD; ((), ()) without --attnprobe_dist)."""
     if not args.data_cifar:
         raise InputError("--data_cifar (the original dataset root, for the test set) is required"
                          if not args.eval_only else "--eval_only needs --data_cifar (the test set)")
@@ -144,20 +83,13 @@ def resolve_settings(args, device):
         if not args.output_dir:
             raise InputError("--output_dir is required")
     resume = None if args.eval_only else RunFolder(args.output_dir).resume_point(args.resume)
-    loss = LossConfig(kd_loss="robust" if args.robust else "plain", pd_loss=args.pd_loss,
-                      patchattn=args.patchattn if args.attnprobe_dist else 0.0)
     pd_blocks = ((tuple(args.pd_teacher_blocks or FEATURE_BLOCKS), tuple(args.pd_student_blocks or FEATURE_BLOCKS))
                  if args.attnprobe_dist else ((), ()))
-    return Settings(
-        flags=dict(vars(args)), select=None if args.eval_only else resolve_select_settings(args, device, args.selection_file),
-        data_root=args.data_cifar, dataset=args.dataset or (None if args.eval_only else published.DATASET),
-        output_dir=args.output_dir, resume=resume, selection_file=args.selection_file, student=args.student,
-        lr=args.lr_S, weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
-        schedule=args.schedule, cos=args.cos, loss=loss, pd_blocks=pd_blocks, teacher_acc=args.teacher_acc,
-        pos_num=args.pos_num, holdout=args.holdout, eval_every=args.eval_every, crop_padding=args.crop_padding,
-        compile=args.compile, cuda_graphs=args.cuda_graphs, log_every=args.log_every, seed=args.seed,
-        workers=args.workers, amp=amp_dtype(args.amp, device), eval_only=args.eval_only,
-        model_flags=dict(nb_classes=args.nb_classes, img_size=args.img_size, mean=args.mean, std=args.std))
+    return Settings(**{
+        **vars(args), "flags": dict(vars(args)),
+        "select": None if args.eval_only else resolve_select_settings(args, device, args.selection_file),
+        "dataset": args.dataset or (None if args.eval_only else published.DATASET), "resume": resume,
+        "amp": amp_dtype(args.amp, device), "loss": LossConfig.from_flags(args), "pd_blocks": pd_blocks})
 
 
 @dataclass(frozen=True)
@@ -186,7 +118,7 @@ class Plan:
 def plan_run(s, teacher, selection_size, test_classes, saved, world):
     """-> Plan; refuses what cannot run. saved: a resumed checkpoint's args (its lr offset is kept)."""
     if test_classes > teacher.num_classes:
-        raise InputError(f"the test set at {s.data_root} has {test_classes} classes but the teacher "
+        raise InputError(f"the test set at {s.data_cifar} has {test_classes} classes but the teacher "
                          f"has {teacher.num_classes}")
     n_train = selection_size - data.holdout_size(selection_size, s.holdout)
     if s.pos_num == 0 and n_train < world:   # a rank without an image: 0 steps per epoch, epoch after epoch

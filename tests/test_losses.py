@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,15 +28,19 @@ def test_robust_kd_weights_per_sample():
 
 
 def test_loss_config_picks_each_term_by_name():
-    """LossConfig names a variant of each term of losses.TERMS; the published ones by default."""
+    """LossConfig: KD plain, or robust when per-image weights come; PD's variant of losses.TERMS by name;
+    the published ones by default, and each field from the stage-2 flag of its name."""
     torch.manual_seed(0)
     s, t, w = torch.randn(5, 6), torch.randn(5, 6), torch.rand(5)
     assert LossConfig().kd(s, t).item() == kdloss(s, t).item()
-    assert LossConfig(kd_loss="robust").kd(s, t, w).item() == robust_kdloss(s, t, w).item()
+    assert LossConfig().kd(s, t, w).item() == robust_kdloss(s, t, w).item() != kdloss(s, t).item()
     assert LossConfig(temperature=2).kd(s, t).item() == kdloss(s, t, T=2).item() != kdloss(s, t).item()
     f, g = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 4)
     assert LossConfig().pd(f, g).item() == patch_attention_probe_loss(f, g).item()
-    assert (LossConfig().patchattn, LossConfig().temperature, LossConfig().kd_loss) == (0.8, 4, "plain")
+    assert (LossConfig().patchattn, LossConfig().temperature) == (0.8, 4)
+    flags = SimpleNamespace(pd_loss="cls_gram", patchattn=0.3, attnprobe_dist=False, robust=True)
+    assert LossConfig.from_flags(flags) == LossConfig(patchattn=0.0)          # no PD without --attnprobe_dist
+    assert LossConfig.from_flags(SimpleNamespace(**{**vars(flags), "attnprobe_dist": True})) == LossConfig(patchattn=0.3)
     with pytest.raises(KeyError):
         LossConfig(pd_loss="nope").pd(f, g)
     import distill

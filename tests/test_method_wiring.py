@@ -174,7 +174,7 @@ def test_distill_step_robust_kd_weights_by_teacher_class():
     fs = torch.tensor([1.0, 0.0]).view(1, 1, 2, 1)     # [1, 0]: CLS row 0 -> PD = 0.48²
     noise = lambda s_logits, t_logits: torch.tensor(0.3)    # noqa: E731  (NA by hand: its own test)
     x = torch.zeros(4, 3, 2, 2)
-    got = distill.distill_step(x, _Fixed(t, ft), _Fixed(s, fs), noise, losses.LossConfig("robust", patchattn=0.8),
+    got = distill.distill_step(x, _Fixed(t, ft), _Fixed(s, fs), noise, losses.LossConfig(patchattn=0.8),
                                class_weights=w)
     teacher_class = [0, 1, 2, 0]
     kd = 16 * sum(w[c].item() * kl_by_hand(t[i].tolist(), s[i].tolist(), 4.0)

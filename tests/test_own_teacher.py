@@ -58,7 +58,7 @@ def test_published_formula_on_a_small_selection_is_refused_before_any_work(world
 
 
 def test_a_rank_without_images_is_refused():
-    s = SimpleNamespace(data_root="d", holdout=0.4, pos_num=0, teacher_acc=0.9, dataset="cifar10", epochs=5,
+    s = SimpleNamespace(data_cifar="d", holdout=0.4, pos_num=0, teacher_acc=0.9, dataset="cifar10", epochs=5,
                         crop_padding=None, student=None)
     teacher = SimpleNamespace(num_classes=10, img_size=32)
     assert settings.plan_run(s, teacher, 2, 10, None, 1).epochs == 5

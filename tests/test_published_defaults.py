@@ -103,9 +103,9 @@ def test_defaults_without_flags_are_the_published_ones(tmp_path):
     paths = ["--data_imagenet", tmp_path / "pool", "--teacher_dir", tmp_path / "t.pth", "--selected_file",
              tmp_path / "sel", "--data_cifar", tmp_path / "cifar", "--output_dir", tmp_path / "out"]
     s = settings.resolve_settings(distill.get_args_parser().parse_args(map(str, paths)), torch.device("cpu"))
-    assert (s.select.num_select, s.dataset, s.select.teacher["name"]) == (600000, "cifar10", None)
+    assert (s.select.num_select, s.dataset, s.select.teacher_spec["name"]) == (600000, "cifar10", None)
     assert published.TEACHER == "deit_base_patch4_32_teacher"      # what load_teacher falls back to
-    assert (s.loss.patchattn, s.loss.kd_loss, s.loss.pd_loss, s.loss.temperature) == (0.0, "plain", "cls_gram", 4)
+    assert (s.loss.patchattn, s.robust, s.loss.pd_loss, s.loss.temperature) == (0.0, False, "cls_gram", 4)
     assert (s.select.attnlier, s.select.outlier, s.select.probe_blocks, s.select.probe_head) == (0.05, 0.9, (3, 7), 0)
     s = settings.resolve_settings(distill.get_args_parser().parse_args([*map(str, paths), "--attnprobe_dist"]),
                                   torch.device("cpu"))

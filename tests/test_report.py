@@ -14,7 +14,7 @@ import pool
 import pool_share
 import report
 from select_data import rank_pool
-from selection import SELECTION_FILE, select_indices
+from selection import RULE_SETTINGS, SELECTION_FILE, select_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +73,7 @@ def test_grid_sentence_of_the_nearest_measured_share():
 def test_the_histogram_cut_line_is_drawn_at_the_threshold(scored, tmp_path):
     base, _, _ = scored
     sel = torch.load(base / "sel" / SELECTION_FILE, weights_only=True)
-    s = SimpleNamespace(folder=str(base / "sel"), **sel["settings"])
+    s = SimpleNamespace(selected_file=str(base / "sel"), **{RULE_SETTINGS[k]: v for k, v in sel["settings"].items()})
     out = report.draw(s, rank_pool(s, 120), sel["indices"], sel["rule"], 10, pool.list_pool(base / "pool"),
                       out_dir=tmp_path / "r")
     # drawn on the combined score's panel (the one --attnprobe_sel ranks by), at the largest kept value
@@ -121,7 +121,7 @@ def test_a_1000_class_teacher_gives_readable_pictures(tmp_path):
         torch.save(t, folder / f"{name}.pth")
     (folder / "scores_meta.json").write_text(json.dumps({"pool_size": n, "nb_classes": classes, "img_size": 24,
                                                          "in_chans": 3}))
-    s = SimpleNamespace(folder=str(folder), rule="published", attnprobe=False, attnlier=0.05, outlier=0.9,
+    s = SimpleNamespace(selected_file=str(folder), rule="published", attnprobe_sel=False, attnlier=0.05, outlier=0.9,
                         probe_blocks=(3, 7), probe_head=0, num_select=100, per_class=None, random=False, seed=0)
     chosen = select_indices(value.double(), torch.ones(n, dtype=torch.bool), 100)
     out = report.draw(s, rank_pool(s, n), chosen, "outlier (confidence)", classes, pool.list_pool(tmp_path / "pool"))

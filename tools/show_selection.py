@@ -22,7 +22,7 @@ import report  # noqa: E402
 import scoring  # noqa: E402
 from safety import cli_main  # noqa: E402
 from select_data import rank_pool, select_from_scores  # noqa: E402
-from selection import RULES, SELECTION_FILE, read_record  # noqa: E402
+from selection import RULE_SETTINGS, RULES, SELECTION_FILE, read_record  # noqa: E402
 from utils import InputError, read_fingerprint  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def stored_settings(folder):
     if settings is None:
         raise InputError(f"{path} does not record the flags that made it (written before this tool): rerun "
                          "select_data.py once, which reuses the scores")
-    return record, dict(settings)
+    return record, {RULE_SETTINGS[key]: value for key, value in settings.items()}   # by flag dest
 
 
 def image_source(folder, record, data_imagenet):
@@ -71,9 +71,9 @@ def main(args):
         raise InputError(f"{folder} holds no complete scores ({scoring.META_FILE}): score the pool with select_data.py")
     record, knobs = stored_settings(folder)
     changed = {k: v for k, v in (("num_select", args.num_select), ("per_class", args.per_class),
-                                 ("rule", args.rule), ("attnprobe", args.attnprobe_sel)) if v is not None}
+                                 ("rule", args.rule), ("attnprobe_sel", args.attnprobe_sel)) if v is not None}
     knobs.update(changed)
-    s = SimpleNamespace(folder=folder, **knobs)
+    s = SimpleNamespace(selected_file=folder, **knobs)
     num_classes = int(meta["nb_classes"])
     source = image_source(folder, record, args.data_imagenet)
     ranking = rank_pool(s, meta["pool_size"])
