@@ -2,17 +2,28 @@
 and accepted values with the test that shows what they do.
 
 tests/test_flags.py runs every refusal (exit 2, one `error:` line naming the flag, nothing written), checks
-that every effect names a test that exists, and fails when a parser gains a flag without a row here.
+that every effect names a test that exists, and fails when a parser gains a flag without a row. A new flag needs
+no edit here: its test carries its effect row (@pins(script, flag, value, what)), and a value outside its
+`type=`'s domain (OUTSIDE) is refused by a row made from the parser.
 tools/flag_docs.py writes docs/usage.md's flag reference and docs/failures.md's refusals from the parsers and
 this table.
 
 Placeholders in argv, filled by the test: {tmp} (the case's empty folder), {afile} (a regular file), {pool},
 {pool_b} (another pool), {cifar}, {teacher}, {sel_a} (a selection.pt of {pool}), {sel_b} (one of {pool_b}).
 """
+import ast
+import glob
+import os
 from typing import NamedTuple
+
+import distill
+import flags
+import select_data
+import train_teacher
 
 S, D, T = "select_data.py", "DFND_DeiT-train.py", "train_teacher.py"
 SD, ALL = (S, D), (S, D, T)
+PARSERS = {S: select_data.get_args_parser, D: distill.get_args_parser, T: train_teacher.get_args_parser}
 
 
 class Refused(NamedTuple):
@@ -283,3 +294,51 @@ EFFECTS = [
     effect(T, "--resume", "no", "tests/test_train_teacher.py::test_changed_settings_are_refused_and_resume_no_starts_a_fresh_log",
            "a fresh log, the old one kept"),
 ]
+
+
+# ---- rows made from the tests and the parsers ------------------------------------------------------------------
+
+def pins(scripts, flag, value, what):
+    """@pins(D, "--flag", "value", "what it does") on the test that shows it: the flag's effect row, beside its
+    test (read from the source by declared_effects; the decorator changes nothing)."""
+    return lambda test: test
+
+
+def declared_effects(folder=os.path.dirname(os.path.abspath(__file__))):
+    """The effect rows of @pins(...) on the tests of folder/test_*.py (script constants S, D, T, SD, ALL or
+    strings; the other arguments strings)."""
+    names = {"S": S, "D": D, "T": T, "SD": SD, "ALL": ALL}
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "test_*.py"))):
+        for node in ast.walk(ast.parse(open(path).read())):
+            for deco in getattr(node, "decorator_list", []):
+                if isinstance(deco, ast.Call) and getattr(deco.func, "id", getattr(deco.func, "attr", "")) == "pins":
+                    script, *rest = deco.args
+                    scripts = names[script.id] if isinstance(script, ast.Name) else ast.literal_eval(script)
+                    rows.append(effect(scripts, *map(ast.literal_eval, rest[:1]), ast.literal_eval(rest[1]),
+                                       f"tests/{os.path.basename(path)}::{node.name}", ast.literal_eval(rest[2])))
+    return rows
+
+
+EFFECTS += declared_effects()
+
+# a value just outside each domain of flags.py: refused for every flag of that type without a refusal row of its own
+OUTSIDE = {flags.positive_int.domain: "0", flags.nonneg_int.domain: "-1", flags.seed_int.domain: "-1",
+           flags.finite_float.domain: "nan", flags.positive_float.domain: "0", flags.nonneg_float.domain: "-1",
+           flags.accuracy.domain: "0", flags.below_half.domain: "0.5", flags.below_one.domain: "1",
+           flags.device_name.domain: "gpu"}
+
+
+def typed_refusals(parsers=PARSERS):
+    """A refusal row per flag whose type= has a domain in OUTSIDE and that no row of REFUSED tries."""
+    rows = []
+    for script, make in parsers.items():
+        tried = {r.argv[0] for r in REFUSED if script in r.scripts}
+        for action in make()._actions:
+            option, domain = flags.long_option(action), getattr(action.type, "domain", None)
+            if option and option not in tried and domain in OUTSIDE:
+                rows.append(refused(script, option, OUTSIDE[domain], says=domain))
+    return rows
+
+
+REFUSED += typed_refusals()

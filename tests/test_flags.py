@@ -16,15 +16,12 @@ import distill
 import fixtures as fx
 import flags
 import scoring
-import select_data
-import train_teacher
-from flag_table import ALL, D, EFFECTS, REFUSED, S, T
+from flag_table import D, EFFECTS, OUTSIDE, PARSERS, REFUSED, S, T, declared_effects, typed_refusals
 from selection import select_indices
 from test_robustness import argv, assert_nothing_written, distill_flags, error_lines, run, select_flags
 
 fx.register_test_models()
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-PARSERS = {S: select_data.get_args_parser, D: distill.get_args_parser, T: train_teacher.get_args_parser}
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -104,6 +101,23 @@ def test_every_flag_has_a_row_and_every_effect_a_test():
             tree = ast.parse(open(os.path.join(os.path.dirname(TESTS), path)).read())
             defined[path] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         assert name.split("[")[0] in defined[path], e.test
+
+
+def test_a_new_flag_needs_no_row_here(tmp_path):
+    """A flag's effect row can stand on its test (@pins), and a value outside its type's domain is refused by a
+    row made from the parser: adding a flag touches its module and one test file."""
+    (tmp_path / "test_new.py").write_text('from flag_table import D, pins\n\n\n@pins(D, "--kd_scale", "2", '
+                                          '"KD counts twice")\ndef test_kd_scale():\n    pass\n')
+    (row,) = declared_effects(tmp_path)
+    assert row == ((D,), "--kd_scale", "2", "tests/test_new.py::test_kd_scale", "KD counts twice")
+    parser = flags.Parser()
+    parser.add_argument("--kd_scale", type=flags.positive_float, default=1.0)
+    parser.add_argument("--attnlier", type=flags.nonneg_float, default=0.05)   # has rows of its own
+    assert typed_refusals({S: lambda: parser}) == [((S,), ["--kd_scale", "0"], flags.positive_float.domain)]
+    for domain, value in OUTSIDE.items():   # each example is outside its domain
+        kind = next(f for f in vars(flags).values() if getattr(f, "domain", None) == domain)
+        with pytest.raises(Exception, match="must be"):
+            kind(value)
 
 
 def test_every_effect_value_is_accepted():
