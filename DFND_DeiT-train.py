@@ -5,7 +5,6 @@
         --output_dir $output_student_cifar10 --nb_classes 10 --lr_S 7.5e-4 --attnprobe_sel --attnprobe_dist
 """
 import distill
-from safety import cli_main
 
 if __name__ == "__main__":
-    cli_main(distill.main)(distill.get_args_parser().parse_args())
+    distill.main(distill.get_args_parser().parse_args())

@@ -14,7 +14,7 @@ import os
 import torch
 
 import plots
-from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
+from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0, read_json_lines,
                     remove_temp_files, set_phase)
 from selection import SELECTION_FILE
 from utils import InputError, safe_torch_load
@@ -71,6 +71,11 @@ def load_resume(path, required=(), script="this script"):
     return ckpt
 
 
+# flags that cannot change what any resumed run computes: where and how fast it runs, how it reports, where it
+# resumes from; each script's RESUME_IGNORES adds its own
+RUN_ONLY = {"workers", "log_every", "device", "compile", "resume", "dist_timeout"}
+
+
 def check_same_settings(saved, current, ignore, path, output_flag, why=None):
     """Refuse to resume `path` when its saved args differ from this command's (`current`, a dict) in a setting
     not in `ignore`: one error naming each changed flag, its old and new value (and `why[flag]` where given),
@@ -110,13 +115,9 @@ def trim_log(path, resumed_epoch, record=None):
         with open(path) as f:
             lines = f.readlines()
     keep, logged = [], set()
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue   # torn by a kill
+    for rec in read_json_lines(path):   # each line as commit_epoch wrote it: json.dumps(record)
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
-            keep.append(line if line.endswith("\n") else line + "\n")
+            keep.append(json.dumps(rec) + "\n")
             logged.add(rec["epoch"])
     if record is not None and resumed_epoch not in logged and (resumed_epoch == 0 or resumed_epoch - 1 in logged):
         keep.append(json.dumps(record) + "\n")   # a kill after epoch 0's save may leave no log at all
@@ -149,9 +150,8 @@ def commit_epoch(log_path, record, save):
 # settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
 # partial batch); --epochs is checked on its own. teacher_acc_resolved: the noise layer's value comes from the
 # checkpoint; selected_file, selection_file: the images themselves are checked against output_dir/selection.pt
-RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
-                  "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved", "selected_file",
-                  "selection_file"}
+RESUME_IGNORES = RUN_ONLY | {"eval_every", "output_dir", "eval_only", "epochs", "epochs_resolved", "lr_offset",
+                             "teacher_acc_resolved", "selected_file", "selection_file"}
 LAST_KEYS = ("model", "noise", "optimizer", "optimizer_noise", "state")   # what student/last.pth must hold
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import pool
+import published
+from published import LARGE_INPUT
 from safety import atomic_write_bytes
 from utils import InputError
 
@@ -27,9 +29,6 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 # --dataset name -> its class count (None: as many as the folder holds)
 DATASETS = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10, "tinyimagenet": 200,
             "imagenet": 1000, "folder": None}
-# Inputs above LARGE_INPUT px (the 224-px DeiTs) take the published 224-px paths (Resize + CenterCrop test
-# images, random-crop positives, images decoded per step); smaller ones the 32-px paths (uint8 in memory).
-LARGE_INPUT = 64
 
 # --------------------------------------------------------------------------- CIFAR pickles
 
@@ -355,8 +354,7 @@ class FolderDataset(torch.utils.data.Dataset):
     transform, Resize(img_size) (shorter side, aspect kept) then CenterCrop(img_size)."""
 
     def __init__(self, samples, classes, img_size, in_chans=3, num_classes=None, center_crop=False):
-        if in_chans not in (1, 3):
-            raise InputError(f"in_chans must be 1 or 3, got {in_chans}")
+        pool.check_channels(in_chans)
         self.samples = list(samples)
         self.classes = list(classes)
         self.num_classes = num_classes or len(self.classes)
@@ -480,8 +478,7 @@ def load_labelled(dataset, root, split, img_size, in_chans):
         raise InputError(f"unknown --dataset '{dataset}' (choose from {', '.join(DATASETS)})")
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val', got '{split}'")
-    if in_chans not in (1, 3):
-        raise InputError(f"in_chans must be 1 or 3, got {in_chans}")
+    pool.check_channels(in_chans)
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise InputError(f"missing data root: {root}")
@@ -707,7 +704,6 @@ def apply_crop_flip(x, padding, dy, dx, flip):
 def crop_padding(flag, img_size):
     """The random crop's padding: --crop_padding, else the published one of the input size. One wider than the
     image would crop windows holding none of it: refused."""
-    import published   # here: published.py reads data.LARGE_INPUT at import
     padding = flag if flag is not None else published.crop_padding(img_size)
     if padding > img_size:
         raise InputError(f"--crop_padding {padding} is wider than the {img_size}-px images: at most {img_size}")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import engine
@@ -32,10 +31,10 @@ from attention_probe import FEATURE_BLOCKS, WithFeatures
 from checkpoint import RunFolder, own_record
 from data import DATASETS
 from losses import TERMS, NoiseAdaptation
-from safety import atomic_torch_save, check_writable, on_rank0, run_lock
+from safety import atomic_torch_save, check_writable, cli_main, init_distributed, on_rank0, run_lock
 from selection import labelled_class_mass, robust_kd_weights
-from settings import check_probe, check_student, plan_run, resolve_settings
-from utils import git_sha, init_distributed, rank_world, resolve_device
+from settings import check_student, plan_run, resolve_settings
+from utils import git_sha, rank_world, resolve_device, say
 
 
 def get_args_parser():
@@ -188,12 +187,7 @@ def train(s, plan, run, loaders, teacher_net, student, class_weights, device):
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def say(*line):
-    """Print on rank 0 (every rank runs the same)."""
-    if rank_world()[0] == 0:
-        print(*line)
-
-
+@cli_main
 def main(args):
     device = resolve_device(args.device)
     s = resolve_settings(args, device)
@@ -209,10 +203,7 @@ def distill(s, device):
     """The run: the teacher and its selection, the student, then its epochs; -> the final numbers."""
     t_start = time.time()
     # everything that can fail on bad input happens before any long work
-    teacher = models.load_teacher(**s.select.teacher_spec, device=device)
-    check_probe(s.select, teacher)
-    for note in teacher.notes:
-        say(f"note: {note}")
+    teacher = select_data.load_teacher(s.select, device)
     if DATASETS[s.dataset] not in (None, teacher.num_classes):
         say(f"note: --dataset {s.dataset} has {DATASETS[s.dataset]} classes; the teacher has {teacher.num_classes}")
     test = data.load_labelled(s.dataset, s.data_cifar, "val", teacher.img_size, teacher.in_chans)
@@ -284,11 +275,9 @@ def make_loaders(s, plan, selection, teacher, test, device):
 
 def make_student(s, plan, teacher, model, device, ckpt, run):
     """The student, its noise layer and their optimizers -> Student; a resumed run's states restored."""
-    on_gpu = device.type == "cuda"
     model = model.to(device)
     noise = NoiseAdaptation(teacher.num_classes, plan.teacher_acc).to(device)
-    opt_s = torch.optim.AdamW(model.parameters(), lr=s.lr_S, weight_decay=s.weight_decay,
-                              **({"fused": True} if on_gpu else {}))
+    opt_s = engine.adamw(model.parameters(), s.lr_S, s.weight_decay, device)
     opt_n = torch.optim.Adam(noise.parameters(), lr=published.NOISE_LR)
     if ckpt is not None:
         run.restore(ckpt, model, noise, [opt_s, opt_n])
@@ -316,17 +305,12 @@ def wrap(s, teacher, student, device):
     """The modules distill_step calls: the teacher and the student with their PD block features; under
     torchrun the student and the noise layer in DistributedDataParallel; compiled with --compile."""
     t_blocks, s_blocks = s.pd_blocks
-    teacher_net, student.net, student.noise_net = (WithFeatures(teacher.model, t_blocks),
-                                                   WithFeatures(student.model, s_blocks), student.noise)
-    if rank_world()[1] > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        student.net = DistributedDataParallel(student.net, device_ids=ids)
-        student.noise_net = DistributedDataParallel(student.noise_net, device_ids=ids)
+    teacher_net = WithFeatures(teacher.model, t_blocks)
+    student.net = engine.distribute(WithFeatures(student.model, s_blocks), device)
+    student.noise_net = engine.distribute(student.noise, device)
     if s.compile:
-        mode = "reduce-overhead" if s.cuda_graphs else None
-        # static shapes: the last, partial batch gets its own graph instead of turning all of them dynamic
-        student.net = torch.compile(student.net, mode=mode, dynamic=False)
-        teacher_net = torch.compile(teacher_net, mode=mode, dynamic=False)
+        student.net = engine.compiled(student.net, s.cuda_graphs)
+        teacher_net = engine.compiled(teacher_net, s.cuda_graphs)
     return teacher_net, student
 
 

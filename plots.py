@@ -7,7 +7,6 @@ and no global state of a user's session (a notebook's backend) is touched. Tiles
 by torchvision's make_grid.
 """
 import io
-import json
 import math
 import os
 import sys
@@ -15,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from safety import atomic_write_bytes
+from safety import atomic_write_bytes, read_json_lines
 
 KEPT, DROPPED, CUT = "#1b7837", "#c2510a", "#000000"
 DPI = 100
@@ -208,22 +207,10 @@ CURVE_PANELS = [
 ]
 
 
-def read_log(log_path):
-    """The JSON lines of a log.txt (a torn last line, from a kill, is left out)."""
-    records = []
-    with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    return records
-
-
 def curves(log_path, png_path=None, title=None):
     """curves.png beside a log.txt (one JSON line per epoch): losses, test accuracy, lr, img/s by epoch.
     -> the path written, or None for a log with no epoch yet."""
-    records = [r for r in read_log(log_path) if "epoch" in r]
+    records = [r for r in read_json_lines(log_path) if "epoch" in r]
     if not records:
         return None
     png_path = png_path or os.path.join(os.path.dirname(os.path.abspath(log_path)),

@@ -42,6 +42,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space, set_phase
 from utils import InputError, changed_keys, cpu_cores, read_fingerprint
 
+
+def check_channels(in_chans):
+    """Every loader gives L (1 channel) or RGB (3) images."""
+    if in_chans not in (1, 3):
+        raise InputError(f"in_chans must be 1 or 3, got {in_chans}")
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _EXT_SET = frozenset(IMG_EXTENSIONS)
 
@@ -362,8 +368,7 @@ def decode_image(data: bytes, size, in_chans: int, fast_decode: bool = False) ->
     (convert('L') when in_chans is 1), then Resize((size, size)) on the PIL image. fast_decode=True:
     JPEGs at least twice `size` on both sides are decoded by libjpeg at a reduced scale (1/2, 1/4 or
     1/8, never below `size`) via Image.draft before that resize."""
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    check_channels(in_chans)
     if not data:
         raise BadImage("empty file (0 bytes)")
     with _truncated_images_decoded():
@@ -627,8 +632,9 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     index = list_pool(index)
     cache_dir = os.path.abspath(os.fspath(cache_dir))
     size, in_chans = int(size), int(in_chans)
-    if in_chans not in (1, 3) or size <= 0:
-        raise ValueError(f"bad cache geometry size={size} in_chans={in_chans}")
+    check_channels(in_chans)
+    if size <= 0:
+        raise ValueError(f"bad cache geometry size={size}")
     workers = cpu_cores() if workers is None else int(workers)
     n = len(index)
     want = {"version": CACHE_VERSION, "n": n, "size": size, "in_chans": in_chans, "fingerprint": pool_fingerprint(index),

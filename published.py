@@ -5,7 +5,10 @@ module (defaults_table) and a test keeps the page equal to it.
 
 A published command computes here what it computed there, except where a row below says otherwise.
 """
-from data import LARGE_INPUT
+
+# Inputs above LARGE_INPUT px (the 224-px DeiTs) take the published 224-px paths (Resize + CenterCrop test
+# images, random-crop positives, images decoded per step); smaller ones the 32-px paths (uint8 in memory).
+LARGE_INPUT = 64
 
 # ---- its defaults and constants ------------------------------------------------------------------
 DATASET = "cifar10"                       # --dataset

@@ -29,7 +29,7 @@ import pool_share
 import scoring
 from attention_probe import probe_forward, probe_maps
 from safety import atomic_write_text
-from selection import class_collapse, combined_value, score_quantiles
+from selection import class_collapse, combined_value, probe_sum, score_quantiles
 from utils import read_fingerprint
 
 SHEET_CLASSES = 20    # classes on the contact sheet (all of them up to this many)
@@ -54,13 +54,13 @@ def draw(s, ranking, indices, rule_text, num_classes, source, teacher=None, out_
     kept[indices] = True
     dropped = usable & ~kept
     value_out = arrays["value_out"].double()
-    blocks = [b for b in s.probe_blocks if os.path.exists(os.path.join(s.selected_file, f"value_blk{b}.pth"))]
+    blocks = [b for b in s.probe_blocks if os.path.exists(scoring.score_file(s.selected_file, scoring.probe_key(b)))]
     panels = [("value_out = -log max softmax (low: confident)", value_out)]
     if blocks == list(s.probe_blocks):
-        have = all(f"value_blk{b}" in arrays for b in blocks)   # rank_pool read them for --attnprobe_sel
+        have = all(scoring.probe_key(b) in arrays for b in blocks)   # rank_pool read them for --attnprobe_sel
         probes = arrays if have else scoring.load_scores(s.selected_file, blocks)
         panels.append((f"probe: Σ cos(CLS row, uniform), blocks {', '.join(map(str, blocks))} (low: peaked)",
-                       sum(probes[f"value_blk{b}"].double() for b in blocks)))
+                       probe_sum(probes, blocks)))
         panels.append((f"combined = {s.attnlier:g}·probe + {s.outlier:g}·value_out",
                        combined_value(probes, True, s.attnlier, s.outlier, blocks)))
     if s.rule != "published":

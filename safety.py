@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from utils import InputError, rank_world
+from utils import DIST_TIMEOUT, InputError, rank_world
 
 
 class OutOfSpace(Exception):
@@ -212,6 +213,19 @@ def append_line(path, line):
             raise
 
 
+def read_json_lines(path):
+    """The records of a JSON-lines log (log.txt: one object per epoch); a line torn by a kill is left out."""
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return records
+
+
 # ---- interrupts ----------------------------------------------------------------------------------
 
 def _raise_interrupt(signum, frame):
@@ -355,7 +369,7 @@ _watch = None   # this rank's _Watch under torchrun
 
 
 def watch_ranks(store, rank, world, timeout):
-    """Start this rank's heartbeat in the process group's store (utils.init_distributed calls it)."""
+    """Start this rank's heartbeat in the process group's store (init_distributed calls it)."""
     global _watch
     _watch = _Watch(store, rank, world, timeout)
 
@@ -487,6 +501,71 @@ def _exit_if_rank_lost(e):
     if lost is None or _watch.rank == alive[0]:
         print(f"error: {_lost_line(lost, timeout, reason)}", file=sys.stderr)
     sys.exit(1)
+
+
+# ---- joining the process group --------------------------------------------------------------------
+
+def init_distributed(device, timeout=DIST_TIMEOUT):
+    """Join the torchrun process group when WORLD_SIZE > 1 -> (rank, world_size). Every collective and the
+    joining itself wait at most `timeout` s (--dist_timeout); watch_ranks then heartbeats this rank."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        rank = int(os.environ["RANK"])
+        wait = datetime.timedelta(seconds=timeout)
+        set_phase("joining the process group")
+        try:
+            store = group_store(rank, world, wait)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                    world_size=world, timeout=wait)
+        except Exception as e:   # a rank that never came: one line, not gloo's retries
+            raise RankLost(f"rank {rank}: the process group did not form within --dist_timeout {timeout:g} s "
+                                  f"({first_line(e)})") from None
+        watch_ranks(store, rank, world, timeout)
+        set_phase("the run")   # until the script names its phase
+    return dist.get_rank(), world
+
+
+def group_store(rank, world, wait):
+    """The store the process group meets in, under a prefix of its own generation. torchrun's agent keeps one
+    store across restarts, and torch reads the gloo addresses there without one: a restarted group then
+    meets the dead group's addresses (refused, or a wait of 30 min on a futex)."""
+    import torch.distributed as dist
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":   # started by hand: rank 0 serves a fresh store
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=wait, multi_tenant=True)
+        return dist.PrefixStore("attention_probe/0", store)
+    store = dist.TCPStore(addr, port, world, is_master=False, timeout=wait)
+    return dist.PrefixStore(f"attention_probe/{_generation(store, rank, world, wait)}", store)
+
+
+def _generation(store, rank, world, wait):
+    """A number every rank of this group agrees on and no earlier group used. Rank 0 opens generation g;
+    the others join the newest one; g is ready once world - 1 ranks joined it. An older group's generation
+    is full (a late joiner counts past world - 1) or never gets ready (its rank 0 is dead: torchrun starts
+    workers only after the old ones ended), so nobody stays in it. TORCHELASTIC_RESTART_COUNT would not do:
+    an agent restarts workers that were healthy without counting."""
+    import time
+    if rank == 0:
+        g = store.add("generation", 1)
+        while store.add(f"g{g}/joined", 0) < world - 1:
+            time.sleep(0.01)
+        store.set(f"g{g}/ready", "1")
+        return g
+    end, joined = time.monotonic() + wait.total_seconds(), set()
+    while time.monotonic() < end:
+        g = store.add("generation", 0)
+        if g and g not in joined:
+            joined.add(g)
+            if store.add(f"g{g}/joined", 1) > world - 1:
+                continue   # an older group's, full
+        if g in joined and store.check([f"g{g}/ready"]) and store.add(f"g{g}/joined", 0) <= world - 1:
+            return g
+        time.sleep(0.01)
+    raise TimeoutError("rank 0 did not open a generation in the store")
 
 
 # ---- ranks: rank 0 writes, every rank learns its result or its error ----------------------------

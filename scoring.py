@@ -22,12 +22,13 @@ import torch
 from tqdm import tqdm
 
 import data
+import engine
 import pool
 import signals
 from attention_probe import probe_forward, probe_uniformity
 from safety import (all_gather_objects, allocate_npy, atomic_torch_save, atomic_write_text, on_rank0,
                     remove_temp_files, set_phase, write_npy_rows)
-from utils import InputError, changed_keys, file_sha256, rank_world, read_fingerprint, safe_torch_load
+from utils import InputError, changed_keys, file_sha256, rank_world, read_fingerprint, safe_torch_load, say
 
 SCORE_VERSION = 1
 META_FILE = "scores_meta.json"
@@ -47,7 +48,7 @@ def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None,
     """
     extras = extras or flip
     x = data.normalize(images, mean, std)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with engine.autocast(x.device, amp_dtype):
         out = probe_forward(teacher, x, probe_blocks=probe_blocks, head=head, extras=extras)
         logits_flip = teacher(x.flip(-1)) if flip else None
     logits = out.logits.float()
@@ -55,7 +56,7 @@ def score_images(teacher, images, mean, std, probe_blocks, head, amp_dtype=None,
     best, pred = log_probs.max(dim=1)
     scores = {"value_out": -best, "pred_out": pred, "probs": log_probs.exp()}
     for b in probe_blocks:
-        scores[f"value_blk{b}"] = probe_uniformity(out.probes[b].float())
+        scores[probe_key(b)] = probe_uniformity(out.probes[b].float())
     if extras:
         scores.update(signals.batch_scores(out, logits_flip))
     return scores
@@ -122,8 +123,8 @@ def score_pool(s, teacher, pool_index, cache, fingerprint, store=None):
     num_chunks = (n + s.chunk_size - 1) // s.chunk_size
     # rank 0's list on every rank: a rank that saw other files (a lagging network disk) would split the run
     todo = on_rank0(lambda: [k for k in range(num_chunks) if not os.path.exists(_chunk_path(chunks_dir, k))])
-    if len(todo) < num_chunks and rank == 0:
-        print(f"resuming scoring: {num_chunks - len(todo)} of {num_chunks} chunks already done")
+    if len(todo) < num_chunks:
+        say(f"resuming scoring: {num_chunks - len(todo)} of {num_chunks} chunks already done")
     bar = tqdm(total=sum(min(s.chunk_size, n - k * s.chunk_size) for k in todo), unit="img",
                desc="scoring", disable=rank != 0, dynamic_ncols=True)
     for k in todo:
@@ -131,7 +132,7 @@ def score_pool(s, teacher, pool_index, cache, fingerprint, store=None):
         start, stop = k * s.chunk_size, min(n, (k + 1) * s.chunk_size)
         mine = range(start + rank, stop, world)
         part = {key: [] for key in ("index", "ok", "value_out", "pred_out", "probs",
-                                    *[f"value_blk{b}" for b in blocks])}
+                                    *map(probe_key, blocks))}
         reasons = {}
         for images, idx, ok, why in iter_batches(pool_index, cache, mine, teacher.img_size, teacher.in_chans,
                                                  s.score_batch_size, s.workers, device.type == "cuda", s.fast_decode):
@@ -212,7 +213,7 @@ def _store_chunk(gathered, chunks_dir, probs_path, k, store=None):
 def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, store=None, device="cpu"):
     """Join the chunk files, read once, into the published 1-D score files (skipped images: +inf, pred -1);
     the extra signals, when stored, go to `store` chunk by chunk."""
-    keys = ["value_out", *[f"value_blk{b}" for b in blocks]]
+    keys = ["value_out", *map(probe_key, blocks)]
     full = {key: torch.full((n,), float("inf")) for key in keys}
     pred = torch.full((n,), -1, dtype=torch.long)
     skipped = []
@@ -232,8 +233,8 @@ def _assemble_scores(chunks_dir, out_dir, num_chunks, n, blocks, pool_index, sto
         raise RuntimeError(f"scoring covered {int(covered.sum())} of {n} pool images: the score files in {out_dir} "
                            "are not written; run the same command again")
     for key in keys:
-        atomic_torch_save(full[key], os.path.join(out_dir, f"{key}.pth"))
-    atomic_torch_save(pred, os.path.join(out_dir, "pred_out.pth"))
+        atomic_torch_save(full[key], score_file(out_dir, key))
+    atomic_torch_save(pred, score_file(out_dir, "pred_out"))
     skipped_path = os.path.join(out_dir, "skipped.txt")
     pool.write_skipped(skipped_path, [(pool_index.ids[i], reason) for i, reason in sorted(skipped)])
     warn_skipped(sorted(skipped), pool_index, skipped_path)
@@ -259,7 +260,7 @@ def warn_skipped(skipped, pool_index, skipped_path):
 
 def scores_ready(out_dir, fingerprint, force):
     """True when score files for exactly this configuration exist; an error for another one."""
-    value_out = os.path.join(out_dir, "value_out.pth")
+    value_out = score_file(out_dir, "value_out")
     meta_path = os.path.join(out_dir, META_FILE)
     if force or not os.path.exists(value_out):
         return False
@@ -297,6 +298,17 @@ def matches(out_dir, fingerprint):
     return not changed_keys(read_fingerprint(os.path.join(out_dir, META_FILE)), fingerprint)
 
 
+def probe_key(block):
+    """The published name of probe block `block`'s score: value_blk{block}."""
+    return f"value_blk{block}"
+
+
+def score_file(out_dir, key):
+    """The file of score `key` (value_out, pred_out, value_blk{b}): the published names, so published score
+    files are reused."""
+    return os.path.join(out_dir, f"{key}.pth")
+
+
 def load_score_file(path):
     """A 1-D score tensor, loaded safely; anything else is a one-line error."""
     value = safe_torch_load(path, "score file (use --force to rescore)")
@@ -307,14 +319,13 @@ def load_score_file(path):
 
 def load_scores(out_dir, blocks):
     """The published score files: {'value_out', 'pred_out', 'value_blk{b}' for b in blocks}."""
-    scores = {"value_out": load_score_file(os.path.join(out_dir, "value_out.pth")),
-              "pred_out": load_score_file(os.path.join(out_dir, "pred_out.pth"))}
+    scores = {key: load_score_file(score_file(out_dir, key)) for key in ("value_out", "pred_out")}
     for b in blocks:
-        path = os.path.join(out_dir, f"value_blk{b}.pth")
+        path = score_file(out_dir, probe_key(b))
         if not os.path.exists(path):
             raise InputError(f"{path} is missing: the scores were made without probe block {b} "
                              "(rescore with --force or change --probe_blocks)")
-        scores[f"value_blk{b}"] = load_score_file(path)
+        scores[probe_key(b)] = load_score_file(path)
     return scores
 
 

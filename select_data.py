@@ -21,7 +21,6 @@ import time
 
 import torch
 
-import data
 import flags
 import models
 import pool
@@ -30,12 +29,12 @@ import report
 import scoring
 import signals
 from attention_probe import PROBE_BLOCKS
-from safety import cli_main, on_rank0, run_lock, set_phase
+from safety import cli_main, init_distributed, on_rank0, run_lock, set_phase
 from selection import (RULE_SETTINGS, RULES, Selection, class_collapse, class_mass, combined_value, describe,
                        read_record, rule_needs, rule_value, score_quantiles, select_indices,
                        warn_class_collapse)
 from settings import check_probe, resolve_select_settings
-from utils import InputError, init_distributed, rank_world, resolve_device
+from utils import InputError, rank_world, resolve_device, say
 
 
 def add_selection_args(parser):
@@ -91,7 +90,7 @@ def add_selection_args(parser):
                    "else ImageNet's)")
     g.add_argument("--std", type=flags.positive_float, nargs="+", default=None, help="normalisation std (as --mean)")
     g.add_argument("--cache_dir", type=flags.path, default=None,
-                   help=f"uint8 pool cache (default for inputs <= {data.LARGE_INPUT} px: "
+                   help=f"uint8 pool cache (default for inputs <= {published.LARGE_INPUT} px: "
                    "<selected_file>/pool_cache_<size>px)")
     g.add_argument("--no_cache", action="store_true", help="decode the pool images instead of caching them")
     g.add_argument("--fast_decode", action="store_true", help="decode large JPEGs at a reduced scale (~2x "
@@ -134,7 +133,7 @@ def default_cache_dir(s, teacher):
         return None
     if s.cache_dir:
         return s.cache_dir
-    if teacher.img_size <= data.LARGE_INPUT and s.selected_file:
+    if teacher.img_size <= published.LARGE_INPUT and s.selected_file:
         fast = "_fast" if s.fast_decode else ""
         return os.path.join(s.selected_file, f"pool_cache_{teacher.img_size}px_{teacher.in_chans}ch{fast}")
     return None
@@ -181,8 +180,7 @@ def run_selection(s, teacher):
     pool_index = list_pool(s)
     if s.num_select > len(pool_index):
         raise InputError(f"--num_select {s.num_select} is larger than the pool ({pool_index.describe()})")
-    if rank == 0:
-        print(f"pool: {pool_index.describe()}")
+    say(f"pool: {pool_index.describe()}")
     fingerprint = scoring.fingerprint(pool_index, teacher, s.probe_blocks, s.probe_head, s.fast_decode)
     cache = None
     if scoring.read_only(s.selected_file):   # finished scores only: nothing is written there, nothing to lock
@@ -202,9 +200,8 @@ def run_selection(s, teacher):
             # rank 0's view, on every rank: one rank seeing files another does not would split the run
             ready = on_rank0(scoring.scores_ready, s.selected_file, fingerprint, s.force)
             if ready and store and not on_rank0(store.complete):
-                if rank == 0:
-                    print(f"the score files in {s.selected_file} lack extra signals this run needs: scoring "
-                          "again to store them (the published files come out the same)")
+                say(f"the score files in {s.selected_file} lack extra signals this run needs: scoring "
+                    "again to store them (the published files come out the same)")
                 ready = False
             if not ready:
                 cache = open_pool_source(s, teacher, pool_index)
@@ -312,12 +309,11 @@ def load_teacher(s, device):
     """The teacher of the flags, its first lines printed on rank 0."""
     teacher = models.load_teacher(**s.teacher_spec, device=device)
     check_probe(s, teacher)
-    if rank_world()[0] == 0:
-        print(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
-              + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "
-              f"std {list(teacher.std)} from {teacher.norm_source}")
-        for note in teacher.notes:
-            print(f"note: {note}")
+    say(f"teacher {teacher.name} ({teacher.num_classes} classes, {teacher.in_chans}x{teacher.img_size}px"
+        + (", EMA weights" if teacher.ema else "") + f"); normalisation mean {list(teacher.mean)} "
+        f"std {list(teacher.std)} from {teacher.norm_source}")
+    for note in teacher.notes:
+        say(f"note: {note}")
     return teacher
 
 
@@ -329,10 +325,9 @@ def main(args):
     teacher = load_teacher(s, device)
     t0 = time.time()
     run_selection(s, teacher)
-    if rank_world()[0] == 0:
-        print(f"done in {time.time() - t0:.1f}s; " + (
-            f"{s.selected_file} is read-only: the selection was not written (DFND_DeiT-train.py writes it into "
-            "its --output_dir)" if scoring.read_only(s.selected_file) else f"files in {s.selected_file}"))
+    say(f"done in {time.time() - t0:.1f}s; " + (
+        f"{s.selected_file} is read-only: the selection was not written (DFND_DeiT-train.py writes it into "
+        "its --output_dir)" if scoring.read_only(s.selected_file) else f"files in {s.selected_file}"))
 
 
 if __name__ == "__main__":

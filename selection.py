@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 import data
+import engine
 import published
 import signals
+from scoring import probe_key
 from attention_probe import PROBE_BLOCKS
 from safety import atomic_torch_save, atomic_write_text
 from utils import InputError, rank_world, safe_torch_load
@@ -29,9 +31,14 @@ def combined_value(scores, attnprobe, attnlier=published.ATTNLIER, outlier=publi
     """value = attnlier · Σ_b value_blk{b} + outlier · value_out with the probe, value_out alone without."""
     value = outlier * scores["value_out"].double() if attnprobe else scores["value_out"].double().clone()
     if attnprobe:
-        for b in blocks:
-            value += attnlier * scores[f"value_blk{b}"].double()
+        for b in blocks:   # block by block, in the published order of additions (not attnlier · probe_sum)
+            value += attnlier * scores[probe_key(b)].double()
     return value
+
+
+def probe_sum(scores, blocks=PROBE_BLOCKS):
+    """Σ_b value_blk{b} (N,) float64: the published probe score."""
+    return sum(scores[probe_key(b)].double() for b in blocks)
 
 
 def select_indices(value, usable, num_select, pred=None, per_class=None, random=False, seed=0):
@@ -133,7 +140,7 @@ def labelled_class_mass(teacher, dataset, kind, device, amp=None, workers=0, bat
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     for images, _ in torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=workers):
         x = data.normalize(images.to(device), teacher.mean, teacher.std)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with engine.autocast(device, amp):
             logits = teacher.model(x).float()                                    # (B, C)
         if kind == "softmax":
             mass += logits.softmax(dim=1).sum(0).double()
@@ -269,14 +276,14 @@ def read_column(name, arrays, probe_blocks=PROBE_BLOCKS):
     """Column `name` (N,) float64 from the loaded arrays ({array name: values}; value_blk{b} per block)."""
     array, how, numbers = _column(name)
     if array == "value_blk":
-        return sum(arrays[f"value_blk{b}"].double() for b in probe_blocks)
+        return probe_sum(arrays, probe_blocks)
     return torch.as_tensor(how(arrays[array], *numbers)).double()
 
 
 def columns(arrays, probe_blocks=()):
     """Every column the loaded arrays give, by name, in the arrays' order (the signal study reads them all)."""
     names = ["value_out"] if "value_out" in arrays else []
-    if probe_blocks and all(f"value_blk{b}" in arrays for b in probe_blocks):
+    if probe_blocks and all(probe_key(b) in arrays for b in probe_blocks):
         names.append("probe_pub")
     for array, values in arrays.items():
         if array == "probs":
@@ -336,7 +343,7 @@ def rule_needs(rule):
 def rule_value(rule, arrays, usable, probe_blocks=PROBE_BLOCKS):
     """The value a named rule ranks by (LOW = keep), from the loaded arrays."""
     missing = [a for a in rule_needs(rule) if a not in arrays and not (
-        a == "value_blk" and all(f"value_blk{b}" in arrays for b in probe_blocks))]
+        a == "value_blk" and all(probe_key(b) in arrays for b in probe_blocks))]
     if missing:
         raise ValueError(f"rule {rule} needs {', '.join(missing)}, which these scores do not have")
     cols = {col: read_column(col, arrays, probe_blocks) for col, _ in RULES[rule]}

@@ -38,8 +38,11 @@ PRELOGITS = "prelogits"                  # the batch key of the pre-logits featu
 PRELOGITS_FILE = "prelogits_out.npy"     # (N, C) fp16, skipped images 0
 
 
+SIGNAL_PREFIX = "sig_"                    # an extra signal's batch key and file name: sig_<name>(.pth)
+
+
 def signal_file(name):
-    return f"sig_{name}.pth"
+    return f"{SIGNAL_PREFIX}{name}.pth"
 
 
 def remove_stored(out_dir):
@@ -91,7 +94,7 @@ class SignalStore:
 
     def add_chunk(self, part, n):
         idx, ok = part["index"], part["ok"].bool()
-        for key in (key for key in part if key.startswith("sig_")):
+        for key in (key for key in part if key.startswith(SIGNAL_PREFIX)):
             if key not in self.full:
                 self.full[key] = torch.full((n, *part[key].shape[1:]), float("nan"))
             self.full[key][idx[ok]] = part[key][ok].float()
@@ -127,10 +130,10 @@ def flip_signals(logits, logits_flip):
 def batch_scores(out, logits_flip=None):
     """The extra signals of one batch (sig_<name>) and its pre-logits feature, from probe_forward's
     extras output; logits_flip: the flipped batch's logits, for the flip signals."""
-    scores = {f"sig_{k}": v for k, v in batch_signals(out).items()}
+    scores = {SIGNAL_PREFIX + k: v for k, v in batch_signals(out).items()}
     scores[PRELOGITS] = out.pre_logits.float()
     if logits_flip is not None:
-        scores.update({f"sig_{k}": v for k, v in flip_signals(out.logits, logits_flip).items()})
+        scores.update({SIGNAL_PREFIX + k: v for k, v in flip_signals(out.logits, logits_flip).items()})
     return scores
 
 

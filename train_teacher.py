@@ -25,10 +25,11 @@ import data
 import engine
 import flags
 import models
-from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, own_record, resume_path,
+from checkpoint import (RUN_ONLY, check_same_settings, commit_epoch, load_resume, move_aside, own_record, resume_path,
                         rng_state, save_checkpoint, trim_log, unwrap)
-from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
-from utils import InputError, amp_dtype, init_distributed, resolve_device
+from safety import (atomic_torch_save, atomic_write_text, check_writable, cli_main, init_distributed, on_rank0,
+                    remove_temp_files)
+from utils import InputError, amp_dtype, resolve_device, say
 
 
 def get_args_parser():
@@ -72,8 +73,7 @@ def warmup_cosine(epoch, base_lr, epochs, warmup):
     return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
 
 
-# settings that cannot change what a resumed run computes
-RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output"}
+RESUME_IGNORES = RUN_ONLY | {"output"}   # the file names move with --output
 
 
 def output_paths(output):
@@ -133,15 +133,13 @@ def train_teacher(args, on_epoch=None):
     num_classes = args.nb_classes or data.DATASETS[args.dataset] or train.num_classes
     mean, std = data.resolve_mean_std(args.mean, args.std, in_chans)
     padding = data.crop_padding(args.crop_padding, img_size)
-    on_gpu = device.type == "cuda"
     train_batches = engine.make_batches(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                         seed=args.seed, workers=args.workers, device=device)
     test_batches = engine.make_batches(test, batch_size=1024, shuffle=False, drop_last=False,
                                        workers=args.workers, device=device)
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  **({"fused": True} if on_gpu else {}))
+    optimizer = engine.adamw(model.parameters(), args.lr, args.weight_decay, device)
     done, stats, resumed_record = -1, {}, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -151,17 +149,14 @@ def train_teacher(args, on_epoch=None):
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
         del ckpt
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+    train_model = engine.distribute(model, device)
     if args.compile:
-        train_model = torch.compile(train_model)
+        train_model = engine.compiled(train_model)
 
     augment, plain = engine.Augment(mean, std, padding), engine.Augment(mean, std, 0, train=False)
     n_parameters = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        print(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
-              f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
+    say(f"teacher {args.model}: {len(train)} train / {len(test)} test images, {num_classes} classes, "
+        f"{len(train_batches)} steps/epoch on {device}; normalisation mean {list(mean)} std {list(std)}")
     on_rank0(_prepare_files, vars(args), paths, resume, done, resumed_record)
     for epoch in range(done + 1, args.epochs):
         lr = warmup_cosine(epoch, args.lr, args.epochs, args.warmup_epochs)
@@ -190,8 +185,7 @@ def train_teacher(args, on_epoch=None):
     on_rank0(atomic_torch_save, {"model": unwrap(model).state_dict(), "acc1": stats["acc1"],
                                  "acc5": stats["acc5"], "mean": list(mean), "std": list(std), "arch": args.model,
                                  "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs}, args.output)
-    if rank == 0:
-        print(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
+    say(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
     return stats
 
 
