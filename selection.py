@@ -174,8 +174,7 @@ class Selection:
     indices: torch.Tensor           # (K,) long: pool indices, best first
     ids: list                       # K pool ids (relative paths or shard members) of `indices`
     pred: torch.Tensor              # (K,) long: the teacher's predicted class of each
-    class_weights: torch.Tensor     # (C,) float: KD weight of each predicted class (--robust), before perturb
-    class_mass: tuple               # ((C,) float64, kind) of class_mass(): what class_weights count
+    class_mass: tuple               # ((C,) float64, kind) of class_mass(): the teacher's mass per class
     collapsed: list                 # [(class, kept)] of class_collapse()
     pool_index: object              # the pool.PoolIndex the indices point into
     cache: object                   # its uint8 pool.PoolCache when there is one, else None (decode)
@@ -186,13 +185,19 @@ class Selection:
 
     @classmethod
     def of(cls, indices, pred, mass, pool_index, cache, rule, value=None, scores=None, settings=None):
-        """The one way to build a Selection: ids read from the pool, weights and collapse from the class mass."""
+        """The one way to build a Selection: ids read from the pool, the collapse from the class mass."""
         ids = [pool_index.ids[i] for i in indices.tolist()]
-        return cls(indices, ids, pred, weights_from_mass(*mass), mass, class_collapse(pred, len(mass[0])),
-                   pool_index, cache, rule, value, scores, settings)
+        return cls(indices, ids, pred, mass, class_collapse(pred, len(mass[0])), pool_index, cache, rule, value,
+                   scores, settings)
 
     def __len__(self):
         return len(self.indices)
+
+    @property
+    def class_weights(self):
+        """(C,) float: class_weights.pth, the published file, from the class mass alone. Robust KD trains with
+        robust_kd_weights: these plus the published perturbation (and --pos_num's images in the mass)."""
+        return weights_from_mass(*self.class_mass)
 
     @property
     def source(self):
