@@ -37,6 +37,7 @@ import warnings
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space, set_phase
@@ -387,8 +388,8 @@ def decode_image(data: bytes, size, in_chans: int, fast_decode: bool = False) ->
             if fast_decode and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
                 img.draft("RGB" if in_chans == 3 else "L", (size, size))
             out = img.convert("RGB" if in_chans == 3 else "L")   # torchvision's pil_loader
-            if size and out.size != (size, size):
-                out = out.resize((size, size), Image.Resampling.BILINEAR)
+            if size:
+                out = TF.resize(out, [size, size])   # the published Resize((s, s)) on the PIL image
             arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
         except BadImage:
             raise
