@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 import pool
 import published
@@ -111,6 +111,8 @@ def check_cifar_files(root, dataset):
     return d
 
 
+# not torchvision.datasets.CIFAR10/100: they md5-check every file against the official archive (any other pickles,
+# the generated test data too, are "not found or corrupted", no file named) and unpickle without an allow-list
 def read_cifar(root, dataset, train: bool):
     """-> (images uint8 (N,32,32,3), labels int64 (N,), class names) from the python pickles."""
     d = check_cifar_files(root, dataset)
@@ -258,7 +260,8 @@ def _rgb_to_gray(x):
 
 
 def convert_uint8_batch(x, img_size=None, in_chans=None, chunk=4096):
-    """uint8 (N,C,H,W) -> channel count `in_chans` and size (img_size, img_size), bilinear."""
+    """uint8 (N,C,H,W) -> channel count `in_chans` and size (img_size, img_size): torchvision's resize of
+    uint8 tensors (bilinear, antialiased)."""
     if in_chans is not None and x.shape[1] != in_chans:
         if in_chans == 1 and x.shape[1] == 3:
             x = torch.cat([_rgb_to_gray(x[i:i + chunk]) for i in range(0, len(x), chunk)])
@@ -267,11 +270,8 @@ def convert_uint8_batch(x, img_size=None, in_chans=None, chunk=4096):
         else:
             raise InputError(f"cannot convert {x.shape[1]}-channel images to {in_chans} channels")
     if img_size is not None and tuple(x.shape[2:]) != (img_size, img_size):
-        out = []
-        for i in range(0, len(x), chunk):  # chunked: float copies of a whole set would be large
-            y = F.interpolate(x[i:i + chunk].float(), size=(img_size, img_size), mode="bilinear",
-                              align_corners=False, antialias=True)
-            out.append(y.round_().clamp_(0, 255).to(torch.uint8))
+        # chunked: torchvision's resize works on a float copy, and one of a whole set would be large
+        out = [TF.resize(x[i:i + chunk], [img_size, img_size], antialias=True) for i in range(0, len(x), chunk)]
         x = torch.cat(out) if out else x.new_zeros((0, x.shape[1], img_size, img_size))
     return x
 
@@ -319,32 +319,22 @@ def read_image(path, img_size=None, in_chans=3):
     return torch.from_numpy(_decode_array(path, img_size, in_chans)).permute(2, 0, 1).contiguous()
 
 
-def resize_shorter(arr, size):
-    """uint8 (H,W,C) -> shorter side `size`, aspect kept: torchvision Resize(size) on a PIL image
-    (longer side int(size * long / short), bilinear with PIL's antialiasing)."""
+def _to_pil(arr):
+    """uint8 (H,W,C) -> the PIL image it came from ('L' for one channel), for torchvision's PIL transforms."""
     from PIL import Image
-    h, w = arr.shape[:2]
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_h, new_w) == (h, w):
-        return arr
-    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    out = np.array(img.resize((new_w, new_h), Image.Resampling.BILINEAR))  # writable copy
-    return out[..., None] if out.ndim == 2 else out
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
 
 
-def center_crop(arr, size):
-    """uint8 (H,W,C) with H, W >= size -> the central (size, size) window, as torchvision CenterCrop."""
-    h, w = arr.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return arr[top:top + size, left:left + size]
+def _pil_to_uint8(img):
+    """PIL image -> uint8 (C,H,W), contiguous."""
+    return TF.pil_to_tensor(img).contiguous()
 
 
 def decode_resize_center_crop(path, img_size, in_chans=3):
-    """The published 224-px test transform, Resize(img_size) -> CenterCrop(img_size): uint8 (C,S,S)."""
-    arr = center_crop(resize_shorter(_decode_array(path, None, in_chans), img_size), img_size)
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    """The published 224-px test transform, Resize(img_size) -> CenterCrop(img_size), by torchvision's own
+    functions on the PIL image (shorter side img_size, bilinear with PIL's antialiasing): uint8 (C,S,S)."""
+    img = TF.resize(_to_pil(_decode_array(path, None, in_chans)), img_size)
+    return _pil_to_uint8(TF.center_crop(img, img_size))
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -427,19 +417,17 @@ class RandomCropImages(torch.utils.data.Dataset):
         i = self.indices[k]
         if isinstance(self.base, FolderDataset):
             path, label = self.base.samples[i]
-            arr = _decode_array(path, None, self.base.in_chans)
+            img = _to_pil(_decode_array(path, None, self.base.in_chans))
         else:
-            img, label = self.base[i]
-            arr = img.permute(1, 2, 0).numpy()
-        arr = resize_shorter(arr, self.img_size)   # (H', W', C), shorter side img_size
-        top, left, flip = self.draw(k, arr.shape[:2])
-        p, s = self.padding, self.img_size
-        padded = np.zeros((arr.shape[0] + 2 * p, arr.shape[1] + 2 * p, arr.shape[2]), np.uint8)
-        padded[p:p + arr.shape[0], p:p + arr.shape[1]] = arr
-        out = padded[top:top + s, left:left + s]
+            x, label = self.base[i]
+            img = TF.to_pil_image(x)
+        # the published transforms' own functions on the PIL image; only the draws are ours
+        img = TF.resize(img, self.img_size)   # shorter side img_size
+        top, left, flip = self.draw(k, (img.height, img.width))
+        img = TF.crop(TF.pad(img, self.padding), top, left, self.img_size, self.img_size)
         if flip:
-            out = out[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous(), int(label)
+            img = TF.hflip(img)
+        return _pil_to_uint8(img), int(label)
 
 
 def _folder_to_array(samples, classes, img_size, in_chans, num_classes):

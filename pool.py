@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -37,6 +38,7 @@ import warnings
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from safety import allocate_file, atomic_write_bytes, atomic_write_text, reserve_space, set_phase
@@ -392,8 +394,8 @@ def decode_image(data: bytes, size, in_chans: int, fast_decode: bool = False) ->
             if fast_decode and size and img.format in ("JPEG", "MPO") and (w >= 2 * size and h >= 2 * size):
                 img.draft("RGB" if in_chans == 3 else "L", (size, size))
             out = img.convert("RGB" if in_chans == 3 else "L")   # torchvision's pil_loader
-            if size and out.size != (size, size):
-                out = out.resize((size, size), Image.Resampling.BILINEAR)
+            if size:
+                out = TF.resize(out, [size, size])   # the published Resize((s, s)) on the PIL image
             arr = np.array(out, dtype=np.uint8)  # copy: writable, detached from PIL
         except BadImage:
             raise
@@ -565,7 +567,8 @@ class _ChunkBuilder:
         self.chunk_size = chunk_size
         self.n = len(index)
 
-    def run(self, k):
+    def run(self, k, stop=None):
+        """-> (k, images, bad images); None, with no done marker, when the event `stop` was set mid-chunk."""
         start = k * self.chunk_size
         end = min(self.n, start + self.chunk_size)
         s, c = self.size, self.in_chans
@@ -574,6 +577,8 @@ class _ChunkBuilder:
                        offset=start * s * s * c, shape=(end - start, s, s, c))
         bad = []
         for j, i in enumerate(range(start, end)):
+            if stop is not None and stop.is_set():
+                return None
             arr, reason = _load(self.index, i, s, c, self.fast_decode)
             if arr is None:
                 mm[j] = 0  # a killed earlier attempt may have left bytes here
@@ -597,21 +602,47 @@ def _marker_path(cache_dir, k):
     return os.path.join(cache_dir, "chunks", f"{k:07d}.done")
 
 
-def _worker_loop(builder, conn):
-    """A cache worker: decodes the chunks its pipe names until it is sent None."""
+class _ChunkItems(torch.utils.data.Dataset):
+    """Item j decodes chunk todo[j] -> ('done', builder.run's result) or ('failed', its exception): the parent
+    raises the exception itself (type, errno, message), not the DataLoader's traceback text of it."""
+
+    def __init__(self, builder, todo, stop):
+        self.builder, self.todo, self.stop = builder, todo, stop
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, j):
+        try:
+            return "done", self.builder.run(self.todo[j], self.stop)
+        except Exception as e:
+            try:  # one that does not survive the trip to the parent would be lost on the way: the loader would wait
+                pickle.loads(pickle.dumps(e))
+            except Exception:
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            return "failed", e
+
+
+def _as_is(item):
+    return item
+
+
+def _cache_worker_init(_):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an inherited Python handler would outlive a stop
-    torch.set_num_threads(1)
-    while (k := conn.recv()) is not None:
-        try:
-            conn.send(("done", builder.run(k)))
-        except BaseException as e:  # the parent raises it
-            try:
-                conn.send(("failed", e))
-            except Exception:  # an exception that does not pickle
-                conn.send(("failed", RuntimeError(f"{type(e).__name__}: {e}")))
-            return
+
+
+_RESUME = "the chunks decoded so far are kept: run the same command again to resume"
+
+
+def _dead_worker_message(it, error):
+    """The DataLoader's report of a dead worker, with the pid and signal or exit code of the process."""
+    for proc in getattr(it, "_workers", ()):  # the loader's processes, a private name: without it, its message
+        if proc.exitcode:  # polls the process, so a dead one has its code
+            how = (f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit code {proc.exitcode}")
+            return f"a cache worker (pid {proc.pid}) died ({how}); {_RESUME}"
+    return f"a cache worker died ({error}); {_RESUME}"
 
 
 # written through memory maps: space not reserved first would end the build with SIGBUS
@@ -628,7 +659,7 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     (nothing it holds depends on anything else); an unfinished one resumes (chunks with a done marker are
     not decoded again). A cache for another pool/size/in_chans/decoding raises InputError unless
     force=True, which rebuilds it.
-    workers <= 1 decodes in this process; otherwise a fork pool of `workers` processes."""
+    workers <= 1 decodes in this process; otherwise a DataLoader of `workers` forked processes."""
     index = list_pool(index)
     cache_dir = os.path.abspath(os.fspath(cache_dir))
     size, in_chans = int(size), int(in_chans)
@@ -655,11 +686,14 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
     t0 = time.time()
     set_phase("building the pool cache", "the cache chunks already decoded")
     builder = _ChunkBuilder(index, cache_dir, size, in_chans, chunk_size, fast_decode)
+
+    def chunk_done(k, cnt, bad):
+        results[k] = bad
+        if bar:
+            bar.update(cnt)
+
     try:
-        for k, cnt, bad in _decode_chunks(builder, todo, workers):
-            results[k] = bad
-            if bar:
-                bar.update(cnt)
+        _decode_chunks(builder, todo, workers, chunk_done)
     finally:
         if bar:
             bar.close()
@@ -721,51 +755,37 @@ def _chunks_done(cache_dir, n_chunks):
     return results
 
 
-def _decode_chunks(builder, todo, workers):
-    """Yields (chunk, images, bad images) as chunks finish: in this process, or in `workers` forked
-    processes fed one chunk at a time, each over its own pipe. A worker that dies (the OOM killer, a
-    signal) ends the build with an error at once; a shared task queue would wait for it for ever."""
-    if todo and (workers <= 1 or len(todo) == 1):
+def _decode_chunks(builder, todo, workers, chunk_done):
+    """Decodes the chunks `todo`, calling chunk_done(chunk, images, bad images) as each finishes: in this process,
+    or in a DataLoader of `workers` forked processes, one chunk per item. A worker that dies (the OOM killer, a
+    signal) ends the build with an error at once, as one that fails does with its exception."""
+    if workers <= 1 or len(todo) <= 1:
         for k in todo:
-            yield builder.run(k)
+            chunk_done(*builder.run(k))
         return
-    from multiprocessing.connection import wait
-    ctx, queue, procs, busy = _mp_context(), list(todo), {}, set()
+    ctx = _mp_context()
+    stop = ctx.Event()  # set on the way out: a busy worker leaves its chunk at the next image
+    loader = torch.utils.data.DataLoader(
+        _ChunkItems(builder, todo, stop), batch_size=None, collate_fn=_as_is, num_workers=min(workers, len(todo)),
+        multiprocessing_context=ctx, worker_init_fn=_cache_worker_init, in_order=False,
+        generator=torch.Generator())  # the workers' seeds from a generator of its own: the global RNG stays untouched
+    it = died = None
     try:
-        for _ in range(min(workers, len(todo))):
-            conn, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker_loop, args=(builder, child_end), daemon=True)
-            proc.start()
-            child_end.close()
-            procs[conn] = proc
-            conn.send(queue.pop(0))
-            busy.add(conn)
-        while busy:
-            for conn in wait(list(busy)):  # a dead worker's pipe is ready too: recv raises EOFError
-                try:
-                    status, result = conn.recv()
-                except EOFError:
-                    proc = procs[conn]
-                    proc.join(5)
-                    how = (f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0
-                           else f"exit code {proc.exitcode}")
-                    raise RuntimeError(f"a cache worker (pid {proc.pid}) died ({how}); the chunks decoded "
-                                       "so far are kept: run the same command again to resume") from None
-                if status == "failed":
-                    raise result
-                yield result
-                if queue:
-                    conn.send(queue.pop(0))
-                else:
-                    conn.send(None)
-                    busy.discard(conn)
-    finally:  # after an error or an interrupt too: no worker outlives the build
-        for conn, proc in procs.items():
-            proc.join(timeout=10 if not busy else 0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-            conn.close()
+        it = iter(loader)
+        for status, result in it:
+            if status == "failed":
+                raise result
+            chunk_done(*result)
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        died = _dead_worker_message(it, e)
+    finally:
+        stop.set()  # busy workers leave their chunk at the next image, so the shutdown is quick
+        if it is not None:
+            it._shutdown_workers()  # now: a traceback holding the iterator would keep its workers alive
+    if died:
+        raise RuntimeError(died)
 
 
 def _finish_cache(cache_dir, index, results, meta):

@@ -98,11 +98,8 @@ def say(*line):
 def file_sha256(path):
     """sha256 of a file's bytes (identifies a checkpoint in fingerprints)."""
     import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_fingerprint(path):

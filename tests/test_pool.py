@@ -360,6 +360,38 @@ def test_cache_worker_killed_or_failing_ends_the_build_and_a_rerun_resumes(folde
     assert (res.ok == ref.ok).all()
 
 
+def test_cache_workers_raise_the_workers_exception_and_leave_the_global_rng_alone(folder_pool, tmp_path, monkeypatch):
+    """The workers are a DataLoader's: a worker's exception reaches the caller as itself (errno kept), one that
+    does not pickle as a RuntimeError naming it (not a wait for ever), and the loader's worker seeds come from
+    a generator of its own (the global RNG, which later steps draw from, is left as it was)."""
+    import errno
+    idx = list_pool(folder_pool)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    build_cache(idx, tmp_path / "ok", 32, 3, workers=2, chunk_size=3, progress=False)
+    assert torch.equal(torch.rand(3), want)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pool, "decode_image", no_space)
+    with pytest.raises(OSError) as got:
+        build_cache(idx, tmp_path / "full", 32, 3, workers=2, chunk_size=3, progress=False)
+    assert got.value.errno == errno.ENOSPC
+
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("cannot pickle")
+
+    def odd(*a, **k):
+        raise Unpicklable("odd failure")
+
+    monkeypatch.setattr(pool, "decode_image", odd)
+    with pytest.raises(RuntimeError, match="Unpicklable: odd failure"):
+        build_cache(idx, tmp_path / "odd", 32, 3, workers=2, chunk_size=3, progress=False)
+
+
 def test_dataset_workers_and_strided_shards(tmp_path, folder_pool):
     make_shards(tmp_path / "shards")
     for idx in (list_pool(tmp_path / "shards"), list_pool(folder_pool)):

@@ -142,11 +142,8 @@ def generate_inputs(dst, repo):
 
 def sha256_file(path):
     # not utils.file_sha256: this script imports neither of the repositories it compares
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tree_hashes(root, skip=("manifest.json",)):
