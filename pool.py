@@ -58,6 +58,8 @@ _EXT_SET = frozenset(IMG_EXTENSIONS)
 MAX_PIXELS = 178_956_970
 
 CACHE_VERSION = 2  # 2: meta.json names the decoding (decode_mode); v1 caches were all reduced-scale
+# a cache folder's files: its fingerprint and state, the uint8 images (N, C, H, W), which decoded, their ids
+CACHE_META, CACHE_IMAGES, CACHE_OK, CACHE_IDS = "meta.json", "images.u8", "ok.npy", "ids.txt"
 
 
 class BadImage(Exception):
@@ -496,7 +498,7 @@ class PoolCache:
 
     def __init__(self, cache_dir):
         cache_dir = os.path.abspath(os.fspath(cache_dir))
-        meta_path = os.path.join(cache_dir, "meta.json")
+        meta_path = os.path.join(cache_dir, CACHE_META)
         if not os.path.isfile(meta_path):
             raise InputError(f"image cache {cache_dir}: no meta.json (not a cache folder)")
         with open(meta_path) as f:
@@ -511,12 +513,12 @@ class PoolCache:
         self.in_chans = int(meta["in_chans"])
         self.decode = meta["decode"]  # decode_mode's name
         self.fingerprint = meta["fingerprint"]
-        img_path = os.path.join(cache_dir, "images.u8")
+        img_path = os.path.join(cache_dir, CACHE_IMAGES)
         want = self.n * self.size * self.size * self.in_chans
         if not os.path.isfile(img_path) or os.path.getsize(img_path) != want:
             raise InputError(f"image cache {cache_dir}: images.u8 missing or not {want} bytes")
-        self.ok = np.load(os.path.join(cache_dir, "ok.npy"))
-        with open(os.path.join(cache_dir, "ids.txt"), encoding="utf-8",
+        self.ok = np.load(os.path.join(cache_dir, CACHE_OK))
+        with open(os.path.join(cache_dir, CACHE_IDS), encoding="utf-8",
                   errors="surrogateescape") as f:
             self.ids = f.read().split("\n")[:-1]
         if len(self.ok) != self.n or len(self.ids) != self.n:
@@ -527,7 +529,7 @@ class PoolCache:
     @property
     def images(self) -> np.memmap:
         if self._images is None or self._pid != os.getpid():
-            self._images = np.memmap(os.path.join(self.cache_dir, "images.u8"), dtype=np.uint8,
+            self._images = np.memmap(os.path.join(self.cache_dir, CACHE_IMAGES), dtype=np.uint8,
                                      mode="r", shape=(self.n, self.size, self.size, self.in_chans))
             self._pid = os.getpid()
         return self._images
@@ -573,7 +575,7 @@ class _ChunkBuilder:
         end = min(self.n, start + self.chunk_size)
         s, c = self.size, self.in_chans
         # map only this chunk's rows; flush() then msyncs just them
-        mm = np.memmap(os.path.join(self.cache_dir, "images.u8"), dtype=np.uint8, mode="r+",
+        mm = np.memmap(os.path.join(self.cache_dir, CACHE_IMAGES), dtype=np.uint8, mode="r+",
                        offset=start * s * s * c, shape=(end - start, s, s, c))
         bad = []
         for j, i in enumerate(range(start, end)):
@@ -710,8 +712,8 @@ def build_cache(index: PoolIndex, cache_dir, size: int, in_chans: int, workers=N
 def _start_cache(cache_dir, want, nbytes, chunk_size, force):
     """The cache's meta.json: a finished or resumable build's, else a fresh start's, with its images.u8
     on disk (space reserved; on a full disk nothing of a cache is left behind)."""
-    meta_path = os.path.join(cache_dir, "meta.json")
-    img_path = os.path.join(cache_dir, "images.u8")
+    meta_path = os.path.join(cache_dir, CACHE_META)
+    img_path = os.path.join(cache_dir, CACHE_IMAGES)
     chunk_dir = os.path.join(cache_dir, "chunks")
     meta = read_fingerprint(meta_path)
     if meta is not None:
@@ -729,7 +731,7 @@ def _start_cache(cache_dir, want, nbytes, chunk_size, force):
         os.makedirs(chunk_dir, exist_ok=True)
         return meta
     # fresh start: drop our old files, create a sparse images.u8
-    for name in ("meta.json", "ok.npy", "ids.txt", "skipped.txt", "images.u8"):
+    for name in (CACHE_META, CACHE_OK, CACHE_IDS, "skipped.txt", CACHE_IMAGES):
         p = os.path.join(cache_dir, name)
         if os.path.exists(p):
             os.unlink(p)
@@ -799,11 +801,11 @@ def _finish_cache(cache_dir, index, results, meta):
     skipped.sort()
     buf = io.BytesIO()
     np.save(buf, ok)
-    atomic_write_bytes(os.path.join(cache_dir, "ok.npy"), buf.getvalue())
+    atomic_write_bytes(os.path.join(cache_dir, CACHE_OK), buf.getvalue())
     write_skipped(os.path.join(cache_dir, "skipped.txt"), [(index.ids[i], r) for i, r in skipped])
-    atomic_write_bytes(os.path.join(cache_dir, "ids.txt"),
+    atomic_write_bytes(os.path.join(cache_dir, CACHE_IDS),
                        "".join(i + "\n" for i in index.ids).encode("utf-8", "surrogateescape"))
-    atomic_write_text(os.path.join(cache_dir, "meta.json"), json.dumps(dict(meta, complete=True), indent=1))
+    atomic_write_text(os.path.join(cache_dir, CACHE_META), json.dumps(dict(meta, complete=True), indent=1))
     shutil.rmtree(os.path.join(cache_dir, "chunks"), ignore_errors=True)
     return len(skipped)
 

@@ -154,7 +154,7 @@ def open_pool_source(s, teacher, pool_index):
 def existing_cache(s, teacher):
     """The finished uint8 cache of a run that did not need to score, else None (decode the images)."""
     cache_dir = default_cache_dir(s, teacher)
-    if cache_dir and os.path.exists(os.path.join(cache_dir, "meta.json")):
+    if cache_dir and os.path.exists(os.path.join(cache_dir, pool.CACHE_META)):
         try:
             return pool.open_cache(cache_dir)
         except InputError:
