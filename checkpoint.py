@@ -148,10 +148,11 @@ def commit_epoch(log_path, record, save):
 
 # settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
 # partial batch); --epochs is checked on its own. teacher_acc_resolved: the noise layer's value comes from the
-# checkpoint; selected_file, selection_file: the images themselves are checked against output_dir/selection.pt
+# checkpoint; selected_file, selection_file: the images themselves are checked against output_dir/selection.pt;
+# config: where the values came from, not what they are
 RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
                   "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved", "selected_file",
-                  "selection_file"}
+                  "selection_file", "config"}
 LAST_KEYS = ("model", "noise", "optimizer", "optimizer_noise", "state")   # what student/last.pth must hold
 
 

@@ -103,7 +103,12 @@ def get_args_parser():
     parser.excludes("--cos", "--schedule", "the cosine lr has no milestones")
     parser.unused_with("--selection_file", SELECTION_FILE_IGNORES, "the file decides the images: no scoring, no rule")
     parser.only_with("--eval_only", EVAL_ONLY_USES, "it tests the checkpoint only")
+    parser.records(RECORDED)
     return parser
+
+
+# what args.json holds beyond the flags (settings.Plan.record's resolved values): --config skips them
+RECORDED = ("epochs_resolved", "lr_offset", "teacher_acc_resolved")
 
 
 # --selection_file makes the flags that score and choose unused; --eval_only reads only EVAL_ONLY_USES: a flag

@@ -121,7 +121,14 @@ def get_args_parser():
     parser.add_argument("--batch_size", "--batch-size", type=flags.positive_int, dest="score_batch_size",
                         default=argparse.SUPPRESS,
                         help="old spelling of --score_batch_size")
+    parser.records(stage2_keys)   # --config RUN/args.json reruns that run's selection
     return parser
+
+
+def stage2_keys():
+    """What DFND_DeiT-train.py's args.json holds beyond the selection flags: --config skips them here."""
+    import distill   # here, not above: distill imports this module
+    return {a.dest for a in distill.get_args_parser()._actions} | set(distill.RECORDED)
 
 
 def list_pool(s):

@@ -72,8 +72,8 @@ def warmup_cosine(epoch, base_lr, epochs, warmup):
     return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
 
 
-# settings that cannot change what a resumed run computes
-RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output"}
+# settings that cannot change what a resumed run computes (config: where the values came from)
+RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output", "config"}
 
 
 def output_paths(output):
