@@ -17,7 +17,7 @@ import plots
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
                     remove_temp_files, set_phase)
 from selection import SELECTION_FILE
-from utils import InputError, safe_torch_load
+from utils import InputError, provenance, safe_torch_load
 
 
 def rng_state():
@@ -29,8 +29,9 @@ def rng_state():
 
 
 def save_checkpoint(path, **state):
-    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True)."""
-    atomic_torch_save(state, path)
+    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True), with the
+    provenance of the code that saved it."""
+    atomic_torch_save({**state, "provenance": provenance()}, path)
 
 
 def unwrap(module):
@@ -149,10 +150,10 @@ def commit_epoch(log_path, record, save):
 # settings that cannot change what a resumed run computes (--cuda_graphs can: it drops each epoch's last
 # partial batch); --epochs is checked on its own. teacher_acc_resolved: the noise layer's value comes from the
 # checkpoint; selected_file, selection_file: the images themselves are checked against output_dir/selection.pt;
-# config: where the values came from, not what they are
+# config: where the values came from, not what they are; provenance: a resume after a commit continues
 RESUME_IGNORES = {"workers", "log_every", "eval_every", "device", "compile", "resume", "output_dir",
                   "eval_only", "epochs", "epochs_resolved", "lr_offset", "teacher_acc_resolved", "selected_file",
-                  "selection_file", "config"}
+                  "selection_file", "config", "provenance"}
 LAST_KEYS = ("model", "noise", "optimizer", "optimizer_noise", "state")   # what student/last.pth must hold
 
 
@@ -234,7 +235,8 @@ class RunFolder:
         atomic_torch_save(selection.record(), self.selection)
 
     def write_args(self):
-        atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(self.args, indent=1, sort_keys=True))
+        record = {**self.args, "provenance": provenance()}
+        atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(record, indent=1, sort_keys=True))
 
     def update_best(self, epoch, record):
         """The best test acc1 so far (the published checkpoint) and the best holdout agreement."""

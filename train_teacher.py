@@ -28,7 +28,7 @@ import models
 from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, own_record, resume_path,
                         rng_state, save_checkpoint, trim_log, unwrap)
 from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
-from utils import InputError, amp_dtype, init_distributed, resolve_device
+from utils import InputError, amp_dtype, init_distributed, provenance, resolve_device
 
 
 def get_args_parser():
@@ -72,8 +72,9 @@ def warmup_cosine(epoch, base_lr, epochs, warmup):
     return engine.lr_at(epoch - warmup, base_lr, max(1, epochs - warmup), cosine=True)
 
 
-# settings that cannot change what a resumed run computes (config: where the values came from)
-RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output", "config"}
+# settings that cannot change what a resumed run computes (config: where the values came from; provenance:
+# the code's versions, a resume after a commit continues)
+RESUME_IGNORES = {"workers", "log_every", "device", "compile", "resume", "output", "config", "provenance"}
 
 
 def output_paths(output):
@@ -104,7 +105,7 @@ def _prepare_files(flags, paths, resume, done, resumed_record):
         print(f"fresh start: the previous log is kept as {move_aside([paths['log']])[0]}")
     remove_temp_files(os.path.dirname(os.path.abspath(flags["output"])),
                       [os.path.basename(p) for p in (flags["output"], *paths.values())])
-    atomic_write_text(paths["args"], json.dumps(flags, indent=1, sort_keys=True))
+    atomic_write_text(paths["args"], json.dumps({**flags, "provenance": provenance()}, indent=1, sort_keys=True))
 
 
 def train_teacher(args, on_epoch=None):
@@ -189,7 +190,8 @@ def train_teacher(args, on_epoch=None):
                 on_epoch(record)
     on_rank0(atomic_torch_save, {"model": unwrap(model).state_dict(), "acc1": stats["acc1"],
                                  "acc5": stats["acc5"], "mean": list(mean), "std": list(std), "arch": args.model,
-                                 "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs}, args.output)
+                                 "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs,
+                                 "provenance": provenance()}, args.output)
     if rank == 0:
         print(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
     return stats

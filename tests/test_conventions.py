@@ -2,11 +2,13 @@
 every record names the code that wrote it (git, torch, timm), a resume restores the CUDA random state, and the
 curves picture is no part of an epoch's commit."""
 import json
+import shutil
 
 import pytest
 import torch
 
 import fixtures as fx
+import utils
 from test_distill import make_cifar10, save_tiny_teacher
 from test_select import make_pool
 
@@ -51,6 +53,31 @@ def first_run(world):
     out = world / "first"
     assert run(D, *distill_argv(world, out, "--epochs", 2, "--seed", 3)) == 0
     return out
+
+
+# ---- provenance -------------------------------------------------------------------------------------
+
+def test_records_name_their_code_and_a_resume_after_a_commit_continues(world, first_run, tmp_path, capsys):
+    """args.json, every checkpoint and selection.pt record the git commit (and whether the checkout differed from
+    it), torch and timm; a resume of a run whose records name another commit continues it."""
+    want = utils.provenance()
+    assert want["git"] and isinstance(want["git_dirty"], bool)   # the tests run in a git checkout
+    assert want["torch"] == torch.__version__ and want["timm"]
+    assert args_json(first_run / "args.json")["provenance"] == want
+    for name in ("student/last.pth", "student/final.pth", "student/checkpoint.pth", "selection.pt"):
+        assert torch.load(first_run / name, weights_only=True)["provenance"] == want, name
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    older = {**want, "git": "0" * 40, "git_dirty": True, "torch": "2.0.0"}
+    last = torch.load(out / "student" / "last.pth", weights_only=True)
+    torch.save({**last, "provenance": older}, out / "student" / "last.pth")
+    (out / "args.json").write_text(json.dumps({**args_json(out / "args.json"), "provenance": older}))
+    capsys.readouterr()
+    assert run(D, *distill_argv(world, out, "--epochs", 3, "--seed", 3)) == 0
+    assert f"resumed from {out / 'student' / 'last.pth'} after epoch 1" in capsys.readouterr().out
+    assert [r["epoch"] for r in log(out / "log.txt")] == [0, 1, 2]
+    assert torch.load(out / "student" / "last.pth", weights_only=True)["provenance"] == want
+    assert args_json(out / "args.json")["provenance"] == want
 
 
 # ---- --config ----------------------------------------------------------------------------------------
@@ -104,6 +131,11 @@ def test_config_replays_a_teacher_run(world, tmp_path, capsys):
     assert run(T, "--config", tmp_path / "a" / "t.args.json", "--output", tmp_path / "b" / "t.pth") == 0
     assert log(tmp_path / "b" / "t.log.txt") == log(tmp_path / "a" / "t.log.txt")
     assert args_json(tmp_path / "b" / "t.args.json")["lr"] == 0.002
+    # every record names the code that wrote it
+    want = utils.provenance()
+    assert args_json(tmp_path / "b" / "t.args.json")["provenance"] == want
+    for name in ("t.pth", "t.last.pth"):
+        assert torch.load(tmp_path / "b" / name, weights_only=True)["provenance"] == want, name
 
 
 @pytest.mark.parametrize("content,says", [
