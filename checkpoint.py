@@ -15,7 +15,7 @@ import torch
 
 import plots
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
-                    remove_temp_files, set_phase)
+                    remove_temp_files, set_phase, tell_once)
 from selection import SELECTION_FILE
 from utils import InputError, provenance, safe_torch_load
 
@@ -26,6 +26,21 @@ def rng_state():
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rng(state):
+    """Put back what rng_state() saved. CUDA's states (one per device) only where this process sees as many
+    devices as the saving one: another count pairs no state with its device. A checkpoint saved without CUDA
+    holds none; its generators then keep their seeds."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if not cuda or not torch.cuda.is_available():
+        return
+    if len(cuda) != torch.cuda.device_count():
+        tell_once(f"note: the checkpoint holds the CUDA random states of {len(cuda)} device(s) but this process "
+                  f"sees {torch.cuda.device_count()}: they are not restored")
+        return
+    torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(path, **state):
@@ -208,7 +223,7 @@ class RunFolder:
         optimizers[1].load_state_dict(ckpt["optimizer_noise"])
         self.state.update(ckpt["state"])
         if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            restore_rng(ckpt["rng"])
 
     def prepare(self, resume, resumed_record):
         """Rank 0, before the first epoch: the log of a resumed run trimmed to its checkpoint, or a fresh

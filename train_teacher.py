@@ -25,8 +25,8 @@ import data
 import engine
 import flags
 import models
-from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, own_record, resume_path,
-                        rng_state, save_checkpoint, trim_log, unwrap)
+from checkpoint import (check_same_settings, commit_epoch, load_resume, move_aside, own_record, restore_rng,
+                        resume_path, rng_state, save_checkpoint, trim_log, unwrap)
 from safety import atomic_torch_save, atomic_write_text, check_writable, cli_main, on_rank0, remove_temp_files
 from utils import InputError, amp_dtype, init_distributed, provenance, resolve_device
 
@@ -150,7 +150,7 @@ def train_teacher(args, on_epoch=None):
         done, stats = ckpt["epoch"], ckpt.get("stats", {})
         resumed_record = own_record(ckpt, resume, paths["last"])
         if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            restore_rng(ckpt["rng"])
         del ckpt
     train_model = model
     if world > 1:

@@ -177,3 +177,53 @@ def test_command_line_flags_win_over_the_config_in_the_rules(tmp_path):
     # both on the command line: refused as without a config
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", str(path), "--cos", "--schedule", "4"])
+
+
+# ---- the CUDA random state ------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two CUDA devices as far as the restore can tell; set_rng_state_all recorded."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", calls.append)
+    return calls
+
+
+def test_resume_restores_the_cuda_random_state_where_it_can(fake_cuda, monkeypatch, tmp_path, capsys):
+    import checkpoint
+    cpu = torch.get_rng_state()
+    cuda = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    checkpoint.restore_rng({"torch": cpu, "cuda": cuda})
+    assert len(fake_cuda) == 1 and fake_cuda[0] is cuda
+    checkpoint.restore_rng({"torch": cpu, "cuda": cuda[:1]})     # saved where one device was seen
+    assert len(fake_cuda) == 1 and "not restored" in capsys.readouterr().err
+    checkpoint.restore_rng({"torch": cpu})                         # saved without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint.restore_rng({"torch": cpu, "cuda": cuda})           # resumed without CUDA
+    assert len(fake_cuda) == 1 and torch.equal(torch.get_rng_state(), cpu)
+    # DFND_DeiT-train.py's run folder restores them with the rest of last.pth
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    stub = type("Stub", (), {"load_state_dict": lambda self, sd: None})()
+    ckpt = {"model": {}, "noise": {}, "optimizer": {}, "optimizer_noise": {}, "state": {"epoch": 0},
+            "rng": {"torch": cpu, "cuda": cuda}}
+    checkpoint.RunFolder(str(tmp_path)).restore(ckpt, stub, stub, [stub, stub])
+    assert len(fake_cuda) == 2 and fake_cuda[1] is cuda
+
+
+def test_teacher_resume_restores_the_saved_random_states(world, tmp_path, monkeypatch, capsys):
+    import train_teacher
+    out = tmp_path / "t.pth"
+    argv = ["--dataset", "cifar10", "--data", str(world / "cifar"), "--model", "deit_tiny_patch4_32_teacher",
+            "--epochs", "1", "--batch_size", "4", "--workers", "0", "--device", "cpu", "--output", str(out)]
+    assert train_teacher.train_teacher(train_teacher.get_args_parser().parse_args(argv))
+    last = tmp_path / "t.last.pth"
+    saved = torch.load(last, weights_only=True)
+    cuda = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save({**saved, "rng": {**saved["rng"], "cuda": cuda}}, last)
+    restored = []
+    monkeypatch.setattr(train_teacher, "restore_rng", restored.append)
+    train_teacher.train_teacher(train_teacher.get_args_parser().parse_args(argv))   # finished: restores, trains no more
+    assert len(restored) == 1 and torch.equal(restored[0]["cuda"][0], cuda[0])
+    assert torch.equal(restored[0]["torch"], saved["rng"]["torch"])
