@@ -17,7 +17,7 @@ import plots
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0,
                     remove_temp_files, set_phase, tell_once)
 from selection import SELECTION_FILE
-from utils import InputError, provenance, safe_torch_load
+from utils import InputError, provenance, rank_world, safe_torch_load
 
 
 def rng_state():
@@ -151,13 +151,15 @@ def commit_epoch(log_path, record, save):
     """End an epoch: save() its checkpoint, which must hold `record` (the resume restores a line a
     failure cut off), then log the line; so the log never holds an epoch that no checkpoint backs.
     SIGINT/SIGTERM wait until both are written. Runs on rank 0; under torchrun every rank raises
-    rank 0's failure (a full disk: OutOfSpace on each)."""
+    rank 0's failure (a full disk: OutOfSpace on each). Then rank 0 redraws curves.png beside the log:
+    after the commit, so that no rank waits on a picture and a picture that fails is one warning."""
     def commit():
         with interrupts_deferred():
             save()
             append_line(log_path, json.dumps(record))
-        plots.redraw_curves(log_path)   # curves.png beside the log
     on_rank0(commit)
+    if rank_world()[0] == 0:
+        plots.redraw_curves(log_path)
 
 
 # ---- DFND_DeiT-train.py's run folder ------------------------------------------------------------

@@ -227,3 +227,27 @@ def test_teacher_resume_restores_the_saved_random_states(world, tmp_path, monkey
     train_teacher.train_teacher(train_teacher.get_args_parser().parse_args(argv))   # finished: restores, trains no more
     assert len(restored) == 1 and torch.equal(restored[0]["cuda"][0], cuda[0])
     assert torch.equal(restored[0]["torch"], saved["rng"]["torch"])
+
+
+# ---- curves.png ------------------------------------------------------------------------------------
+
+def test_a_failing_picture_is_no_part_of_the_commit(world, tmp_path, monkeypatch, capsys):
+    """curves.png is drawn after each epoch's commit: when drawing fails, the run ends as usual with every
+    checkpoint and log line, and says so once."""
+    import plots
+    out = tmp_path / "out"
+    drawn = []
+
+    def broken(log_path, *a, **k):
+        lines = open(log_path).read().splitlines()
+        last = torch.load(out / "student" / "last.pth", weights_only=True)
+        drawn.append((len(lines), last["epoch"]))   # the commit is done when the picture starts
+        raise RuntimeError("no display")
+    monkeypatch.setattr(plots, "curves", broken)
+    assert run(D, *distill_argv(world, out, "--epochs", 2)) == 0
+    assert drawn == [(1, 0), (2, 1)]
+    assert [r["epoch"] for r in log(out / "log.txt")] == [0, 1]
+    assert {p.name for p in (out / "student").iterdir()} >= {"last.pth", "final.pth", "checkpoint.pth"}
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert capsys.readouterr().err.count("not drawn (RuntimeError: no display)") == 1
+    assert not (out / "curves.png").exists()
