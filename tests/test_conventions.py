@@ -97,6 +97,11 @@ def test_config_replays_a_distill_run_and_the_command_line_wins(world, first_run
     records = log(tmp_path / "other" / "log.txt")
     assert [r["epoch"] for r in records] == [0] and records[0]["train_lr"] == 0.002
     assert args_json(tmp_path / "other" / "args.json")["seed"] == 3   # and the rest is the config's
+    # --eval_only beside it: the config's flags that --eval_only does not read are dropped, not refused
+    capsys.readouterr()
+    assert run(D, "--config", first_run / "args.json", "--eval_only", first_run / "student" / "final.pth") == 0
+    tested = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tested["acc1"] == log(first_run / "log.txt")[-1]["test_acc1"]
 
 
 def test_config_of_a_selecting_run_trains_on_a_selection_file_and_replays(world, first_run, tmp_path, capsys):
