@@ -15,9 +15,9 @@ import torch
 
 import plots
 from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0, read_json_lines,
-                    remove_temp_files, set_phase)
+                    remove_temp_files, set_phase, tell_once)
 from selection import SELECTION_FILE
-from utils import InputError, safe_torch_load
+from utils import InputError, provenance, rank_world, safe_torch_load
 
 
 def rng_state():
@@ -28,9 +28,25 @@ def rng_state():
     return state
 
 
+def restore_rng(state):
+    """Put back what rng_state() saved. CUDA's states (one per device) only where this process sees as many
+    devices as the saving one: another count pairs no state with its device. A checkpoint saved without CUDA
+    holds none; its generators then keep their seeds."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if not cuda or not torch.cuda.is_available():
+        return
+    if len(cuda) != torch.cuda.device_count():
+        tell_once(f"note: the checkpoint holds the CUDA random states of {len(cuda)} device(s) but this process "
+                  f"sees {torch.cuda.device_count()}: they are not restored")
+        return
+    torch.cuda.set_rng_state_all(cuda)
+
+
 def save_checkpoint(path, **state):
-    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True)."""
-    atomic_torch_save(state, path)
+    """Atomic save of plain tensors, state dicts and primitives (loadable with weights_only=True), with the
+    provenance of the code that saved it."""
+    atomic_torch_save({**state, "provenance": provenance()}, path)
 
 
 def unwrap(module):
@@ -72,8 +88,8 @@ def load_resume(path, required=(), script="this script"):
 
 
 # flags that cannot change what any resumed run computes: where and how fast it runs, how it reports, where it
-# resumes from; each script's RESUME_IGNORES adds its own
-RUN_ONLY = {"workers", "log_every", "device", "compile", "resume", "dist_timeout"}
+# resumes from (each script's RESUME_IGNORES adds its own); config: where the values came from, not what they are; provenance: a resume after a commit continues
+RUN_ONLY = {"workers", "log_every", "device", "compile", "resume", "dist_timeout", "config", "provenance"}
 
 
 def check_same_settings(saved, current, ignore, path, output_flag, why=None):
@@ -136,13 +152,15 @@ def commit_epoch(log_path, record, save):
     """End an epoch: save() its checkpoint, which must hold `record` (the resume restores a line a
     failure cut off), then log the line; so the log never holds an epoch that no checkpoint backs.
     SIGINT/SIGTERM wait until both are written. Runs on rank 0; under torchrun every rank raises
-    rank 0's failure (a full disk: OutOfSpace on each)."""
+    rank 0's failure (a full disk: OutOfSpace on each). Then rank 0 redraws curves.png beside the log:
+    after the commit, so that no rank waits on a picture and a picture that fails is one warning."""
     def commit():
         with interrupts_deferred():
             save()
             append_line(log_path, json.dumps(record))
-        plots.redraw_curves(log_path)   # curves.png beside the log
     on_rank0(commit)
+    if rank_world()[0] == 0:
+        plots.redraw_curves(log_path)
 
 
 # ---- DFND_DeiT-train.py's run folder ------------------------------------------------------------
@@ -206,7 +224,7 @@ class RunFolder:
         optimizers[1].load_state_dict(ckpt["optimizer_noise"])
         self.state.update(ckpt["state"])
         if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            restore_rng(ckpt["rng"])
 
     def prepare(self, resume, resumed_record):
         """Rank 0, before the first epoch: the log of a resumed run trimmed to its checkpoint, or a fresh
@@ -233,7 +251,8 @@ class RunFolder:
         atomic_torch_save(selection.record(), self.selection)
 
     def write_args(self):
-        atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(self.args, indent=1, sort_keys=True))
+        record = {**self.args, "provenance": provenance()}
+        atomic_write_text(os.path.join(self.dir, "args.json"), json.dumps(record, indent=1, sort_keys=True))
 
     def update_best(self, epoch, record):
         """The best test acc1 so far (the published checkpoint) and the best holdout agreement."""

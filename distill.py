@@ -33,7 +33,7 @@ from data import DATASETS
 from losses import TERMS, NoiseAdaptation
 from safety import atomic_torch_save, check_writable, cli_main, init_distributed, on_rank0, run_lock
 from selection import labelled_class_mass, robust_kd_weights
-from settings import check_student, plan_run, resolve_settings
+from settings import PLAN_RECORDS, check_student, plan_run, resolve_settings
 from utils import git_sha, rank_world, resolve_device, say
 
 
@@ -102,6 +102,7 @@ def get_args_parser():
     parser.excludes("--cos", "--schedule", "the cosine lr has no milestones")
     parser.unused_with("--selection_file", SELECTION_FILE_IGNORES, "the file decides the images: no scoring, no rule")
     parser.only_with("--eval_only", EVAL_ONLY_USES, "it tests the checkpoint only")
+    parser.records(PLAN_RECORDS)
     return parser
 
 

@@ -7,12 +7,17 @@ for flags that act only together with another one.
     parser.needs("--patchattn", "--attnprobe_dist")     # --patchattn 0.5 alone: refused, naming both
 
 A flag counts as given when its value differs from its default: the default given explicitly changes nothing.
+Every parser takes `--config RUN/args.json` (a JSON object of flag dest -> value, as the scripts write args.json):
+its values come before the command line's flags, which win (Parser.parse_known_args).
 What needs the teacher or the pool (a probe head beyond the model, a selection file's pool, a padding wider than
 the images) is checked where the run resolves them (settings.py, the scripts' first steps), before the first write.
 """
 import argparse
+import json
 import math
+import os
 import re
+import sys
 
 from safety import tell_once
 from utils import DIST_TIMEOUT, default_workers
@@ -80,10 +85,14 @@ class Increasing(argparse.Action):
     domain_suffix = ", increasing, each once"
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if any(b <= a for a, b in zip(values, values[1:])):
+        if not self.increasing(values):
             parser.error(f"argument {option_string}: values must increase, each given once, got "
                          + " ".join(map(str, values)))
         setattr(namespace, self.dest, values)
+
+    @staticmethod
+    def increasing(values):
+        return all(a < b for a, b in zip(values, values[1:]))
 
 
 # ---- the parser ----------------------------------------------------------------------------------------
@@ -98,6 +107,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.rules = []   # (kind, flag, other, why)
+        self.recorded = [RECORDED]   # keys a config may hold that are no flag here (sets, or functions giving one)
+        self.from_config = {}        # dest -> the --config path, for each value only the config gave (last parse)
+        self.add_argument("--config", type=path, default=None, metavar="ARGS_JSON",
+                          help="rerun a run: its args.json (a JSON object of flag -> value) gives every flag it "
+                          "holds, the flags given here win; a value of it that a flag given here excludes or "
+                          "makes unused is dropped; the values it records beside the flags are skipped")
 
     def error(self, message):
         tell_once(f"error: {message}")
@@ -124,8 +139,13 @@ class Parser(argparse.ArgumentParser):
         """With `flag` given, every flag outside `allowed` has no effect."""
         for action in self._actions:
             option = long_option(action)
-            if option and option != flag and option not in allowed:
+            if option and option not in (flag, "--config") and option not in allowed:   # the config's values are ruled
                 self.rules.append(("unused", flag, option, why))
+
+    def records(self, keys):
+        """Keys this script's args.json holds beyond its flags (resolved values), or a function of the config's
+        object giving them: --config skips them. Any other key that is no flag is refused."""
+        self.recorded.append(keys)
 
     def given(self, args, flag):
         action = self.action(flag)
@@ -135,19 +155,131 @@ class Parser(argparse.ArgumentParser):
         return next(a for a in self._actions if flag in a.option_strings)
 
     def parse_known_args(self, args=None, namespace=None):
-        parsed, rest = super().parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        config = config_path(argv)
+        tokens, supplied = self.config_tokens(config) if config is not None else ([], set())
+        # the config's values as flags before the command line's: each passes its flag's checks, and the last wins
+        parsed, rest = super().parse_known_args(tokens + argv, namespace)
+        self.from_config = dict.fromkeys(supplied - self.dests_in(argv), config)
+        self.apply_rules(parsed)
+        return parsed, rest
+
+    def apply_rules(self, parsed):
+        """Refuse what the rules refuse. A value only the config gave yields first: it is dropped (back to its
+        default) where a flag of the command line excludes it or makes it unused, or where the config's own
+        values make it unused; so `--config RUN/args.json --selection_file F` needs no edited file."""
+        came = lambda flag: self.action(flag).dest in self.from_config
+        for kind, flag, other, _ in self.rules:
+            if kind in ("unused", "excludes") and self.given(parsed, flag) and self.given(parsed, other):
+                drop = (other if came(other) and (kind == "unused" or not came(flag)) else
+                        flag if came(flag) and not came(other) else None)
+                if drop is not None:
+                    dest = self.action(drop).dest
+                    setattr(parsed, dest, self.get_default(dest))
         for kind, flag, other, why in self.rules:
             if kind == "check" and flag(parsed):
                 self.error(other)
             if kind == "needs" and self.given(parsed, flag) and not self.given(parsed, other):
-                self.error(f"{shown(self, parsed, flag)} has no effect without {other}"
+                self.error(f"{self.shown(parsed, flag)} has no effect without {other}"
                            + (f" ({why})" if why else "") + f": add {other} or drop {flag}")
             if kind == "unused" and self.given(parsed, flag) and self.given(parsed, other):
-                self.error(f"{shown(self, parsed, other)} has no effect with {flag} ({why}): drop {other}")
+                self.error(f"{self.shown(parsed, other)} has no effect with {flag} ({why}): drop {other}")
             if kind == "excludes" and self.given(parsed, flag) and self.given(parsed, other):
-                self.error(f"{shown(self, parsed, flag)} and {shown(self, parsed, other)} exclude each other"
+                self.error(f"{self.shown(parsed, flag)} and {self.shown(parsed, other)} exclude each other"
                            + (f": {why}" if why else ""))
-        return parsed, rest
+
+    def shown(self, parsed, flag):
+        """`--flag value` as given, and where from when the config gave it."""
+        config = self.from_config.get(self.action(flag).dest)
+        return shown(self, parsed, flag) + (f" (from --config {config})" if config else "")
+
+    def dests_in(self, argv):
+        """The dests of the flags in argv (the command line's)."""
+        dests = set()
+        for token in argv:
+            if token == "--":
+                break
+            action = self._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("-") else None
+            if action is not None:
+                dests.add(action.dest)
+        return dests
+
+    def config_tokens(self, path):
+        """--config's JSON object -> (the flags it gives as command-line words, their dests). A file that is no
+        JSON object, a key that is neither a flag nor a value this script records, a value its flag would
+        refuse: one error line naming --config and the file."""
+        where = f"--config {path}"
+        if not os.path.isfile(path):
+            self.error(f"{where}: no such file")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            self.error(f"{where}: not a readable JSON file ({e})")
+        if not isinstance(config, dict):
+            self.error(f"{where} must hold a JSON object of flag -> value (as a run's args.json), "
+                       f"not a {type(config).__name__}")
+        actions = {}
+        for action in self._actions:
+            if long_option(action) and action.default is not argparse.SUPPRESS:   # not select_data's --batch_size
+                actions.setdefault(action.dest, action)
+        recorded = None
+        tokens, supplied = [], set()
+        for key, value in config.items():
+            if key in RECORDED or key not in actions:
+                recorded = recorded if recorded is not None else set().union(
+                    *(keys(config) if callable(keys) else keys for keys in self.recorded))
+                if key in recorded:
+                    continue
+                self.error(f"{where}: {key!r} is not a flag of {self.prog} (nor a value its runs record)")
+            action = actions[key]
+            words = self.config_words(where, key, action, value)
+            if words is not None:
+                option = long_option(action)
+                tokens += [f"{option}={words[0]}"] if action.nargs is None else [option, *words]
+                supplied.add(key)
+        return tokens, supplied
+
+    def config_words(self, where, key, action, value):
+        """A config value as the words its flag takes (None: the flag's default), checked as the flag checks them."""
+        if value is None:
+            return None
+        if action.nargs == 0:   # a switch: true gives it, false leaves it off
+            if not isinstance(value, bool):
+                self.error(f"{where}: {key} is a switch: true or false, got {value!r}")
+            return [] if value else None
+        many = action.nargs not in (None, "?")
+        values = value if isinstance(value, list) and many else [value]
+        if any(isinstance(v, (list, dict)) for v in values):
+            self.error(f"{where}: {key} takes {'a list of values' if many else 'one value'}, got {value!r}")
+        if action.nargs == "+" and not values:
+            self.error(f"{where}: {key} needs at least one value")
+        words = [str(v) for v in values]
+        try:
+            converted = self._get_values(action, list(words))
+        except argparse.ArgumentError as e:
+            self.error(f"{where}: {e}")
+        if isinstance(action, Increasing) and not Increasing.increasing(converted):
+            self.error(f"{where}: {key}: values must increase, each given once, got {' '.join(words)}")
+        return words
+
+
+# keys any args.json may hold that are records, not flags: its own --config (never followed) and the code's
+# versions (utils.provenance)
+RECORDED = frozenset({"config", "provenance"})
+
+
+def config_path(argv):
+    """The file of the last --config in argv, or None."""
+    found = None
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        if token == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif token.startswith("--config="):
+            found = token[len("--config="):]
+    return found
 
 
 def long_option(action):

@@ -33,7 +33,7 @@ from safety import cli_main, init_distributed, on_rank0, run_lock, set_phase
 from selection import (RULE_SETTINGS, RULES, Selection, class_collapse, class_mass, combined_value, describe,
                        read_record, rule_needs, rule_value, score_quantiles, select_indices,
                        warn_class_collapse)
-from settings import check_probe, resolve_select_settings
+from settings import PLAN_RECORDS, check_probe, resolve_select_settings
 from utils import InputError, rank_world, resolve_device, say
 
 
@@ -120,7 +120,14 @@ def get_args_parser():
     parser.add_argument("--batch_size", "--batch-size", type=flags.positive_int, dest="score_batch_size",
                         default=argparse.SUPPRESS,
                         help="old spelling of --score_batch_size")
+    parser.records(stage2_keys)   # --config RUN/args.json reruns that run's selection
     return parser
+
+
+def stage2_keys(config):
+    """A DFND_DeiT-train.py args.json (it holds settings.PLAN_RECORDS) also holds stage 2's flags: --config
+    skips every key that is no flag here."""
+    return set(config) if PLAN_RECORDS[0] in config else set()
 
 
 def list_pool(s):

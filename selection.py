@@ -22,7 +22,7 @@ import signals
 from scoring import probe_key
 from attention_probe import PROBE_BLOCKS
 from safety import atomic_torch_save, atomic_write_text
-from utils import InputError, rank_world, safe_torch_load
+from utils import InputError, provenance, rank_world, safe_torch_load
 
 
 # ---- the published rule ----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class Selection:
                 **({"settings": self.settings} if self.settings is not None else {}),
                 "pool_size": len(self.pool_index), "pool_root": os.path.abspath(self.pool_index.root),
                 # [(class, kept)] of the classes kept under a tenth of an even share: the collapse warning
-                "collapsed_classes": self.collapsed}
+                "collapsed_classes": self.collapsed, "provenance": provenance()}
 
     def save(self, folder):
         """selection.pt, selected.txt (ids, best first) and class_weights.pth into `folder`."""

@@ -92,6 +92,10 @@ def resolve_settings(args, device):
         "amp": amp_dtype(args.amp, device), "loss": LossConfig.from_flags(args), "pd_blocks": pd_blocks})
 
 
+# what args.json holds beyond the flags: Plan.record's resolved values (--config skips them)
+PLAN_RECORDS = ("epochs_resolved", "lr_offset", "teacher_acc_resolved")
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the teacher, the selection and a resumed checkpoint decide beyond the flags."""

@@ -25,11 +25,11 @@ import data
 import engine
 import flags
 import models
-from checkpoint import (RUN_ONLY, check_same_settings, commit_epoch, load_resume, move_aside, own_record, resume_path,
-                        rng_state, save_checkpoint, trim_log, unwrap)
+from checkpoint import (RUN_ONLY, check_same_settings, commit_epoch, load_resume, move_aside, own_record, restore_rng,
+                        resume_path, rng_state, save_checkpoint, trim_log, unwrap)
 from safety import (atomic_torch_save, atomic_write_text, check_writable, cli_main, init_distributed, on_rank0,
                     remove_temp_files)
-from utils import InputError, amp_dtype, resolve_device, say
+from utils import InputError, amp_dtype, provenance, resolve_device, say
 
 
 def get_args_parser():
@@ -104,7 +104,7 @@ def _prepare_files(flags, paths, resume, done, resumed_record):
         print(f"fresh start: the previous log is kept as {move_aside([paths['log']])[0]}")
     remove_temp_files(os.path.dirname(os.path.abspath(flags["output"])),
                       [os.path.basename(p) for p in (flags["output"], *paths.values())])
-    atomic_write_text(paths["args"], json.dumps(flags, indent=1, sort_keys=True))
+    atomic_write_text(paths["args"], json.dumps({**flags, "provenance": provenance()}, indent=1, sort_keys=True))
 
 
 def train_teacher(args, on_epoch=None):
@@ -147,7 +147,7 @@ def train_teacher(args, on_epoch=None):
         done, stats = ckpt["epoch"], ckpt.get("stats", {})
         resumed_record = own_record(ckpt, resume, paths["last"])
         if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            restore_rng(ckpt["rng"])
         del ckpt
     train_model = engine.distribute(model, device)
     if args.compile:
@@ -184,7 +184,8 @@ def train_teacher(args, on_epoch=None):
                 on_epoch(record)
     on_rank0(atomic_torch_save, {"model": unwrap(model).state_dict(), "acc1": stats["acc1"],
                                  "acc5": stats["acc5"], "mean": list(mean), "std": list(std), "arch": args.model,
-                                 "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs}, args.output)
+                                 "nb_classes": num_classes, "dataset": args.dataset, "epochs": args.epochs,
+                                 "provenance": provenance()}, args.output)
     say(f"saved {args.output}: test acc1 {stats['acc1']:.2f}, acc5 {stats['acc5']:.2f}")
     return stats
 

@@ -2,6 +2,7 @@
 printing on rank 0, fingerprints. Crash safety (atomic writes, locks, interrupts, joining the process group,
 rank-0 errors) is safety.py's; the flags' domains are flags.py's."""
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -119,9 +120,35 @@ def changed_keys(saved, wanted):
 
 
 def git_sha():
-    """The short commit of this checkout, for a run's first line ('' outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    """The short commit of this checkout, for a run's first line ('' outside git; '+dirty' with changed files)."""
+    record = provenance()
+    return (record["git"] or "")[:7] + ("+dirty" if record["git_dirty"] else "")
+
+
+def provenance():
+    """The code that writes a record (args.json, every checkpoint, selection.pt): {'git': this checkout's commit,
+    'git_dirty': whether tracked files differ from it (both None outside git), 'torch', 'timm', 'python'}. Kept out
+    of the settings a resume compares: a commit between two runs of one command changes no result by itself."""
+    return dict(_provenance())
+
+
+@functools.lru_cache(maxsize=1)
+def _provenance():
+    # read once: the code a process runs is what it imported at its start, whatever the checkout does later
+    import platform
+
+    import timm
+
+    def git(*argv):
+        try:   # GIT_OPTIONAL_LOCKS=0: `git status` must not write the index of a checkout someone works in
+            proc = subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    sha = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    # str(): torch's version is a TorchVersion, which a weights_only load refuses
+    return (("git", sha), ("git_dirty", None if status is None else status != ""),
+            ("torch", str(torch.__version__)), ("timm", str(timm.__version__)), ("python", platform.python_version()))

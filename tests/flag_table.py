@@ -9,7 +9,8 @@ tools/flag_docs.py writes docs/usage.md's flag reference and docs/failures.md's 
 this table.
 
 Placeholders in argv, filled by the test: {tmp} (the case's empty folder), {afile} (a regular file), {pool},
-{pool_b} (another pool), {cifar}, {teacher}, {sel_a} (a selection.pt of {pool}), {sel_b} (one of {pool_b}).
+{pool_b} (another pool), {cifar}, {teacher}, {sel_a} (a selection.pt of {pool}), {sel_b} (one of {pool_b}),
+{seed_json} (a config {"seed": -1}), {alien_json} (a config with a key no script writes).
 """
 import ast
 import glob
@@ -59,6 +60,10 @@ REFUSED = [
     refused(ALL, "--amp", "fp16", says="invalid choice"),
     refused(ALL, "--seed", "-1", says="an integer in [0, 2^32)"),
     refused(ALL, "--dist_timeout", "0", says=POS),
+    refused(ALL, "--config", "{tmp}/none.json", says="no such file"),
+    refused(ALL, "--config", "{afile}", says="not a readable JSON file"),
+    refused(ALL, "--config", "{seed_json}", says="argument --seed: must be an integer in [0, 2^32)"),
+    refused(ALL, "--config", "{alien_json}", says="'from_elsewhere' is not a flag of"),
     # ---- selection (stage 1) ----
     refused(SD, "--data_imagenet", "{tmp}/nope", says="no such file or folder"),
     refused(SD, "--teacher", "no_such_vit", says="unknown model"),
@@ -175,6 +180,7 @@ REFUSED = [
 W, SEL, SIG, MW, TF, FL = ("tests/test_method_wiring.py::", "tests/test_select.py::", "tests/test_signals.py::",
                           "tests/test_method_wiring.py::test_stage2_", "tests/test_teacher_files.py::",
                           "tests/test_flags.py::")
+CV = "tests/test_conventions.py::"
 EFFECTS = [
     # ---- system ----
     effect(ALL, "--compile", "", FL + "test_compile_compiles_the_model_passes", "torch.compile gets the scorer, the "
@@ -185,6 +191,11 @@ EFFECTS = [
            "a hung rank ends the run within it, one line naming it"),
     effect(S, "--workers", "2", "tests/test_pool.py::test_cache_workers_equal_and_resume",
            "the cache decoded by 2 processes equals the one of 0"),
+    effect(D, "--config", "RUN/args.json", CV + "test_config_replays_a_distill_run_and_the_command_line_wins",
+           "the run again: the same settings and log; a flag given beside it wins"),
+    effect(S, "--config", "RUN/args.json", CV + "test_config_of_a_distill_run_reruns_its_selection",
+           "that run's selection flags choose the same images"),
+    effect(T, "--config", "RUN.args.json", CV + "test_config_replays_a_teacher_run", "the same log"),
     # ---- selection ----
     effect(S, "--data_imagenet", "POOL", SEL + "test_tar_shard_pool_scores_like_the_folder",
            "a folder of .tar shards scores as the same images in a folder"),

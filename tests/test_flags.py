@@ -42,7 +42,9 @@ def world(tmp_path_factory):
 def row_flags(row_argv, w, d):
     """The row's argv, placeholders filled -> {flag: value(s) or True}."""
     fill = dict(tmp=d, afile=fx.write_bytes(d / "afile", b"x"), pool=w.pool, pool_b=w.pool_b, cifar=w.cifar,
-                teacher=w.teacher, sel_a=w.sel_a, sel_b=w.sel_b)
+                teacher=w.teacher, sel_a=w.sel_a, sel_b=w.sel_b,
+                seed_json=fx.write_bytes(d / "seed.json", b'{"seed": -1}'),
+                alien_json=fx.write_bytes(d / "alien.json", b'{"from_elsewhere": 1}'))
     out, flag = {}, None
     for token in row_argv:
         if token.startswith("--"):
@@ -120,16 +122,19 @@ def test_a_new_flag_needs_no_row_here(tmp_path):
             kind(value)
 
 
-def test_every_effect_value_is_accepted():
+def test_every_effect_value_is_accepted(tmp_path):
     """An effect row's value passes its script's parser (with the flags it needs)."""
     for e in EFFECTS:
+        value = e.value.split()
+        if e.flag == "--config":   # a file that must exist: an empty config
+            value = [os.fspath(fx.write_bytes(tmp_path / "args.json", b"{}"))]
         for script in e.scripts:
             extra = {"--attnlier": ["--attnprobe_sel"], "--outlier": ["--attnprobe_sel"],
                      "--cuda_graphs": ["--compile"]}.get(e.flag, [])
             if e.flag in ("--patchattn", "--pd_loss", "--pd_teacher_blocks", "--pd_student_blocks"):
                 extra = ["--attnprobe_dist"]
             required = ["--dataset", "cifar10", "--data", "d", "--output", "t.pth"] if script == T else []
-            PARSERS[script]().parse_args([*required, e.flag, *e.value.split(), *extra])
+            PARSERS[script]().parse_args([*required, e.flag, *value, *extra])
 
 
 # ---- behaviours the table points to ------------------------------------------------------------------

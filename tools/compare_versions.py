@@ -21,7 +21,8 @@ COMPARISON RULES
   * *.pth / *.pt: torch.load(weights_only=True, map_location='cpu'), compared recursively: tensors by
     dtype, shape and their raw bytes (bit for bit: NaN payloads and -0.0 count), dicts key by key, lists
     and tuples element by element, scalars by type and value (float NaN == NaN). Keys on one side only are
-    NOTES. A top-level 'args' entry (the resolved flags) is compared as a note only, like args.json.
+    NOTES. A top-level 'args' entry (the resolved flags) and 'provenance' (git sha, versions) are compared as
+    notes only, like args.json.
   * *.npy: dtype, shape and raw bytes. Other binary files (PNG figures, the uint8 pool cache): bytes, but
     curves.png, drawn from the compared log with an img/s (wall time) panel, is listed as excluded.
   * log.txt and other JSON-lines logs: every key of every line, except timing keys; key-set differences
@@ -504,11 +505,12 @@ def cmp_torch_file(pa, pb, rel, rep, volatile):
         else:
             rep.diff(f"{rel}: loads on one side only (old: {fmt(a)}, new: {fmt(b)})")
         return
-    if isinstance(a, dict) and isinstance(b, dict) and ("args" in a or "args" in b):
-        if "args" in a and "args" in b:
-            cmp_values(a["args"], b["args"], f"{rel}['args']", rep, note_only=True)
-        a = {k: v for k, v in a.items() if k != "args"}
-        b = {k: v for k, v in b.items() if k != "args"}
+    for key in ("args", "provenance"):   # the flags, the code's versions (a git sha differs between any two)
+        if isinstance(a, dict) and isinstance(b, dict) and (key in a or key in b):
+            if key in a and key in b:
+                cmp_values(a[key], b[key], f"{rel}[{key!r}]", rep, note_only=True)
+            a = {k: v for k, v in a.items() if k != key}
+            b = {k: v for k, v in b.items() if k != key}
     cmp_values(a, b, rel, rep, volatile=volatile)
 
 

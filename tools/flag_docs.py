@@ -24,7 +24,8 @@ END = "<!-- /{name} -->"
 MACHINE_DEFAULTS = {"workers": "the cores per process, at most 8"}
 # what a placeholder of tests/flag_table.py stands for on the page
 SHOWN = {"{tmp}": "DIR", "{afile}": "FILE", "{pool}": "POOL", "{pool_b}": "OTHER_POOL", "{cifar}": "DATA",
-         "{teacher}": "CKPT", "{sel_a}": "SELECTION.pt", "{sel_b}": "OTHER_POOLS_SELECTION.pt"}
+         "{teacher}": "CKPT", "{sel_a}": "SELECTION.pt", "{sel_b}": "OTHER_POOLS_SELECTION.pt",
+         "{seed_json}": "ARGS_JSON_WITH_SEED_-1", "{alien_json}": "ARGS_JSON_WITH_A_KEY_NO_SCRIPT_WRITES"}
 
 
 def cell(text):
