@@ -5,7 +5,8 @@ the tests named for it; a bug the tests do not notice (a survivor) is a wiring t
     python tools/mutate.py --only probe-sign lr-never-applied --jobs 1
     python tools/mutate.py --list                 # names only
 
-Each mutation (tools/mutations.txt) names a file, an exact text in it, its replacement, and the pytest
+Each mutation (tools/mutations.txt) names a file, a text in it (matched regardless of whitespace, so
+re-wrapping or re-indenting the code keeps it: see loose_pattern), its replacement, and the pytest
 arguments to run. Results: killed (the tests failed), survived (they passed), timeout (counted as killed),
 not-applicable (the text is no longer in the file, or not exactly once: the code moved on; fix the entry).
 The working tree is never touched: its tracked and untracked (not ignored) files are copied to a
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -81,22 +83,52 @@ def copy_tree(dest):
         shutil.copy2(src, os.path.join(dest, rel))
 
 
+def loose_pattern(old):
+    """A regex for `old` that ignores layout, so an entry survives re-wrapping and re-indenting.
+
+    Whitespace at either end of `old` is dropped. Inside, a run of whitespace matches any run of whitespace,
+    none included, except between two word characters, where at least one is needed (`return x` must not
+    match `returnx`). Where `old` has no whitespace, the file may have some between two characters unless
+    both are word characters (one name or number is never split): `f(a, b)` matches it wrapped after `f(`.
+    The match is the span from the first to the last non-space character."""
+    pattern, prev, gap = "", None, False
+    for c in old.strip():
+        if c.isspace():
+            gap = True
+            continue
+        if prev is not None:
+            word = (prev.isalnum() or prev == "_") and (c.isalnum() or c == "_")
+            pattern += (r"\s+" if gap else "") if word else r"\s*"
+        pattern += re.escape(c)
+        prev, gap = c, False
+    return re.compile(pattern)
+
+
 def locate(text, m):
-    """Start offset of the text to replace, or a reason it is not applicable."""
-    count = text.count(m["old"])
+    """(start, end) of the text to replace, or None and a reason it is not applicable."""
+    if not m["old"].strip():
+        return None, "old text is empty"
+    spans = [hit.span() for hit in loose_pattern(m["old"]).finditer(text)]
+    count = len(spans)
     want = int(m.get("occurrence", 0) or 0)
     if count == 0:
         return None, "pattern not found"
     if want:
         if want > count:
             return None, f"occurrence {want} asked, pattern found {count} times"
-        start = -1
-        for _ in range(want):
-            start = text.index(m["old"], start + 1)
-        return start, None
+        return spans[want - 1], None
     if count > 1:
         return None, f"pattern found {count} times (set occurrence)"
-    return text.index(m["old"]), None
+    return spans[0], None
+
+
+def apply(text, m):
+    """text with m's bug in it, or None and a reason it is not applicable. `new` loses its end whitespace
+    as `old` does, so the file keeps its own indentation before the span and its layout after it."""
+    span, why = locate(text, m)
+    if span is None:
+        return None, why
+    return text[:span[0]] + m["new"].strip() + text[span[1]:], None
 
 
 def run_tests(workdir, tests, timeout, python):
@@ -175,10 +207,9 @@ def main():
                     return {**m, "result": "not-applicable", "why": "file not found", "seconds": 0.0}
                 with open(path) as f:
                     original = f.read()
-                start, why = locate(original, m)
-                if start is None:
+                mutated, why = apply(original, m)
+                if mutated is None:
                     return {**m, "result": "not-applicable", "why": why, "seconds": 0.0}
-                mutated = original[:start] + m["new"] + original[start + len(m["old"]):]
                 with open(path, "w") as f:
                     f.write(mutated)
                 try:
