@@ -4,6 +4,7 @@ tests it runs exist. A rewritten line that silently retired an entry (tools/muta
 not-applicable) fails here. Also the matching rules of tools/mutate.py themselves."""
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -101,3 +102,39 @@ def test_the_replacement_replaces_exactly_the_matched_span():
     span, _ = mutate.locate(text, entry("1 + 2", "1 - 2"))
     assert span == (4, 11)
     assert mutate.apply(text, entry("1 + 2", "1 - 2"))[0] == "x = 1 - 2  # sum\n"
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--jobs", "0"], "--jobs"), (["--jobs", "-1"], "--jobs"),
+    (["--timeout", "0"], "--timeout"), (["--timeout", "-5"], "--timeout"),
+    (["--python", "no/such/python"], "--python"),
+])
+def test_bad_flags_are_refused_in_one_line(flags, flag):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "mutate.py"), "--list", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} "), r.stderr
+
+
+def test_a_relative_python_becomes_absolute_but_stays_the_venvs(tmp_path, monkeypatch):
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    assert mutate.parse_args(["--python", "venv/bin/python"]).python == str(venv_python)   # the link, not its target
+
+
+def test_a_run_with_a_relative_python_works_from_another_folder(tmp_path):
+    """The tests run in a scratch copy of the tree: a relative --python must not be looked up there."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "list.txt").write_text(
+        "[empty-list-passes]\nfile: tests/test_mutation_list.py\n"
+        "old: assert names and len(set(names)) == len(names)\nnew: assert not names\noccurrence: 1\n"
+        "tests: tests/test_mutation_list.py -k names_are_unique\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "mutate.py"), "--mutations", "list.txt",
+                        "--python", "bin/python", "--no_baseline", "--jobs", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("killed ") and "killed 1" in r.stdout, r.stdout
