@@ -330,6 +330,45 @@ def stop_processes(procs, files=()):
         f.close()
 
 
+def argv(flags):
+    """{flag: value} -> argv: None and False leave the flag out, True writes it bare, a list or tuple
+    writes each item."""
+    out = []
+    for k, v in flags.items():
+        if v is None or v is False:
+            continue
+        out.append(k)
+        if v is not True:
+            out += [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+    return out
+
+
+def error_lines(err):
+    """The non-blank lines of a CLI's stderr."""
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def select_flags(w, sel, **over):
+    """select_data.py's flags for a small_world-like `w` (pool, a MICRO teacher file) into `sel`."""
+    flags = {"--data_imagenet": w.pool, "--teacher": MICRO, "--teacher_dir": w.teacher, "--num_select": 8,
+             "--selected_file": sel, "--workers": 0}
+    flags.update(over)
+    return flags
+
+
+def distill_flags(w, d, **over):
+    """DFND_DeiT-train.py's flags for `w` (as select_flags, plus its cifar): selection d/sel, output d/out."""
+    flags = {"--data_cifar": w.cifar, **select_flags(w, d / "sel"), "--output_dir": d / "out",
+             "--epochs": 1, "--batch_size": 8}
+    flags.update(over)
+    return flags
+
+
+def run_flags(script, flags):
+    """run_script_inprocess with a {flag: value} dict (see argv) -> exit code."""
+    return run_script_inprocess(script, *argv(flags))
+
+
 def run_script_inprocess(script, *args):
     """Run a CLI in this process exactly as `python script args` would (argparse, __main__ block,
     cli_main) and return its exit code: 0 when main returns, else SystemExit's code. Exceptions
@@ -380,6 +419,17 @@ def snapshot(*roots):
                 st = os.stat(p)
                 out[p] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def assert_nothing_written(before, after, folders):
+    """Between two snapshots only the requested output folders may appear (empty, or holding the run lock)."""
+    allowed = {os.fspath(f) for f in folders}
+    locks = {os.path.join(f, ".lock") for f in allowed}
+    new = set(after) - set(before)
+    assert new <= allowed | locks, sorted(new - allowed - locks)
+    assert not set(before) - set(after), "files were removed"
+    changed = [p for p in before if p in after and before[p] != after[p] and p not in locks]
+    assert not changed, changed
 
 
 # ---- slow reference versions of fast code (tests only) -------------------------------------
