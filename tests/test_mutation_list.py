@@ -74,7 +74,8 @@ def test_a_real_entry_survives_its_call_rewrapped_over_two_lines():
 
 
 def test_a_multiline_entry_keeps_the_files_indentation_before_it():
-    m = entry("        for b in blocks:\n            value += w", "        for b in blocks[:1]:\n            value += w")
+    m = entry("        for b in blocks:\n            value += w",
+              "        for b in blocks[:1]:\n            value += w")
     text = "def f():\n        for b in blocks:\n            value += w\n"
     mutated, why = mutate.apply(text, m)
     assert mutated == "def f():\n        for b in blocks[:1]:\n            value += w\n", why
