@@ -264,17 +264,16 @@ def micro_teacher(path):
 
 
 def test_probe_blocks_and_head_are_the_ones_scored(world, tmp_path, capsys):
-    from test_select import direct_scores
     sel = tmp_path / "sel"
     assert fx.run_flags(S, fx.select_flags(world, sel, **{"--probe_blocks": [1, 5], "--probe_head": 1,
                                                           "--no_report": True, "--attnprobe_sel": True})) == 0
-    expected = direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1, 5), head=1)
+    expected = fx.direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1, 5), head=1)
     for key in ("value_blk1", "value_blk5"):
         assert torch.allclose(torch.load(sel / f"{key}.pth", weights_only=True), expected[key], atol=1e-4), key
     assert not (sel / "value_blk3.pth").exists()
     # and head 1's, not head 0's (this micro teacher's rows are near-uniform: compare the distances)
     got = torch.load(sel / "value_blk1.pth", weights_only=True)
-    head0 = direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1,), head=0)["value_blk1"]
+    head0 = fx.direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1,), head=0)["value_blk1"]
     assert (got - expected["value_blk1"]).abs().max() < (got - head0).abs().max()
     value = 0.05 * (expected["value_blk1"] + expected["value_blk5"]) + 0.9 * expected["value_out"]
     chosen = torch.load(sel / "selection.pt", weights_only=True)["indices"]
