@@ -1,5 +1,6 @@
-"""Shared generators for tests: CIFAR-format pickles, wild image pools (good, odd and broken
-files), tiny teacher checkpoints, hostile checkpoints, and helpers to run the CLIs.
+"""Shared generators for tests: CIFAR-format pickles, IDX files, wild image pools (good, odd and
+broken files), tiny teacher checkpoints, hostile checkpoints, helpers to run the CLIs with flag dicts,
+and plain reference computations. Test modules import helpers from here, never from each other.
 
 Plain functions (no pytest fixtures), so any test module can `import fixtures` and build what
 it needs under its own tmp_path. Everything is seeded: same arguments, same bytes.
@@ -163,49 +164,92 @@ def write_pool(folder, n, size=40, seed=0, subfolders=4, odd=0, broken=0):
     return out
 
 
+def write_blob_pool(folder, n=24, size=32, seed=0):
+    """A pool of one smooth blob per image, PNG and JPEG alternating, in 3 folders class0..2, at the
+    teacher's size (no resize involved). Returns the sorted file paths (pool order)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        sub = os.path.join(folder, f"class{i % 3}")
+        os.makedirs(sub, exist_ok=True)
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.uniform(4, size - 4, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(10, 60))
+        arr = (blob[..., None] * rng.uniform(80, 255, 3) + rng.uniform(0, 40, 3)).clip(0, 255).astype(np.uint8)
+        path = os.path.join(sub, f"img{i:03d}." + ("jpg" if i % 2 else "png"))
+        Image.fromarray(arr).save(path, quality=95)
+        paths.append(path)
+    return sorted(paths, key=lambda p: os.path.relpath(p, folder))
+
+
 # ---- labelled data -----------------------------------------------------------------------
 
 def write_cifar(root, dataset="cifar10", n_train=10, n_test=20, seed=0, bytes_keys=True):
-    """Tiny CIFAR 'python version' pickles under root/cifar-10-batches-py (or cifar-100-python).
-    n_train images per training file (5 files for CIFAR-10), n_test in the test file.
-    bytes_keys=True writes b'data'-style keys like the official Python-2 pickles. Returns the pickle folder."""
+    """Tiny CIFAR 'python version' pickles under root/cifar-10-batches-py (or cifar-100-python), with the
+    official file names and keys (bytes keys like the Python-2 era pickles; bytes_keys=False for str).
+    n_train images per training file (5 files for CIFAR-10, 1 for CIFAR-100), n_test in the test file.
+    The first class names are the real ones (airplane; apple, aquarium_fish), the rest classN.
+    -> namespace: folder (the pickle folder), names (class names), files ({file name: (data, labels)})."""
+    from types import SimpleNamespace
     rng = np.random.default_rng(seed)
     ten = dataset == "cifar10"
     classes = 10 if ten else 100
     folder = os.path.join(os.fspath(root), "cifar-10-batches-py" if ten else "cifar-100-python")
     os.makedirs(folder, exist_ok=True)
     key = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
-    label_key = "labels" if ten else "fine_labels"
+    first = ["airplane"] if ten else ["apple", "aquarium_fish"]
+    names = first + [f"class{c}" for c in range(len(first), classes)]
+    files = {}
 
     def dump(name, obj):
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({key(k): v for k, v in obj.items()}, f, protocol=2)
+            pickle.dump({key(k): v for k, v in obj.items()}, f, protocol=2)   # Python-2 era files
 
-    def batch(n):
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                label_key: [int(v) for v in rng.integers(0, classes, n)]}
-    names = [f"class{c}".encode() for c in range(classes)]
+    def batch(name, n):
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, classes, n)]
+        files[name] = (x, np.array(y))
+        d = {"batch_label": b"batch", "labels" if ten else "fine_labels": y, "data": x, "filenames": [b"f.png"] * n}
+        if not ten:
+            d["coarse_labels"] = [v // 5 for v in y]
+        dump(name, d)
     if ten:
-        dump("batches.meta", {"label_names": names})
+        dump("batches.meta", {"label_names": [n.encode() for n in names], "num_vis": 3072})
         for i in range(1, 6):
-            dump(f"data_batch_{i}", batch(n_train))
-        dump("test_batch", batch(n_test))
+            batch(f"data_batch_{i}", n_train)
+        batch("test_batch", n_test)
     else:
-        dump("meta", {"fine_label_names": names})
-        dump("train", batch(n_train))
-        dump("test", batch(n_test))
-    return folder
+        dump("meta", {"fine_label_names": [n.encode() for n in names], "coarse_label_names": [b"x"] * 20})
+        batch("train", n_train)
+        batch("test", n_test)
+    return SimpleNamespace(folder=folder, names=names, files=files)
+
+
+def write_idx(root, prefix, images, labels, gz=False):
+    """MNIST-style IDX files root/{prefix}-images-idx3-ubyte and -labels-idx1-ubyte (.gz if gz)."""
+    import gzip
+    import struct
+    os.makedirs(root, exist_ok=True)
+    img = struct.pack(">BBBBIII", 0, 0, 8, 3, *images.shape) + images.tobytes()
+    lab = struct.pack(">BBBBI", 0, 0, 8, 1, len(labels)) + labels.astype(np.uint8).tobytes()
+    for name, blob in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
+        with open(os.path.join(root, name + (".gz" if gz else "")), "wb") as f:
+            f.write(gzip.compress(blob) if gz else blob)
 
 
 # ---- checkpoints ------------------------------------------------------------------------
 
-def write_teacher(path, name=TEACHER, num_classes=10, seed=0, wrap="model", **meta):
+def write_teacher(path, name=TEACHER, num_classes=10, seed=0, wrap="model", head_scale=None, **meta):
     """A randomly initialised registered model saved as {'model': state_dict} (the published
-    layout; wrap=None for a plain state dict). Returns the path."""
+    layout; wrap=None for a plain state dict). head_scale multiplies the head's weights: confident,
+    input-dependent logits, something for a student to learn. Returns the path."""
     import timm
     register_test_models()   # also imports models: the paper's names
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=num_classes)
+    if head_scale is not None:
+        with torch.no_grad():
+            model.head.weight.mul_(head_scale)
     sd = model.state_dict()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({wrap: sd, **meta} if wrap else sd, path)
@@ -330,6 +374,45 @@ def stop_processes(procs, files=()):
         f.close()
 
 
+def argv(flags):
+    """{flag: value} -> argv: None and False leave the flag out, True writes it bare, a list or tuple
+    writes each item."""
+    out = []
+    for k, v in flags.items():
+        if v is None or v is False:
+            continue
+        out.append(k)
+        if v is not True:
+            out += [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+    return out
+
+
+def error_lines(err):
+    """The non-blank lines of a CLI's stderr."""
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def select_flags(w, sel, **over):
+    """select_data.py's flags for a small_world-like `w` (pool, a MICRO teacher file) into `sel`."""
+    flags = {"--data_imagenet": w.pool, "--teacher": MICRO, "--teacher_dir": w.teacher, "--num_select": 8,
+             "--selected_file": sel, "--workers": 0}
+    flags.update(over)
+    return flags
+
+
+def distill_flags(w, d, **over):
+    """DFND_DeiT-train.py's flags for `w` (as select_flags, plus its cifar): selection d/sel, output d/out."""
+    flags = {"--data_cifar": w.cifar, **select_flags(w, d / "sel"), "--output_dir": d / "out",
+             "--epochs": 1, "--batch_size": 8}
+    flags.update(over)
+    return flags
+
+
+def run_flags(script, flags):
+    """run_script_inprocess with a {flag: value} dict (see argv) -> exit code."""
+    return run_script_inprocess(script, *argv(flags))
+
+
 def run_script_inprocess(script, *args):
     """Run a CLI in this process exactly as `python script args` would (argparse, __main__ block,
     cli_main) and return its exit code: 0 when main returns, else SystemExit's code. Exceptions
@@ -382,6 +465,17 @@ def snapshot(*roots):
     return out
 
 
+def assert_nothing_written(before, after, folders):
+    """Between two snapshots only the requested output folders may appear (empty, or holding the run lock)."""
+    allowed = {os.fspath(f) for f in folders}
+    locks = {os.path.join(f, ".lock") for f in allowed}
+    new = set(after) - set(before)
+    assert new <= allowed | locks, sorted(new - allowed - locks)
+    assert not set(before) - set(after), "files were removed"
+    changed = [p for p in before if p in after and before[p] != after[p] and p not in locks]
+    assert not changed, changed
+
+
 # ---- slow reference versions of fast code (tests only) -------------------------------------
 
 def random_crop_flip_reference(x, padding, dy, dx, flip):
@@ -394,6 +488,81 @@ def random_crop_flip_reference(x, padding, dy, dx, flip):
         c = p[:, int(dy[b]):int(dy[b]) + H, int(dx[b]):int(dx[b]) + W]
         out.append(c.flip(-1) if bool(flip[b]) else c)
     return torch.stack(out)
+
+
+def direct_scores(model, paths, blocks=(3, 7), head=0, resize=None):
+    """The score written out plainly: PIL -> tensor -> normalise (ImageNet mean/std); full attention from
+    hooked norm1 outputs. resize=s: the published wild-image transform, torchvision Resize((s, s)) first."""
+    import torch.nn.functional as F
+    from torchvision import transforms
+    steps = [transforms.Resize((resize, resize))] if resize else []
+    tf = transforms.Compose(steps + [transforms.ToTensor(),
+                                     transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    captured = {}
+    hooks = [model.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: captured.__setitem__(b, o))
+             for b in blocks]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    out = {"value_out": F.cross_entropy(logits, logits.argmax(1), reduction="none"), "pred_out": logits.argmax(1)}
+    for b in blocks:
+        attn = model.blocks[b].attn
+        B, N, C = captured[b].shape
+        with torch.no_grad():
+            qkv = attn.qkv(captured[b]).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (C // attn.num_heads) ** -0.5, dim=-1)
+        probe = a[:, head, 0, 1:]
+        out[f"value_blk{b}"] = F.cosine_similarity(probe, torch.full_like(probe, 1 / probe.shape[1]), dim=1)
+    return out
+
+
+def hand_accuracy(model, cifar_root, mean, std):
+    """Top-1 / top-5 accuracy (%) of `model` on the CIFAR-10 test pickle, computed here without our loaders."""
+    with open(os.path.join(cifar_root, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    x = torch.from_numpy(raw[b"data"]).view(-1, 3, 32, 32).float() / 255
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    y = torch.tensor(raw[b"labels"])
+    with torch.no_grad():
+        top = model.eval()(x).topk(5, dim=1).indices
+    return 100 * (top[:, 0] == y).float().mean().item(), 100 * (top == y[:, None]).any(1).float().mean().item()
+
+
+# ---- the fast paths (tests/test_fast_paths.py on the CPU, tests/test_cuda_paths.py on a GPU) -------
+
+FAST_MEAN, FAST_STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)   # not ImageNet's: a swapped pair would show
+
+
+def peaked_vit(depth=8, dim=64, heads=2, classes=10, seed=0):
+    """A small random ViT whose attention and logits are not flat, so scores and argmax mean something."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    m = VisionTransformer(img_size=32, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads,
+                          qkv_bias=True, num_classes=classes).eval().requires_grad_(False)
+    with torch.no_grad():
+        m.head.weight.mul_(5)
+        for blk in m.blocks:
+            blk.attn.qkv.weight[:2 * dim].mul_(4)   # sharper q·k
+    return m
+
+
+def uint8_images(n, seed=1, chans=3, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=g)
+
+
+def decode_crop_flip(out, size, padding):
+    """Recover (dy, dx, flip) per image from crops of an image whose pixel (r, c) holds r*size + c + 1."""
+    centre = size // 2
+    v0 = out[:, 0, centre, centre].long() - 1        # always inside the source image for padding <= size/4
+    v1 = out[:, 0, centre, centre + 1].long() - 1
+    r0, c0, c1 = v0 // size, v0 % size, v1 % size
+    flip = c1 < c0
+    dy = r0 - centre + padding
+    dx = torch.where(flip, c0 - (size - 1 - centre), c0 - centre) + padding
+    return dy, dx, flip
 
 
 # ---- the selection report ------------------------------------------------------------------

@@ -13,12 +13,12 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
+import fixtures as fx  # noqa: E402
 import process_cifar10  # noqa: E402
 import process_cifar100  # noqa: E402
 import process_mnist  # noqa: E402
 import process_move_file  # noqa: E402
 import process_tinyimagenet  # noqa: E402
-from test_data import write_cifar, write_idx  # noqa: E402
 
 
 def run_cli(script, *args):
@@ -52,7 +52,7 @@ def assert_single_error_line(proc, path):
 
 def test_cifar10_cli_round_trip_and_idempotent(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    write_cifar(src, "cifar10", n_train=30, n_test=10)
+    fx.write_cifar(src, "cifar10", n_train=6, n_test=10)
     proc = run_cli("process_cifar10.py", "--root", src, "--out", out)
     assert proc.returncode == 0, proc.stderr
     for split, train in (("train", True), ("val", False)):
@@ -75,7 +75,7 @@ def test_cifar10_cli_round_trip_and_idempotent(tmp_path):
 
 def test_cifar100_label_order_and_resume(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    write_cifar(src, "cifar100", n_train=300, n_test=20)
+    fx.write_cifar(src, "cifar100", n_train=300, n_test=20)
     run_main(process_cifar100, "--root", src / "cifar-100-python", "--out", out)
     folders = sorted(os.listdir(out / "train"))
     assert len(folders) == 100 and folders[:2] == ["000_apple", "001_aquarium_fish"]
@@ -101,7 +101,7 @@ def test_cifar100_label_order_and_resume(tmp_path):
 
 
 def test_cifar_missing_file_exit_2(tmp_path):
-    write_cifar(tmp_path, "cifar10")
+    fx.write_cifar(tmp_path, "cifar10")
     missing = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
     os.remove(missing)
     proc = run_cli("process_cifar10.py", "--root", tmp_path, "--out", tmp_path / "out")
@@ -115,8 +115,8 @@ def test_mnist_converter_fashion_names(tmp_path, capsys):
     rng = np.random.default_rng(0)
     xtr, ytr = rng.integers(0, 256, (25, 28, 28), dtype=np.uint8), np.arange(25) % 10
     xte, yte = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12)[::-1] % 10
-    write_idx(tmp_path / "idx", "train", xtr, ytr, gz=True)
-    write_idx(tmp_path / "idx", "t10k", xte, yte, gz=False)
+    fx.write_idx(tmp_path / "idx", "train", xtr, ytr, gz=True)
+    fx.write_idx(tmp_path / "idx", "t10k", xte, yte, gz=False)
     out = tmp_path / "out"
     run_main(process_mnist, "--root", tmp_path / "idx", "--out", out, "--names", "fashion")
     assert sorted(os.listdir(out / "val"))[0] == "00_T-shirt-top"

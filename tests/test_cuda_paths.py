@@ -17,13 +17,14 @@ sys.path.insert(0, REPO)
 import data  # noqa: E402
 import distill  # noqa: E402
 import engine  # noqa: E402
+import fixtures  # noqa: E402
 import models  # noqa: E402
 import scoring  # noqa: E402
 import select_data  # noqa: E402
 from attention_probe import FEATURE_BLOCKS, WithFeatures  # noqa: E402
 from losses import LossConfig, NoiseAdaptation  # noqa: E402
-from test_fast_paths import MEAN, STD, decode_crop_flip, peaked_vit, uint8_images  # noqa: E402
 
+MEAN, STD = fixtures.FAST_MEAN, fixtures.FAST_STD
 DEVICE = os.environ.get("AP_TEST_DEVICE", "cuda")
 CUDA = DEVICE.startswith("cuda")
 pytestmark = pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="no CUDA")
@@ -38,8 +39,8 @@ def fresh_dynamo():
 
 
 def test_bf16_scores_agree_with_fp32_on_device():
-    model = peaked_vit().to(DEVICE)
-    images = uint8_images(256).to(DEVICE)
+    model = fixtures.peaked_vit().to(DEVICE)
+    images = fixtures.uint8_images(256).to(DEVICE)
     fp32 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0)
     bf16 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
     assert bf16["value_out"].device.type == torch.device(DEVICE).type
@@ -52,8 +53,8 @@ def test_bf16_scores_agree_with_fp32_on_device():
 
 
 def test_compiled_scorer_matches_eager_on_device():
-    model = peaked_vit(depth=3, dim=32).to(DEVICE)
-    images = uint8_images(64).to(DEVICE)
+    model = fixtures.peaked_vit(depth=3, dim=32).to(DEVICE)
+    images = fixtures.uint8_images(64).to(DEVICE)
     eager = scoring.score_images(model, images, MEAN, STD, (1, 2), 0)
     backend = "inductor" if CUDA else "aot_eager"   # inductor's C++ build takes minutes on a shared CPU
     compiled = torch.compile(scoring.score_images, backend=backend, dynamic=False)
@@ -81,7 +82,7 @@ def _distill_steps(compiled, steps=3, seed=0):
     augment.seed(seed, torch.device(DEVICE))
     losses = []
     for step in range(steps):
-        x = augment(uint8_images(16, seed=10 + step).to(DEVICE))
+        x = augment(fixtures.uint8_images(16, seed=10 + step).to(DEVICE))
         out = distill.distill_step(x, teacher_net, student_net, noise, LossConfig(patchattn=0.8))
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -114,7 +115,7 @@ def test_crop_flip_statistics_on_device():
     g = torch.Generator(device=DEVICE).manual_seed(0)
     out = data.random_crop_flip(images, padding, g)
     assert out.device.type == torch.device(DEVICE).type
-    dy, dx, flip = (t.cpu() for t in decode_crop_flip(out, size, padding))
+    dy, dx, flip = (t.cpu() for t in fixtures.decode_crop_flip(out, size, padding))
     # the device's draws give the same output as the CPU gather with those parameters
     assert torch.equal(out.cpu(), data.apply_crop_flip(images.cpu(), padding, dy, dx, flip))
     k = 2 * padding + 1

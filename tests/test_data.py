@@ -1,8 +1,6 @@
-"""data.py on files generated here in the real on-disk formats (CIFAR pickles, IDX, ImageFolder)."""
-import gzip
+"""data.py on files generated in the real on-disk formats (CIFAR pickles, IDX: tests/fixtures.py; ImageFolder)."""
 import os
 import pickle
-import struct
 import sys
 
 import numpy as np
@@ -14,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data  # noqa: E402
-import fixtures  # noqa: E402
+import fixtures as fx  # noqa: E402
 from utils import InputError  # noqa: E402
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -22,56 +20,15 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 # --------------------------------------------------------------------------- generators
 
-def write_cifar(root, dataset, n_train=20, n_test=10, seed=0):
-    """Write pickles with the real file names and bytes keys; return the arrays written."""
-    rng = np.random.default_rng(seed)
-    k = 10 if dataset == "cifar10" else 100
-    folder = os.path.join(root, "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python")
-    os.makedirs(folder, exist_ok=True)
-    label_key = b"labels" if dataset == "cifar10" else b"fine_labels"
-    names = [f"class{i}" for i in range(k)]
-    if dataset == "cifar10":
-        names[0] = "airplane"
-        files = [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]
-        meta = ("batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
-    else:
-        names[0], names[1] = "apple", "aquarium_fish"
-        files = [("train", n_train), ("test", n_test)]
-        meta = ("meta", {b"fine_label_names": [n.encode() for n in names],
-                         b"coarse_label_names": [b"x"] * 20})
-    out = {}
-    for name, n in files:
-        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        y = [int(v) for v in rng.integers(0, k, n)]
-        d = {b"batch_label": b"batch", label_key: y, b"data": x, b"filenames": [b"f.png"] * n}
-        if dataset == "cifar100":
-            d[b"coarse_labels"] = [v // 5 for v in y]
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(d, f, protocol=2)  # the real files are Python-2 era pickles
-        out[name] = (x, np.array(y))
-    with open(os.path.join(folder, meta[0]), "wb") as f:
-        pickle.dump(meta[1], f)
-    return out, names
-
-
-def cifar_expected(written, train, dataset):
+def cifar_expected(files, train, dataset):
+    """The images and labels fixtures.write_cifar wrote into the train or test split."""
     if dataset == "cifar10":
         keys = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     else:
         keys = ["train"] if train else ["test"]
-    x = np.concatenate([written[k][0] for k in keys])
-    y = np.concatenate([written[k][1] for k in keys])
+    x = np.concatenate([files[k][0] for k in keys])
+    y = np.concatenate([files[k][1] for k in keys])
     return x, y
-
-
-def write_idx(root, prefix, images, labels, gz=False):
-    os.makedirs(root, exist_ok=True)
-    img = struct.pack(">BBBBIII", 0, 0, 8, 3, *images.shape) + images.tobytes()
-    lab = struct.pack(">BBBBI", 0, 0, 8, 1, len(labels)) + labels.astype(np.uint8).tobytes()
-    for name, blob in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
-        path = os.path.join(root, name + (".gz" if gz else ""))
-        with open(path, "wb") as f:
-            f.write(gzip.compress(blob) if gz else blob)
 
 
 def make_folder(root, names, per_class=2, size=(8, 6), mode="RGB", ext=".png"):
@@ -88,9 +45,10 @@ def make_folder(root, names, per_class=2, size=(8, 6), mode="RGB", ext=".png"):
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_read_cifar_layout_and_roots(tmp_path, dataset):
-    written, names = write_cifar(tmp_path, dataset)
+    cifar = fx.write_cifar(tmp_path, dataset, n_train=4, n_test=10)
+    names = cifar.names
     for train in (True, False):
-        x, y = cifar_expected(written, train, dataset)
+        x, y = cifar_expected(cifar.files, train, dataset)
         imgs, labels, classes = data.read_cifar(tmp_path, dataset, train)
         assert imgs.dtype == np.uint8 and imgs.shape == (len(x), 32, 32, 3)
         assert labels.dtype == np.int64 and np.array_equal(labels, y)
@@ -104,7 +62,7 @@ def test_read_cifar_layout_and_roots(tmp_path, dataset):
 
 
 def test_read_cifar_missing_names_path(tmp_path):
-    write_cifar(tmp_path, "cifar10")
+    fx.write_cifar(tmp_path, "cifar10", n_train=4, n_test=10)
     missing = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_3")
     os.remove(missing)
     with pytest.raises(InputError, match=missing):
@@ -114,7 +72,7 @@ def test_read_cifar_missing_names_path(tmp_path):
 
 
 def test_read_cifar_refuses_foreign_pickle(tmp_path):
-    write_cifar(tmp_path, "cifar10")
+    fx.write_cifar(tmp_path, "cifar10", n_train=4, n_test=10)
     path = os.path.join(tmp_path, "cifar-10-batches-py", "test_batch")
     with open(path, "wb") as f:
         pickle.dump({b"data": os.getcwd}, f)  # a global outside the numpy allow-list
@@ -123,8 +81,9 @@ def test_read_cifar_refuses_foreign_pickle(tmp_path):
 
 
 def test_load_labelled_cifar_pickles(tmp_path):
-    written, names = write_cifar(tmp_path, "cifar10")
-    x, y = cifar_expected(written, False, "cifar10")
+    cifar = fx.write_cifar(tmp_path, "cifar10", n_train=4, n_test=10)
+    names = cifar.names
+    x, y = cifar_expected(cifar.files, False, "cifar10")
     ds = data.load_labelled("cifar10", tmp_path, "val", 32, 3)
     assert isinstance(ds, data.ArrayDataset) and len(ds) == len(y)
     assert ds.num_classes == 10 and ds.classes == names
@@ -142,8 +101,8 @@ def test_read_idx(tmp_path, gz):
     rng = np.random.default_rng(0)
     xtr, ytr = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), rng.integers(0, 10, 7)
     xte, yte = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), rng.integers(0, 10, 3)
-    write_idx(tmp_path, "train", xtr, ytr, gz)
-    write_idx(tmp_path, "t10k", xte, yte, gz)
+    fx.write_idx(tmp_path, "train", xtr, ytr, gz)
+    fx.write_idx(tmp_path, "t10k", xte, yte, gz)
     imgs, labels = data.read_idx(tmp_path, True)
     assert imgs.shape == (7, 28, 28, 1) and imgs.dtype == np.uint8 and labels.dtype == np.int64
     assert np.array_equal(imgs[..., 0], xtr) and np.array_equal(labels, ytr)
@@ -156,7 +115,7 @@ def test_read_idx(tmp_path, gz):
 
 def test_read_idx_bad_files(tmp_path):
     x, y = np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64)
-    write_idx(tmp_path, "train", x, y)
+    fx.write_idx(tmp_path, "train", x, y)
     img = os.path.join(tmp_path, "train-images-idx3-ubyte")
     blob = open(img, "rb").read()
     open(img, "wb").write(b"\x00\x00\x08\x01" + blob[4:])  # labels magic on an image file
@@ -165,9 +124,9 @@ def test_read_idx_bad_files(tmp_path):
     open(img, "wb").write(blob[:-5])  # truncated body
     with pytest.raises(InputError, match="header says"):
         data.read_idx(tmp_path, True)
-    write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8), y)
+    fx.write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8), y)
     os.remove(os.path.join(tmp_path, "train-labels-idx1-ubyte"))
-    write_idx(os.path.join(tmp_path, "x"), "train", x, y)
+    fx.write_idx(os.path.join(tmp_path, "x"), "train", x, y)
     os.replace(os.path.join(tmp_path, "x", "train-labels-idx1-ubyte"),
                os.path.join(tmp_path, "train-labels-idx1-ubyte"))
     with pytest.raises(InputError, match="3 images but .* 2 labels"):
@@ -272,7 +231,7 @@ def test_crop_flip_matches_reference():
         dy, dx, flip = data.draw_crop_flip(64, padding, generator=g)
         out = data.apply_crop_flip(x, padding, dy, dx, flip)
         assert out.dtype == torch.uint8 and out.shape == x.shape
-        assert torch.equal(out, fixtures.random_crop_flip_reference(x, padding, dy, dx, flip))
+        assert torch.equal(out, fx.random_crop_flip_reference(x, padding, dy, dx, flip))
         assert torch.equal(out, data.apply_crop_flip(x, padding, dy.int(), dx.int(), flip.to(torch.uint8)))
 
 

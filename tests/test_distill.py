@@ -1,7 +1,6 @@
 """DFND_DeiT-train.py end to end on generated CIFAR-format data: select -> distill -> checkpoints, log, resume."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -11,34 +10,8 @@ import timm
 import torch
 
 import fixtures as fx
-from test_select import make_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_cifar10(root, n_train=50, n_test=40, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
-
-    def batch(n):
-        return {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                b"labels": [int(v) for v in rng.integers(0, 10, n)]}
-    for k in range(1, 6):
-        with open(os.path.join(folder, f"data_batch_{k}"), "wb") as f:
-            pickle.dump(batch(n_train // 5), f)
-    with open(os.path.join(folder, "test_batch"), "wb") as f:
-        pickle.dump(batch(n_test), f)
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-
-
-def save_tiny_teacher(path, seed=0, num_classes=10):
-    torch.manual_seed(seed)
-    model = timm.create_model("deit_tiny_patch4_32_teacher", num_classes=num_classes)
-    with torch.no_grad():   # confident, input-dependent logits: something for the student to learn
-        model.head.weight.mul_(40)
-    torch.save({"model": model.state_dict(), "acc1": 91.0}, path)
 
 
 def train_cmd(tmp, *extra, launcher=(sys.executable,)):
@@ -52,9 +25,9 @@ def train_cmd(tmp, *extra, launcher=(sys.executable,)):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    make_pool(tmp / "pool", n=48)
-    make_cifar10(tmp / "cifar")
-    save_tiny_teacher(tmp / "teacher.pth")
+    fx.write_blob_pool(tmp / "pool", n=48)
+    fx.write_cifar(tmp / "cifar", n_train=10, n_test=40)
+    fx.write_teacher(tmp / "teacher.pth", fx.TEACHER, head_scale=40, acc1=91.0)
     return tmp
 
 
@@ -109,20 +82,8 @@ def test_eval_only_reads_dataparallel_checkpoint(world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n"] == 40 and result["student"] == "deit_tiny_patch4_32"
-    acc1, acc5 = hand_accuracy(student, world / "cifar", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    acc1, acc5 = fx.hand_accuracy(student, world / "cifar", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert (result["acc1"], result["acc5"]) == (pytest.approx(acc1), pytest.approx(acc5))
-
-
-def hand_accuracy(model, cifar_root, mean, std):
-    """Top-1 / top-5 accuracy (%) of `model` on the CIFAR-10 test pickle, computed here without our loaders."""
-    with open(os.path.join(cifar_root, "cifar-10-batches-py", "test_batch"), "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
-    x = torch.from_numpy(raw[b"data"]).view(-1, 3, 32, 32).float() / 255
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    y = torch.tensor(raw[b"labels"])
-    with torch.no_grad():
-        top = model.eval()(x).topk(5, dim=1).indices
-    return 100 * (top[:, 0] == y).float().mean().item(), 100 * (top == y[:, None]).any(1).float().mean().item()
 
 
 def test_published_readme_command(world):
@@ -223,7 +184,7 @@ def test_224px_pipeline_with_pos_num(tmp_path):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--root", str(tmp_path / "tiny")],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-    make_pool(tmp_path / "pool", n=10, size=80)
+    fx.write_blob_pool(tmp_path / "pool", n=10, size=80)
     torch.manual_seed(0)
     torch.save({"model": timm.create_model("deit_tiny_patch16_224", num_classes=3).state_dict()},
                tmp_path / "teacher.pth")

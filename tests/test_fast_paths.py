@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -24,32 +23,15 @@ import select_data  # noqa: E402
 from attention_probe import FEATURE_BLOCKS, WithFeatures  # noqa: E402
 from losses import LossConfig, NoiseAdaptation  # noqa: E402
 
-MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
+MEAN, STD = fixtures.FAST_MEAN, fixtures.FAST_STD
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def peaked_vit(depth=8, dim=64, heads=2, classes=10, seed=0):
-    """A small random ViT whose attention and logits are not flat, so scores and argmax mean something."""
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=32, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads,
-                          qkv_bias=True, num_classes=classes).eval().requires_grad_(False)
-    with torch.no_grad():
-        m.head.weight.mul_(5)
-        for blk in m.blocks:
-            blk.attn.qkv.weight[:2 * dim].mul_(4)   # sharper q·k
-    return m
-
-
-def uint8_images(n, seed=1, chans=3, size=32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=g)
 
 
 # ---- (i) bf16 scoring agrees with fp32 ----------------------------------------------------------
 
 def test_bf16_scores_agree_with_fp32():
-    model = peaked_vit()
-    images = uint8_images(64)
+    model = fixtures.peaked_vit()
+    images = fixtures.uint8_images(64)
     fp32 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0)
     bf16 = scoring.score_images(model, images, MEAN, STD, (3, 7), 0, amp_dtype=torch.bfloat16)
     assert not torch.equal(fp32["value_out"], bf16["value_out"]), "autocast had no effect: bf16 not exercised"
@@ -70,7 +52,7 @@ def test_bf16_scores_agree_with_fp32():
 def test_published_reenactment_matches_one_pass(name, head):
     torch.manual_seed(0)
     teacher = models.create(name, 100).eval().requires_grad_(False)
-    images = uint8_images(4 if "base" in name else 8)
+    images = fixtures.uint8_images(4 if "base" in name else 8)
     # our default probe blocks against the re-enactment's own (3, 7)
     ours = scoring.score_images(teacher, images, MEAN, STD, select_data.get_args_parser().get_default(
         "probe_blocks"), head)
@@ -95,7 +77,7 @@ def test_published_training_loss_matches_ours():
     with torch.no_grad():
         noise.theta.normal_()
         published_noise.theta.copy_(noise.theta)
-    x = data.normalize(uint8_images(6), MEAN, STD)
+    x = data.normalize(fixtures.uint8_images(6), MEAN, STD)
     blocks = FEATURE_BLOCKS
     patchattn = distill.get_args_parser().get_default("patchattn")
     ours = distill.distill_step(x, WithFeatures(teacher, blocks), WithFeatures(student, blocks), noise,
@@ -114,24 +96,12 @@ def test_each_distill_step_begins_a_cuda_graph_step(monkeypatch):
     teacher = WithFeatures(models.create("deit_tiny_patch4_32_teacher", 10).eval(), FEATURE_BLOCKS)
     student = WithFeatures(models.create("deit_tiny_patch4_32", 10), FEATURE_BLOCKS)
     traced_teacher = lambda x: (calls.append("teacher"), teacher(x))[1]   # noqa: E731
-    x = data.normalize(uint8_images(2), MEAN, STD)
+    x = data.normalize(fixtures.uint8_images(2), MEAN, STD)
     for _ in range(2):
         distill.distill_step(x, traced_teacher, student, NoiseAdaptation(10, 0.9), LossConfig(patchattn=0.8))
     assert calls == ["mark", "teacher"] * 2
 
 # ---- (iii) per-image random crop + flip -----------------------------------------------------------
-
-def decode_crop_flip(out, size, padding):
-    """Recover (dy, dx, flip) per image from crops of an image whose pixel (r, c) holds r*size + c + 1."""
-    centre = size // 2
-    v0 = out[:, 0, centre, centre].long() - 1        # always inside the source image for padding <= size/4
-    v1 = out[:, 0, centre, centre + 1].long() - 1
-    r0, c0, c1 = v0 // size, v0 % size, v1 % size
-    flip = c1 < c0
-    dy = r0 - centre + padding
-    dx = torch.where(flip, c0 - (size - 1 - centre), c0 - centre) + padding
-    return dy, dx, flip
-
 
 def test_random_crop_flip_statistics():
     size, padding, n = 8, 2, 20000
@@ -139,7 +109,7 @@ def test_random_crop_flip_statistics():
     images = src.expand(n, 1, size, size).contiguous()                 # (n, 1, 8, 8), all the same image
     g = torch.Generator().manual_seed(0)
     out = data.random_crop_flip(images, padding, g)
-    dy, dx, flip = decode_crop_flip(out, size, padding)
+    dy, dx, flip = fixtures.decode_crop_flip(out, size, padding)
     # the decoded parameters reproduce every output exactly (so the statistics below are real)
     assert torch.equal(out, fixtures.random_crop_flip_reference(images, padding, dy, dx, flip))
     k = 2 * padding + 1
@@ -159,7 +129,7 @@ def test_random_crop_flip_statistics():
 
 
 def test_random_crop_flip_follows_the_generator():
-    images = uint8_images(64, chans=3, size=16)
+    images = fixtures.uint8_images(64, chans=3, size=16)
     a = data.random_crop_flip(images, 2, torch.Generator().manual_seed(5))
     b = data.random_crop_flip(images, 2, torch.Generator().manual_seed(5))
     c = data.random_crop_flip(images, 2, torch.Generator().manual_seed(6))
@@ -171,8 +141,8 @@ def test_random_crop_flip_follows_the_generator():
 def _compiled_matches_eager(backend):
     import torch._dynamo
     torch._dynamo.reset()
-    model = peaked_vit(depth=3, dim=32)    # 3 blocks keep tracing short; which blocks are probed does not matter
-    images = uint8_images(4)
+    model = fixtures.peaked_vit(depth=3, dim=32)    # 3 blocks keep tracing short; which blocks are probed does not matter
+    images = fixtures.uint8_images(4)
     eager = scoring.score_images(model, images, MEAN, STD, (1, 2), 0)
     compiled = torch.compile(scoring.score_images, backend=backend, fullgraph=True, dynamic=False)
     out = compiled(model, images, MEAN, STD, (1, 2), 0)   # fullgraph: any graph break is an error

@@ -18,7 +18,6 @@ import flags
 import scoring
 from flag_table import D, EFFECTS, OUTSIDE, PARSERS, REFUSED, S, T, declared_effects, typed_refusals
 from selection import select_indices
-from test_robustness import argv, assert_nothing_written, distill_flags, error_lines, run, select_flags
 
 fx.register_test_models()
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -34,7 +33,7 @@ def world(tmp_path_factory):
     fx.write_pool(w.pool_b, 40, size=32, seed=1)
     w.teacher = fx.write_teacher(base / "micro.pth", name=fx.MICRO)
     for name, pool in (("scored", w.pool), ("scored_b", w.pool_b)):
-        assert run(S, select_flags(w, base / name, **{"--data_imagenet": pool, "--no_report": True})) == 0
+        assert fx.run_flags(S, fx.select_flags(w, base / name, **{"--data_imagenet": pool, "--no_report": True})) == 0
     w.sel_a, w.sel_b = base / "scored" / "selection.pt", base / "scored_b" / "selection.pt"
     return w
 
@@ -66,7 +65,7 @@ def base_command(script, row, w, d):
         return teacher_flags(w, d)
     if script == D and "--eval_only" in row:   # it takes no training flags
         return {"--data_cifar": w.cifar, "--workers": 0}
-    return select_flags(w, d / "sel") if script == S else distill_flags(w, d)
+    return fx.select_flags(w, d / "sel") if script == S else fx.distill_flags(w, d)
 
 
 CASES = [(script, row) for row in REFUSED for script in row.scripts]
@@ -78,15 +77,15 @@ def test_refused_before_anything_is_written(script, row, world, tmp_path, capsys
     command = {**base_command(script, over, world, tmp_path), **over}
     before = fx.snapshot(world.base, tmp_path)
     capsys.readouterr()
-    rc = run(script, command)
+    rc = fx.run_flags(script, command)
     out, err = capsys.readouterr()
-    lines = error_lines(err)
+    lines = fx.error_lines(err)
     assert rc == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert row.argv[0] in lines[0] and row.says in lines[0], lines[0]
     assert "Traceback" not in out + err
-    assert_nothing_written(before, fx.snapshot(world.base, tmp_path),
-                           [tmp_path / "sel", tmp_path / "out", tmp_path / "teacher"])
+    fx.assert_nothing_written(before, fx.snapshot(world.base, tmp_path),
+                              [tmp_path / "sel", tmp_path / "out", tmp_path / "teacher"])
 
 
 def test_every_flag_has_a_row_and_every_effect_a_test():
@@ -166,8 +165,8 @@ def test_random_per_class_caps_each_class_at_random_and_fills_at_random():
 def test_random_per_class_from_the_command_line_is_recorded_and_holds(world, tmp_path, capsys):
     sel = tmp_path / "sel"
     shutil.copytree(world.base / "scored", sel)
-    assert run(S, select_flags(world, sel, **{"--random": True, "--per_class": 1, "--num_select": 8,
-                                               "--no_report": True})) == 0
+    assert fx.run_flags(S, fx.select_flags(world, sel, **{"--random": True, "--per_class": 1, "--num_select": 8,
+                                                          "--no_report": True})) == 0
     record = torch.load(sel / "selection.pt", weights_only=True)
     pred = torch.load(sel / "pred_out.pth", weights_only=True)
     counts = torch.bincount(pred[record["indices"]], minlength=10)
@@ -194,10 +193,10 @@ def test_scores_missing_an_image_are_never_marked_complete(tmp_path):
 def test_a_rerun_after_a_late_refusal_selects_as_a_fresh_run(world, tmp_path, capsys):
     """A refusal that needs the teacher (a probe head it lacks) leaves only the empty folder; the corrected
     command then runs and selects exactly what a run in a fresh folder selects."""
-    flags_ = select_flags(world, tmp_path / "sel", **{"--no_report": True})
-    assert run(S, {**flags_, "--probe_head": 2}) == 2
+    flags_ = fx.select_flags(world, tmp_path / "sel", **{"--no_report": True})
+    assert fx.run_flags(S, {**flags_, "--probe_head": 2}) == 2
     assert sorted(os.listdir(tmp_path / "sel")) in ([], [".lock"])
-    assert run(S, flags_) == 0
+    assert fx.run_flags(S, flags_) == 0
     fresh = torch.load(world.sel_a, weights_only=True)
     assert torch.equal(torch.load(tmp_path / "sel" / "selection.pt", weights_only=True)["indices"], fresh["indices"])
 
@@ -217,7 +216,7 @@ def test_under_torchrun_only_rank_0_prints_a_parser_refusal(monkeypatch, capsys)
         with pytest.raises(SystemExit) as e:
             distill.get_args_parser().parse_args(["--holdout", "0.7"])
         assert e.value.code == 2
-        assert len(error_lines(capsys.readouterr().err)) == lines
+        assert len(fx.error_lines(capsys.readouterr().err)) == lines
 
 
 def test_a_flag_at_its_default_is_not_refused_beside_the_flag_it_needs():
@@ -246,12 +245,12 @@ def test_compile_compiles_the_model_passes(script, world, tmp_path, monkeypatch,
     if script == T:
         command = teacher_flags(world, tmp_path)
     else:
-        command = select_flags(world, tmp_path / "sel", **{"--no_report": True})
+        command = fx.select_flags(world, tmp_path / "sel", **{"--no_report": True})
         if script == D:
-            command = distill_flags(world, tmp_path, **command)
-    assert run(script, command) == 0 and compiled == []
-    assert run(script, {**command, "--compile": True, "--resume": "no" if script != S else None,
-                        "--force": script != T or None}) == 0
+            command = fx.distill_flags(world, tmp_path, **command)
+    assert fx.run_flags(script, command) == 0 and compiled == []
+    assert fx.run_flags(script, {**command, "--compile": True, "--resume": "no" if script != S else None,
+                                 "--force": script != T or None}) == 0
     expected = {S: ["score_images"], D: ["score_images", "WithFeatures", "WithFeatures"],
                 T: ["VisionTransformer"]}[script]
     assert sorted(compiled) == sorted(expected)
@@ -261,12 +260,13 @@ def test_store_signals_stores_every_signal_and_a_later_rule_does_not_rescore(wor
     import signals
     sel = tmp_path / "sel"
     shutil.copytree(world.base / "scored", sel)
-    assert run(S, select_flags(world, sel, **{"--store_signals": True, "--no_report": True})) == 0
+    assert fx.run_flags(S, fx.select_flags(world, sel, **{"--store_signals": True, "--no_report": True})) == 0
     assert "scoring again to store them" in capsys.readouterr().out
     stored = {f"sig_{name}.pth" for name in signals.SIGNALS if name not in signals.FLIP_SIGNALS}
     assert stored <= set(os.listdir(sel))
     mtime = os.path.getmtime(sel / "value_out.pth")
-    assert run(S, select_flags(world, sel, **{"--rule": "confidence+tok_norm_b2", "--no_report": True})) == 0
+    rule = {"--rule": "confidence+tok_norm_b2", "--no_report": True}
+    assert fx.run_flags(S, fx.select_flags(world, sel, **rule)) == 0
     assert os.path.getmtime(sel / "value_out.pth") == mtime
 
 
@@ -283,17 +283,16 @@ def micro_teacher(path):
 
 
 def test_probe_blocks_and_head_are_the_ones_scored(world, tmp_path, capsys):
-    from test_select import direct_scores
     sel = tmp_path / "sel"
-    assert run(S, select_flags(world, sel, **{"--probe_blocks": [1, 5], "--probe_head": 1, "--no_report": True,
-                                               "--attnprobe_sel": True})) == 0
-    expected = direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1, 5), head=1)
+    assert fx.run_flags(S, fx.select_flags(world, sel, **{"--probe_blocks": [1, 5], "--probe_head": 1,
+                                                          "--no_report": True, "--attnprobe_sel": True})) == 0
+    expected = fx.direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1, 5), head=1)
     for key in ("value_blk1", "value_blk5"):
         assert torch.allclose(torch.load(sel / f"{key}.pth", weights_only=True), expected[key], atol=1e-4), key
     assert not (sel / "value_blk3.pth").exists()
     # and head 1's, not head 0's (this micro teacher's rows are near-uniform: compare the distances)
     got = torch.load(sel / "value_blk1.pth", weights_only=True)
-    head0 = direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1,), head=0)["value_blk1"]
+    head0 = fx.direct_scores(micro_teacher(world.teacher), pool_paths(world.pool), blocks=(1,), head=0)["value_blk1"]
     assert (got - expected["value_blk1"]).abs().max() < (got - head0).abs().max()
     value = 0.05 * (expected["value_blk1"] + expected["value_blk5"]) + 0.9 * expected["value_out"]
     chosen = torch.load(sel / "selection.pt", weights_only=True)["indices"]
@@ -305,8 +304,8 @@ def test_probe_weights_rank_the_pool(attnlier, outlier, world, tmp_path, capsys)
     """--attnlier and --outlier are the weights of value = attnlier · Σ_b value_blk{b} + outlier · value_out."""
     sel = tmp_path / "sel"
     shutil.copytree(world.base / "scored", sel)
-    assert run(S, select_flags(world, sel, **{"--attnprobe_sel": True, "--attnlier": attnlier,
-                                               "--outlier": outlier, "--no_report": True})) == 0
+    assert fx.run_flags(S, fx.select_flags(world, sel, **{"--attnprobe_sel": True, "--attnlier": attnlier,
+                                                          "--outlier": outlier, "--no_report": True})) == 0
     s = {k: torch.load(sel / f"{k}.pth", weights_only=True).double() for k in ("value_out", "value_blk3", "value_blk7")}
     value = attnlier * (s["value_blk3"] + s["value_blk7"]) + outlier * s["value_out"]
     chosen = torch.load(sel / "selection.pt", weights_only=True)["indices"]
@@ -320,7 +319,7 @@ def test_no_cache_builds_no_cache_and_scores_the_same(world, tmp_path, capsys):
     --score_batch_size (or its old spelling --batch_size)."""
     for name, extra in (("a", {"--no_cache": True, "--score_batch_size": 7}), ("b", {"--batch_size": 3})):
         sel = tmp_path / name
-        assert run(S, select_flags(world, sel, **{"--no_report": True, **extra})) == 0
+        assert fx.run_flags(S, fx.select_flags(world, sel, **{"--no_report": True, **extra})) == 0
         assert not any(n.startswith("pool_cache") for n in os.listdir(sel)) or name == "b"
         for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):
             got = torch.load(sel / f"{key}.pth", weights_only=True)

@@ -12,7 +12,6 @@ import fixtures as fx
 import models
 import select_data
 import settings
-from test_robustness import argv, distill_flags, run, select_flags
 
 S, D = "select_data.py", "DFND_DeiT-train.py"
 fx.register_test_models()
@@ -28,8 +27,8 @@ def world(tmp_path_factory):
 
 def test_run_selection_returns_what_it_writes(world, tmp_path):
     """The Selection handed to stage 2 is the one in selection.pt / selected.txt / class_weights.pth."""
-    args = select_data.get_args_parser().parse_args(argv(select_flags(world, tmp_path / "sel",
-                                                                      **{"--attnprobe_sel": True})))
+    args = select_data.get_args_parser().parse_args(fx.argv(fx.select_flags(world, tmp_path / "sel",
+                                                                            **{"--attnprobe_sel": True})))
     s = settings.resolve_select_settings(args, torch.device("cpu"))
     teacher = select_data.load_teacher(s, torch.device("cpu"))
     assert isinstance(teacher, models.Teacher) and teacher.num_classes == 10
@@ -51,7 +50,7 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     """--selection_file --robust: the class weights are those of the file's images, never the
     class_weights.pth of whatever selection was written into --selected_file before."""
     sel_dir = tmp_path / "sel"
-    assert run(S, select_flags(world, sel_dir)) == 0                  # selection X + its class_weights.pth
+    assert fx.run_flags(S, fx.select_flags(world, sel_dir)) == 0                  # selection X + its class_weights.pth
     stale = torch.load(sel_dir / "class_weights.pth", weights_only=True)
     chosen_x = torch.load(sel_dir / "selection.pt", weights_only=True)["indices"]
     # selection Y: the 8 images rule X ranked last, with the teacher's predictions
@@ -66,19 +65,19 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     right = (inverse / inverse.sum() * 10).float()
     assert not torch.allclose(right, stale)       # the stale file would change the loss
 
-    flags = distill_flags(world, tmp_path, **{"--selected_file": sel_dir, "--selection_file": tmp_path / "y.pt",
-                                              "--robust": True, "--holdout": 0, "--output_dir": tmp_path / "o1"})
+    flags = fx.distill_flags(world, tmp_path, **{"--selected_file": sel_dir, "--selection_file": tmp_path / "y.pt",
+                                                 "--robust": True, "--holdout": 0, "--output_dir": tmp_path / "o1"})
     # end to end: with the stale file, and without any class_weights.pth, the same training (the
     # published flow read class_weights.pth: the stale weights, or an error without the file)
-    assert run(D, flags) == 0, capsys.readouterr().err
+    assert fx.run_flags(D, flags) == 0, capsys.readouterr().err
     os.unlink(sel_dir / "class_weights.pth")
-    assert run(D, {**flags, "--output_dir": tmp_path / "o2"}) == 0, capsys.readouterr().err
+    assert fx.run_flags(D, {**flags, "--output_dir": tmp_path / "o2"}) == 0, capsys.readouterr().err
     logs = [[json.loads(line) for line in open(tmp_path / o / "log.txt")] for o in ("o1", "o2")]
     assert logs[0][0]["train_kd"] == logs[1][0]["train_kd"] and logs[0][0]["train_loss"] == logs[1][0]["train_loss"]
     assert not (sel_dir / "class_weights.pth").exists()            # stage 2 writes nothing into stage 1's folder
 
     # the Selection itself: this file's images, weights from the stored softmax of exactly these
-    args = distill.get_args_parser().parse_args(argv(flags))
+    args = distill.get_args_parser().parse_args(fx.argv(flags))
     teacher = models.load_teacher(fx.MICRO, 10, world.teacher)
     cpu = torch.device("cpu")
     got = select_data.load_selection(args.selection_file, settings.resolve_select_settings(args, cpu), teacher)
@@ -89,7 +88,7 @@ def test_selection_file_robust_uses_weights_of_that_selection(world, tmp_path, c
     fresh = {**flags, "--selected_file": tmp_path / "empty"}
     os.makedirs(tmp_path / "empty")
     got = select_data.load_selection(args.selection_file, settings.resolve_select_settings(
-        distill.get_args_parser().parse_args(argv(fresh)), cpu), teacher)
+        distill.get_args_parser().parse_args(fx.argv(fresh)), cpu), teacher)
     inverse = 1 / torch.bincount(pred[chosen_y], minlength=10).double().clamp_min(1)   # hard counts
     assert torch.allclose(got.class_weights, (inverse / inverse.sum() * 10).float())
 
@@ -111,7 +110,7 @@ def test_error_found_on_rank0_ends_every_rank(script, case, tmp_path):
                       "--batch_size": 8})
     release = fx.hold_lock(tmp_path / ("sel" if script == S else "out")) if case == "locked" else (lambda: None)
     try:
-        codes, errs = fx.run_ranks(script, argv(flags), tmp_path)
+        codes, errs = fx.run_ranks(script, fx.argv(flags), tmp_path)
     finally:
         release()
     last = [[line for line in errs[0].splitlines() if line.strip()][-1]]

@@ -23,7 +23,6 @@ import checkpoint
 import fixtures as fx
 import safety
 import scoring
-from test_robustness import argv, error_lines
 
 S, D, T = "select_data.py", "DFND_DeiT-train.py", "train_teacher.py"
 TIMINGS = ("seconds", "img_per_s")
@@ -91,7 +90,7 @@ def leftovers(*folders):
 
 def run(script, flags, capsys):
     capsys.readouterr()
-    code = fx.run_script_inprocess(script, *argv(flags))
+    code = fx.run_script_inprocess(script, *fx.argv(flags))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -117,7 +116,7 @@ def scored(tmp_path_factory):
     fx.write_pool(base / "pool", 40, size=32, broken=2)
     teacher = fx.write_teacher(base / "teacher.pth", fx.TEACHER)
     flags = select_flags(base, base / "ref")
-    assert fx.run_script_inprocess(S, *argv(flags)) == 0
+    assert fx.run_script_inprocess(S, *fx.argv(flags)) == 0
     return base
 
 
@@ -142,10 +141,10 @@ def test_cache_without_room_is_refused_before_decoding(scored, small_disk, tmp_p
     disk = small_disk("disk", "64k")                   # the cache needs 40 x 32 x 32 x 3 = 122,880 bytes
     cache = disk / "cache"
     flags = select_flags(scored, tmp_path / "sel", **{"--cache_dir": cache})
-    done = fx.run_script(S, *argv(flags), timeout=300)
+    done = fx.run_script(S, *fx.argv(flags), timeout=300)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    last = error_lines(done.stderr)[-1]
+    last = fx.error_lines(done.stderr)[-1]
     assert last.startswith(f"error: not enough space in {cache} for the image cache: needs 122,880 bytes "), last
     assert "bytes free; " in last and "--cache_dir" in last and "--no_cache" in last
     assert not os.listdir(disk)                       # no half cache left behind
@@ -174,8 +173,8 @@ def test_disk_full_while_scoring_resumes_to_the_same_selection(scored, small_dis
     code, _, err = run(S, flags, capsys)
     monkeypatch.undo()
     assert code == 1
-    assert error_lines(err)[-1] == (f"error: cannot write {failed}: No space left on device; free space there "
-                                    "and run the same command again to continue")
+    assert fx.error_lines(err)[-1] == (f"error: cannot write {failed}: No space left on device; free space there "
+                                       "and run the same command again to continue")
     assert not leftovers(sel) and not failed.exists()
     assert not (sel / "scores_meta.json").exists() and not (sel / "selection.pt").exists()
     chunks = sorted(glob.glob(str(sel / ".score_chunks" / "chunk_*.pt")))
@@ -195,7 +194,7 @@ def test_score_arrays_without_room_are_refused_before_scoring(scored, small_disk
     sel = small_disk("sel", "16k")
     code, _, err = run(S, select_flags(scored, sel, **{"--no_cache": True, "--store_signals": True}), capsys)
     assert code == 1
-    assert error_lines(err)[-1].startswith(f"error: not enough space in {sel} for ")
+    assert fx.error_lines(err)[-1].startswith(f"error: not enough space in {sel} for ")
     assert "choose another --selected_file" in err
     assert not glob.glob(str(sel / ".score_chunks" / "chunk_*"))
 
@@ -209,8 +208,8 @@ def trained(tmp_path_factory):
     fx.write_pool(base / "pool", 30, size=32)
     fx.write_cifar(base / "cifar", n_train=8, n_test=16)
     fx.write_teacher(base / "teacher.pth", fx.MICRO)
-    assert fx.run_script_inprocess(D, *argv(distill_flags(base, base / "ref"))) == 0
-    assert fx.run_script_inprocess(T, *argv(teacher_flags(base, base / "ref_teacher" / "t.pth"))) == 0
+    assert fx.run_script_inprocess(D, *fx.argv(distill_flags(base, base / "ref"))) == 0
+    assert fx.run_script_inprocess(T, *fx.argv(teacher_flags(base, base / "ref_teacher" / "t.pth"))) == 0
     return base
 
 
@@ -244,7 +243,7 @@ def test_disk_full_at_a_checkpoint_resumes_to_the_same_log(trained, small_disk, 
     code, _, err = run(script, flags, capsys)
     monkeypatch.undo()
     assert code == 1
-    line = error_lines(err)[-1]
+    line = fx.error_lines(err)[-1]
     assert line.startswith(f"error: cannot write {out}/") and line.endswith(
         ".pth: No space left on device; free space there and run the same command again to continue"), line
     assert [json.loads(r)["epoch"] for r in open(out / log)] == [0]
@@ -273,7 +272,7 @@ def test_killed_before_the_first_log_line_resumes_to_the_same_log(trained, tmp_p
         raise _Killed
     monkeypatch.setattr(checkpoint, "append_line", killed)
     with pytest.raises(_Killed):
-        fx.run_script_inprocess(script, *argv(flags))
+        fx.run_script_inprocess(script, *fx.argv(flags))
     monkeypatch.undo()
     assert not os.path.exists(out / log) and checkpoint.load_resume(out / last)["epoch"] == 0
     code, o, err = run(script, flags, capsys)
@@ -334,7 +333,7 @@ def test_log_line_cut_off_after_its_checkpoint_is_restored_on_resume(trained, tm
     code, _, err = run(D, flags, capsys)
     monkeypatch.undo()
     assert code == 1 and cut
-    assert error_lines(err)[-1].startswith(f"error: cannot write {out / 'log.txt'}: No space left on device")
+    assert fx.error_lines(err)[-1].startswith(f"error: cannot write {out / 'log.txt'}: No space left on device")
     assert [json.loads(r)["epoch"] for r in open(out / "log.txt")] == [0]   # no torn line
     assert checkpoint.load_resume(out / "student" / "last.pth")["epoch"] == 1
     code, o, err = run(D, flags, capsys)
@@ -385,11 +384,11 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_log(preempt, tmp_p
     script = D if kind == "distill" else T
     log, last = ("log.txt", "student/last.pth") if kind == "distill" else ("t.log.txt", "t.last.pth")
     ref = tmp_path / "ref"   # in this process, one thread as the child: the same numbers, no 7 s start-up
-    assert fx.run_script_inprocess(script, *argv(child_flags(preempt, kind, ref))) == 0
+    assert fx.run_script_inprocess(script, *fx.argv(child_flags(preempt, kind, ref))) == 0
     out = tmp_path / "run"
     with open(tmp_path / "o", "w") as o, open(tmp_path / "e", "w") as e:
         # the progress bar of epoch 1 on stderr: training is under way past epoch 0's save
-        p = fx.start_script(script, *argv(child_flags(preempt, kind, out)), stdout=o, stderr=e)
+        p = fx.start_script(script, *fx.argv(child_flags(preempt, kind, out)), stdout=o, stderr=e)
         fx.wait_for(lambda: f"{kind} 1:" in (tmp_path / "e").read_text(errors="replace"),
                     timeout=300, interval=0.01, proc=p)
         p.send_signal(signal.SIGTERM)
@@ -397,7 +396,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_log(preempt, tmp_p
     err = (tmp_path / "e").read_text()
     assert code == 130, err
     assert "Traceback" not in err
-    assert error_lines(err)[-1].endswith("interrupted: finished work is saved; run the same command again to continue")
+    assert fx.error_lines(err)[-1].endswith(
+        "interrupted: finished work is saved; run the same command again to continue")
     saved = checkpoint.load_resume(out / last)["epoch"]
     assert saved < 2, "the run finished before SIGTERM: the test proves nothing"
     assert [json.loads(r)["epoch"] for r in open(out / log)] == list(range(saved + 1))
@@ -414,10 +414,10 @@ def test_disk_full_on_rank0_ends_every_rank(scored, small_disk, tmp_path):
     end with exit 1; none waits at a barrier or dies of a lost peer."""
     disk = small_disk("disk", "64k")
     flags = {**select_flags(scored, tmp_path / "sel", **{"--cache_dir": disk / "cache"}), "--device": "cpu"}
-    codes, errs = fx.run_ranks(S, argv(flags), tmp_path)
+    codes, errs = fx.run_ranks(S, fx.argv(flags), tmp_path)
     assert codes == [1, 1], errs
     assert all("Traceback" not in e for e in errs)
-    assert error_lines(errs[0])[-1].startswith(f"error: not enough space in {disk / 'cache'} for the image cache")
+    assert fx.error_lines(errs[0])[-1].startswith(f"error: not enough space in {disk / 'cache'} for the image cache")
 
 
 def test_full_output_folder_at_start_is_out_of_space_not_bad_input(small_disk):

@@ -34,39 +34,6 @@ fx.register_test_models()
 pytestmark = pytest.mark.usefixtures("one_thread_module")   # as the children: identical float results
 
 
-def argv(flags):
-    out = []
-    for k, v in flags.items():
-        if v is None or v is False:
-            continue
-        out.append(k)
-        if v is not True:
-            out += [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-    return out
-
-
-def select_flags(w, sel, **over):
-    flags = {"--data_imagenet": w.pool, "--teacher": fx.MICRO, "--teacher_dir": w.teacher, "--num_select": 8,
-             "--selected_file": sel, "--workers": 0}
-    flags.update(over)
-    return flags
-
-
-def distill_flags(w, d, **over):
-    flags = {"--data_cifar": w.cifar, **select_flags(w, d / "sel"), "--output_dir": d / "out",
-             "--epochs": 1, "--batch_size": 8}
-    flags.update(over)
-    return flags
-
-
-def run(script, flags):
-    return fx.run_script_inprocess(script, *argv(flags))
-
-
-def error_lines(err):
-    return [line for line in err.splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("robust")
@@ -77,7 +44,7 @@ def world(tmp_path_factory):
     fx.write_pool(w.pool_b, 40, size=32, seed=1)
     w.teacher = fx.write_teacher(base / "micro.pth", name=fx.MICRO)
     w.teacher2 = fx.write_teacher(base / "micro2.pth", name=fx.MICRO, seed=1)
-    assert run(S, select_flags(w, w.scored)) == 0
+    assert fx.run_flags(S, fx.select_flags(w, w.scored)) == 0
     return w
 
 
@@ -167,17 +134,6 @@ BAD_INPUT = {
 }
 
 
-def assert_nothing_written(before, after, folders):
-    """Only the requested output folders may appear (empty, or holding the run lock)."""
-    allowed = {os.fspath(f) for f in folders}
-    locks = {os.path.join(f, ".lock") for f in allowed}
-    new = set(after) - set(before)
-    assert new <= allowed | locks, sorted(new - allowed - locks)
-    assert not set(before) - set(after), "files were removed"
-    changed = [p for p in before if p in after and before[p] != after[p] and p not in locks]
-    assert not changed, changed
-
-
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input(case, world, tmp_path, capsys):
     script, setup, expect = BAD_INPUT[case]
@@ -187,24 +143,24 @@ def test_bad_input(case, world, tmp_path, capsys):
     if "--eval_only" in over:   # it takes no training flags (they are refused beside it)
         flags = {"--data_cifar": world.cifar, "--workers": 0}
     else:
-        flags = select_flags(world, d / "sel") if script == S else distill_flags(world, d)
+        flags = fx.select_flags(world, d / "sel") if script == S else fx.distill_flags(world, d)
     flags.update(over)
     before = fx.snapshot(world.base, d)
     capsys.readouterr()
     try:
-        rc = run(script, flags)
+        rc = fx.run_flags(script, flags)
     finally:
         if cleanup:
             cleanup()
     out, err = capsys.readouterr()
-    lines = error_lines(err)
+    lines = fx.error_lines(err)
     assert rc == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err + out
     for s in expect:
         assert s in lines[0], (s, lines[0])
     assert not (d / "marker").exists(), "a checkpoint ran code while loading"
-    assert_nothing_written(before, fx.snapshot(world.base, d), [d / "sel", d / "out"])
+    fx.assert_nothing_written(before, fx.snapshot(world.base, d), [d / "sel", d / "out"])
 
 
 def test_bad_input_real_processes_print_one_line(world, tmp_path):
@@ -217,16 +173,16 @@ def test_bad_input_real_processes_print_one_line(world, tmp_path):
     train_flags = {**sel_flags, "--teacher_dir": teacher, "--data_cifar": world.cifar,
                    "--output_dir": afile / "out", "--selected_file": tmp_path / "sel2"}
     before = fx.snapshot(world.base, tmp_path)
-    procs = [fx.start_script(S, *argv(sel_flags)), fx.start_script(D, *argv(train_flags))]
+    procs = [fx.start_script(S, *fx.argv(sel_flags)), fx.start_script(D, *fx.argv(train_flags))]
     results = [p.communicate(timeout=180) + (p.returncode,) for p in procs]
     for (out, err, rc), expect in zip(results, (["evil.pth", "refused"], ["--output_dir", "cannot be written"])):
-        lines = error_lines(err.decode())
+        lines = fx.error_lines(err.decode())
         assert rc == 2, err
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         assert "Traceback" not in (out + err).decode()
         assert all(s in lines[0] for s in expect), lines[0]
     assert not (tmp_path / "marker").exists()
-    assert_nothing_written(before, fx.snapshot(world.base, tmp_path), [tmp_path / "sel", tmp_path / "sel2"])
+    fx.assert_nothing_written(before, fx.snapshot(world.base, tmp_path), [tmp_path / "sel", tmp_path / "sel2"])
 
 
 @pytest.mark.parametrize("script", [S, D])
@@ -234,12 +190,12 @@ def test_num_select_above_usable_pool_writes_no_selection(script, world, tmp_pat
     """Known only after scoring: the valid score files stay (reused next time), nothing else is written."""
     ids = fx.write_pool(tmp_path / "pool", 15, size=32, broken=5)
     sel, out_dir = tmp_path / "sel", tmp_path / "out"
-    flags = select_flags(world, sel, **{"--data_imagenet": tmp_path / "pool", "--num_select": 12})
+    flags = fx.select_flags(world, sel, **{"--data_imagenet": tmp_path / "pool", "--num_select": 12})
     if script == D:
-        flags = distill_flags(world, tmp_path, **flags)
-    rc = run(script, flags)
+        flags = fx.distill_flags(world, tmp_path, **flags)
+    rc = fx.run_flags(script, flags)
     out, err = capsys.readouterr()
-    lines = error_lines(err)
+    lines = fx.error_lines(err)
     assert rc == 2, err
     assert "Traceback" not in out + err
     assert lines[-1].startswith("error: --num_select 12 is larger than the usable pool (10 images"), lines[-1]
@@ -255,7 +211,7 @@ def test_num_select_above_usable_pool_writes_no_selection(script, world, tmp_pat
         return
     # a fitting --num_select reuses the scores
     mtime = os.path.getmtime(sel / "value_out.pth")
-    assert run(S, {**flags, "--num_select": 10}) == 0
+    assert fx.run_flags(S, {**flags, "--num_select": 10}) == 0
     assert os.path.getmtime(sel / "value_out.pth") == mtime
     chosen = (sel / "selected.txt").read_text().split("\n")[:-1]
     assert sorted(chosen) == sorted(ids["good"])
@@ -273,7 +229,7 @@ def test_wild_pool_of_1000_scores_and_skips_exactly_the_broken(tmp_path, capsys)
              "--num_select": 970, "--selected_file": sel, "--attnprobe_sel": True, "--workers": 0,
              "--chunk_size": 256, "--score_batch_size": 128}
     capsys.readouterr()
-    assert run(S, flags) == 0
+    assert fx.run_flags(S, flags) == 0
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     skipped = dict(pool.read_skipped(sel / "skipped.txt"))
@@ -312,9 +268,9 @@ def test_wild_images_decoded_on_the_fly_and_pixel_limit(tmp_path, capsys, monkey
     base = {"--data_imagenet": tmp_path / "pool", "--teacher": fx.MICRO, "--teacher_dir": teacher,
             "--num_select": 5, "--workers": 0, "--chunk_size": 16}
     capsys.readouterr()
-    assert run(S, {**base, "--selected_file": tmp_path / "direct", "--no_cache": True}) == 0
+    assert fx.run_flags(S, {**base, "--selected_file": tmp_path / "direct", "--no_cache": True}) == 0
     err = capsys.readouterr().err
-    assert run(S, {**base, "--selected_file": tmp_path / "cached"}) == 0
+    assert fx.run_flags(S, {**base, "--selected_file": tmp_path / "cached"}) == 0
     want = sorted(ids["broken"] + ["large/legal_but_big.jpg"])
     for sel in ("direct", "cached"):
         skipped = dict(pool.read_skipped(tmp_path / sel / "skipped.txt"))
@@ -360,7 +316,7 @@ def test_scoring_sigterm_then_sigkill_resumes_to_identical_scores(tmp_path, caps
         return {"--data_imagenet": tmp_path / "pool", "--teacher": fx.TEACHER, "--teacher_dir": teacher,
                 "--num_select": 50, "--selected_file": sel, "--attnprobe_sel": True, "--workers": 0,
                 "--chunk_size": 6, "--score_batch_size": 6}
-    assert run(S, flags(tmp_path / "ref")) == 0          # uninterrupted reference
+    assert fx.run_flags(S, flags(tmp_path / "ref")) == 0          # uninterrupted reference
     sel = tmp_path / "sel"
     chunks = sel / ".score_chunks"
 
@@ -371,15 +327,15 @@ def test_scoring_sigterm_then_sigkill_resumes_to_identical_scores(tmp_path, caps
     fired = _signal_self_when(scoring, "atomic_torch_save", monkeypatch, signal.SIGTERM,
                               lambda obj, path: os.path.basename(path) == "chunk_000001.pt")
     capsys.readouterr()
-    assert run(S, flags(sel)) == 130 and fired
+    assert fx.run_flags(S, flags(sel)) == 130 and fired
     monkeypatch.undo()
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
-    assert error_lines(err)[-1] == "interrupted: finished work is saved; run the same command again to continue"
+    assert fx.error_lines(err)[-1] == "interrupted: finished work is saved; run the same command again to continue"
     assert done() == 2 and not (sel / "value_out.pth").exists()
     # SIGKILL of a real child process: at most the chunk in progress is lost
     with open(tmp_path / "o2", "w") as o, open(tmp_path / "e2", "w") as e:
-        p = fx.start_script(S, *argv(flags(sel)), stdout=o, stderr=e)
+        p = fx.start_script(S, *fx.argv(flags(sel)), stdout=o, stderr=e)
         fx.wait_for(lambda: done() >= 4, timeout=120, proc=p)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
@@ -389,7 +345,7 @@ def test_scoring_sigterm_then_sigkill_resumes_to_identical_scores(tmp_path, caps
     for f in glob.glob(os.path.join(chunks, "chunk_*.pt")):
         torch.load(f, weights_only=True)                   # complete files only
     # the rerun scores only what is left and equals the uninterrupted run
-    assert run(S, flags(sel)) == 0
+    assert fx.run_flags(S, flags(sel)) == 0
     assert f"resuming scoring: {k} of 20 chunks already done" in capsys.readouterr().out
     assert not chunks.exists()
     for key in ("value_out", "value_blk3", "value_blk7", "pred_out"):
@@ -431,12 +387,12 @@ def test_training_sigkill_then_sigint_resumes_identically(tmp_path, capsys, monk
                 "--teacher_dir": teacher, "--num_select": 16, "--selected_file": tmp_path / "sel",
                 "--attnprobe_sel": True, "--attnprobe_dist": True, "--robust": True, "--output_dir": out,
                 "--epochs": epochs, "--batch_size": 8, "--workers": 0}
-    assert run(D, flags(tmp_path / "ref")) == 0             # uninterrupted reference (scores the pool once)
+    assert fx.run_flags(D, flags(tmp_path / "ref")) == 0             # uninterrupted reference (scores the pool once)
     out = tmp_path / "run"
     last = out / "student" / "last.pth"
     # SIGKILL of a real child once the first epoch's last.pth exists
     with open(tmp_path / "o1", "w") as o, open(tmp_path / "e1", "w") as e:
-        p = fx.start_script(D, *argv(flags(out)), stdout=o, stderr=e)
+        p = fx.start_script(D, *fx.argv(flags(out)), stdout=o, stderr=e)
         fx.wait_for(last.exists, timeout=120, proc=p)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
@@ -446,14 +402,14 @@ def test_training_sigkill_then_sigint_resumes_identically(tmp_path, capsys, monk
     fired = _signal_self_when(distill, "distill_step", monkeypatch, signal.SIGINT, lambda *a, **kw: True)
     before = fx.snapshot(out / "student")
     capsys.readouterr()
-    assert run(D, flags(out)) == 130 and fired
+    assert fx.run_flags(D, flags(out)) == 130 and fired
     monkeypatch.undo()
     o, err = capsys.readouterr()
     assert f"resumed from {last} after epoch {k}" in o
-    assert "Traceback" not in o + err and error_lines(err)[-1].startswith("interrupted: "), err
+    assert "Traceback" not in o + err and fx.error_lines(err)[-1].startswith("interrupted: "), err
     assert fx.snapshot(out / "student") == before
     # the last rerun finishes; every number equals the uninterrupted run's
-    assert run(D, flags(out)) == 0
+    assert fx.run_flags(D, flags(out)) == 0
     assert f"resumed from {last} after epoch {k}" in capsys.readouterr().out
     got, got_final = _epochs(out / "log.txt")
     ref, ref_final = _epochs(tmp_path / "ref" / "log.txt")

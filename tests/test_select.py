@@ -3,36 +3,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+import fixtures as fx
 import select_data
 import selection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def make_pool(folder, n=24, size=32, seed=0):
-    """ImageFolder-like pool of PNG and JPEG files at the teacher's size (no resize involved)."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        sub = os.path.join(folder, f"class{i % 3}")
-        os.makedirs(sub, exist_ok=True)
-        # smooth blobs, so JPEG compression keeps them image-like
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.uniform(4, size - 4, 2)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(10, 60))
-        arr = (blob[..., None] * rng.uniform(80, 255, 3) + rng.uniform(0, 40, 3)).clip(0, 255).astype(np.uint8)
-        path = os.path.join(sub, f"img{i:03d}." + ("jpg" if i % 2 else "png"))
-        Image.fromarray(arr).save(path, quality=95)
-        paths.append(path)
-    return sorted(paths, key=lambda p: os.path.relpath(p, folder))
 
 
 def save_base_teacher(path, num_classes=10, seed=0):
@@ -41,32 +20,6 @@ def save_base_teacher(path, num_classes=10, seed=0):
                               qkv_bias=True, num_classes=num_classes)
     torch.save({"model": model.state_dict()}, path)
     return model.eval()
-
-
-def direct_scores(model, paths, blocks=(3, 7), head=0, resize=None):
-    """The score written out plainly: PIL -> tensor -> normalise; full attention from hooked norm1 outputs.
-    resize=s: the published wild-image transform, torchvision Resize((s, s)) on the PIL image first."""
-    from torchvision import transforms
-    steps = [transforms.Resize((resize, resize))] if resize else []
-    tf = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
-    captured = {}
-    hooks = [model.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: captured.__setitem__(b, o))
-             for b in blocks]
-    with torch.no_grad():
-        logits = model(x)
-    for h in hooks:
-        h.remove()
-    out = {"value_out": F.cross_entropy(logits, logits.argmax(1), reduction="none"), "pred_out": logits.argmax(1)}
-    for b in blocks:
-        attn = model.blocks[b].attn
-        B, N, C = captured[b].shape
-        with torch.no_grad():
-            qkv = attn.qkv(captured[b]).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
-            a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (C // attn.num_heads) ** -0.5, dim=-1)
-        probe = a[:, head, 0, 1:]
-        out[f"value_blk{b}"] = F.cosine_similarity(probe, torch.full_like(probe, 1 / probe.shape[1]), dim=1)
-    return out
 
 
 def run_select(*flags, check=True):
@@ -80,7 +33,7 @@ def run_select(*flags, check=True):
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sel")
-    paths = make_pool(tmp / "pool")
+    paths = fx.write_blob_pool(tmp / "pool")
     teacher = save_base_teacher(tmp / "teacher.pth")
     proc = run_select("--data_imagenet", str(tmp / "pool"), "--teacher", "deit_base_patch4_32_teacher",
                       "--teacher_dir", str(tmp / "teacher.pth"), "--num_select", "10",
@@ -90,7 +43,7 @@ def scored(tmp_path_factory):
 
 def test_scores_match_direct_computation(scored):
     tmp, paths, teacher, _ = scored
-    expected = direct_scores(teacher, paths)
+    expected = fx.direct_scores(teacher, paths)
     for key in ("value_out", "value_blk3", "value_blk7"):
         got = torch.load(tmp / "sel" / f"{key}.pth", weights_only=True)
         assert got.shape == (len(paths),)
@@ -100,7 +53,7 @@ def test_scores_match_direct_computation(scored):
 
 def test_attnprobe_selection_uses_the_probe(scored):
     tmp, paths, teacher, proc = scored
-    expected = direct_scores(teacher, paths)
+    expected = fx.direct_scores(teacher, paths)
     value = 0.05 * (expected["value_blk3"] + expected["value_blk7"]) + 0.9 * expected["value_out"]
     want = [os.path.relpath(paths[i], tmp / "pool") for i in torch.argsort(value)[:10].tolist()]
     assert (tmp / "sel" / "selected.txt").read_text().split() == want
@@ -116,7 +69,7 @@ def test_reuse_and_rules_without_rescoring(scored):
               "--teacher_dir", str(tmp / "teacher.pth"), "--selected_file", str(tmp / "sel")]
     # outlier rule (no --attnprobe_sel): value_out alone
     run_select(*common, "--num_select", "5")
-    expected = direct_scores(teacher, paths)
+    expected = fx.direct_scores(teacher, paths)
     want = [os.path.relpath(paths[i], tmp / "pool") for i in torch.argsort(expected["value_out"])[:5].tolist()]
     assert (tmp / "sel" / "selected.txt").read_text().split() == want
     # random: distinct indices inside the real pool
@@ -190,7 +143,7 @@ def test_default_decoding_scores_equal_the_published_transform(tmp_path):
         write_bytes(tmp_path / "pool" / f"img{i}.jpg", encode(smooth_rgb(w, h, 10 + i), "JPEG", quality=90))
     paths = [str(tmp_path / "pool" / f"img{i}.jpg") for i in range(len(sizes))]
     teacher = save_base_teacher(tmp_path / "teacher.pth")
-    expected = direct_scores(teacher, paths, resize=32)
+    expected = fx.direct_scores(teacher, paths, resize=32)
     common = ["--data_imagenet", str(tmp_path / "pool"), "--teacher", "deit_base_patch4_32_teacher",
               "--teacher_dir", str(tmp_path / "teacher.pth"), "--num_select", "3", "--attnprobe_sel"]
     runs = {"cache": [], "on_the_fly": ["--no_cache"], "fast": ["--fast_decode"]}

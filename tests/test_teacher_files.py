@@ -13,8 +13,6 @@ import torch
 
 import fixtures as fx
 import models
-from test_distill import hand_accuracy, make_cifar10
-from test_select import make_pool
 from utils import InputError
 
 TEACHER = "deit_tiny_patch4_32_teacher"
@@ -84,8 +82,8 @@ def teacher_files(tmp_path_factory):
     from safetensors.torch import save_file
     files["safetensors"] = tmp / "teacher.safetensors"
     save_file(model.state_dict(), str(files["safetensors"]))
-    make_pool(tmp / "pool", n=24)
-    make_cifar10(tmp / "cifar", n_train=10, n_test=20)
+    fx.write_blob_pool(tmp / "pool", n=24)
+    fx.write_cifar(tmp / "cifar", n_train=2, n_test=20)
     return tmp, files, model.state_dict(), ema.state_dict()
 
 
@@ -178,7 +176,7 @@ def test_distillation_runs_on_each_teacher_file(teacher_files, kind, capsys):
     final = torch.load(out / "student" / "final.pth", weights_only=True)
     student = timm.create_model(final["student"], num_classes=10)
     student.load_state_dict(final["model"])
-    acc1, acc5 = hand_accuracy(student, tmp / "cifar", final["mean"], final["std"])
+    acc1, acc5 = fx.hand_accuracy(student, tmp / "cifar", final["mean"], final["std"])
     assert (final["acc1"], final["acc5"]) == (pytest.approx(acc1), pytest.approx(acc5))
 
 
@@ -200,7 +198,7 @@ def _hub_cache(root, repo="timm/tiny_vit_test.hub", rev="0123456789abcdef0123456
 
 def test_hf_hub_teacher_loads_through_timm_offline(tmp_path):
     made = _hub_cache(tmp_path / "hub")
-    make_pool(tmp_path / "pool", 12)
+    fx.write_blob_pool(tmp_path / "pool", 12)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     argv = ["--data_imagenet", tmp_path / "pool", "--teacher_dir", "hf-hub:timm/tiny_vit_test.hub",
             "--num_select", 4, "--selected_file", tmp_path / "sel", "--workers", 0, "--device", "cpu"]

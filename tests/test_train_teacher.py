@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fixtures as fx
-from test_distill import make_cifar10
 
 MODEL = "deit_tiny_patch4_32_teacher"
 
@@ -16,7 +15,7 @@ MODEL = "deit_tiny_patch4_32_teacher"
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_data")
-    make_cifar10(root, n_train=80, n_test=40)
+    fx.write_cifar(root, n_train=16, n_test=40)
     return root
 
 

@@ -83,13 +83,15 @@ def is_timing_key(k):
 def generate_inputs(dst, repo):
     """Runs in a child process with cwd = OLD repo: writes the inputs with the repo's own test helpers."""
     sys.path[:0] = [repo, os.path.join(repo, "tests")]
+    import inspect
     import numpy as np
     import torch
     import timm
     import models  # noqa: F401  (registers the paper's model names)
     import fixtures
-    import test_distill
     torch.set_num_threads(1)
+    # the CIFAR and teacher writers moved from tests/test_distill.py into tests/fixtures.py: OLD may be either
+    in_fixtures = "head_scale" in inspect.signature(fixtures.write_teacher).parameters
     pool = os.path.join(dst, "pool")
     # 32-px images plus one of each odd-but-valid file (gray, palette, CMYK, 16-bit, 1600x1200 JPEG, 3x2 PNG,
     # truncated JPEG/PNG, ...) and one of each broken file (empty, cut header, text, HTML, decompression bomb)
@@ -105,12 +107,19 @@ def generate_inputs(dst, repo):
         fixtures.write_bytes(os.path.join(pool, "e_rect", f"r_{i:03d}_{w}x{h}.{ext}"),
                              fixtures.encode(img, "PNG" if ext == "png" else "JPEG", quality=90))
     # CIFAR-10 python pickles: 5 train batches of 20 (for --pos_num), a test batch of 64
-    test_distill.make_cifar10(os.path.join(dst, "cifar"), n_train=100, n_test=64, seed=0)
+    if in_fixtures:
+        fixtures.write_cifar(os.path.join(dst, "cifar"), n_train=20, n_test=64, seed=0)
+    else:
+        import test_distill
+        test_distill.make_cifar10(os.path.join(dst, "cifar"), n_train=100, n_test=64, seed=0)
     # teacher: the tests' tiny teacher (random init, head x40: confident, input-dependent logits, acc1 91.0
     # recorded -> noise-adaptation 0.91), with q and k of every block scaled x4 so that its attention (the
     # probe) is far from uniform and input-dependent, not the near-uniform attention of a random init
     tpath = os.path.join(dst, "teacher.pth")
-    test_distill.save_tiny_teacher(tpath, seed=0)
+    if in_fixtures:
+        fixtures.write_teacher(tpath, TEACHER, seed=0, head_scale=40, acc1=91.0)
+    else:
+        test_distill.save_tiny_teacher(tpath, seed=0)
     ck = torch.load(tpath, weights_only=True)
     sd = ck["model"]
     for k in sd:

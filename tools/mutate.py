@@ -5,7 +5,8 @@ the tests named for it; a bug the tests do not notice (a survivor) is a wiring t
     python tools/mutate.py --only probe-sign lr-never-applied --jobs 1
     python tools/mutate.py --list                 # names only
 
-Each mutation (tools/mutations.txt) names a file, an exact text in it, its replacement, and the pytest
+Each mutation (tools/mutations.txt) names a file, a text in it (matched regardless of whitespace, so
+re-wrapping or re-indenting the code keeps it: see loose_pattern), its replacement, and the pytest
 arguments to run. Results: killed (the tests failed), survived (they passed), timeout (counted as killed),
 not-applicable (the text is no longer in the file, or not exactly once: the code moved on; fix the entry).
 The working tree is never touched: its tracked and untracked (not ignored) files are copied to a
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -81,22 +83,52 @@ def copy_tree(dest):
         shutil.copy2(src, os.path.join(dest, rel))
 
 
+def loose_pattern(old):
+    """A regex for `old` that ignores layout, so an entry survives re-wrapping and re-indenting.
+
+    Whitespace at either end of `old` is dropped. Inside, a run of whitespace matches any run of whitespace,
+    none included, except between two word characters, where at least one is needed (`return x` must not
+    match `returnx`). Where `old` has no whitespace, the file may have some between two characters unless
+    both are word characters (one name or number is never split): `f(a, b)` matches it wrapped after `f(`.
+    The match is the span from the first to the last non-space character."""
+    pattern, prev, gap = "", None, False
+    for c in old.strip():
+        if c.isspace():
+            gap = True
+            continue
+        if prev is not None:
+            word = (prev.isalnum() or prev == "_") and (c.isalnum() or c == "_")
+            pattern += (r"\s+" if gap else "") if word else r"\s*"
+        pattern += re.escape(c)
+        prev, gap = c, False
+    return re.compile(pattern)
+
+
 def locate(text, m):
-    """Start offset of the text to replace, or a reason it is not applicable."""
-    count = text.count(m["old"])
+    """(start, end) of the text to replace, or None and a reason it is not applicable."""
+    if not m["old"].strip():
+        return None, "old text is empty"
+    spans = [hit.span() for hit in loose_pattern(m["old"]).finditer(text)]
+    count = len(spans)
     want = int(m.get("occurrence", 0) or 0)
     if count == 0:
         return None, "pattern not found"
     if want:
         if want > count:
             return None, f"occurrence {want} asked, pattern found {count} times"
-        start = -1
-        for _ in range(want):
-            start = text.index(m["old"], start + 1)
-        return start, None
+        return spans[want - 1], None
     if count > 1:
         return None, f"pattern found {count} times (set occurrence)"
-    return text.index(m["old"]), None
+    return spans[0], None
+
+
+def apply(text, m):
+    """text with m's bug in it, or None and a reason it is not applicable. `new` loses its end whitespace
+    as `old` does, so the file keeps its own indentation before the span and its layout after it."""
+    span, why = locate(text, m)
+    if span is None:
+        return None, why
+    return text[:span[0]] + m["new"].strip() + text[span[1]:], None
 
 
 def run_tests(workdir, tests, timeout, python):
@@ -120,17 +152,35 @@ def run_tests(workdir, tests, timeout, python):
     return status, time.time() - t0, tail
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, checked: tests run in a scratch copy, so --python becomes absolute here."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--mutations", default=os.path.join(ROOT, "tools", "mutations.txt"), help="the list")
     p.add_argument("--only", nargs="+", help="run these mutations (names)")
     p.add_argument("--jobs", type=int, default=2, help="mutations run at once, each in its own copy (default 2)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per test run (default 600)")
-    p.add_argument("--python", default=sys.executable, help="interpreter with the test dependencies")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter with the test dependencies (a path, or a name on PATH)")
     p.add_argument("--no_baseline", action="store_true", help="skip the unmutated runs of each test command")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--list", action="store_true", help="print the mutation names and exit")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        fail(f"--jobs {args.jobs}: needs at least 1")
+    if not args.timeout > 0:
+        fail(f"--timeout {args.timeout:g}: needs more than 0 seconds")
+    # a bare name is looked up on PATH as a shell would; abspath, not realpath: a venv's python is a
+    # symlink, and resolving it would leave the venv
+    found = shutil.which(args.python) if os.sep not in args.python else None
+    python = os.path.abspath(found or args.python)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        fail(f"--python {args.python}: no such executable")
+    args.python = python
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     mutations = parse_list(args.mutations)
     if args.list:
         for m in mutations:
@@ -145,7 +195,7 @@ def main():
     scratch = tempfile.mkdtemp(prefix="mutate-")
     workspaces = queue.Queue()
     try:
-        for j in range(max(1, args.jobs)):
+        for j in range(args.jobs):
             ws = os.path.join(scratch, f"ws{j}")
             copy_tree(ws)
             workspaces.put(ws)
@@ -175,10 +225,9 @@ def main():
                     return {**m, "result": "not-applicable", "why": "file not found", "seconds": 0.0}
                 with open(path) as f:
                     original = f.read()
-                start, why = locate(original, m)
-                if start is None:
+                mutated, why = apply(original, m)
+                if mutated is None:
                     return {**m, "result": "not-applicable", "why": why, "seconds": 0.0}
-                mutated = original[:start] + m["new"] + original[start + len(m["old"]):]
                 with open(path, "w") as f:
                     f.write(mutated)
                 try:
