@@ -9,8 +9,6 @@ import torch
 
 import fixtures as fx
 import utils
-from test_distill import make_cifar10, save_tiny_teacher
-from test_select import make_pool
 
 D, S, T = "DFND_DeiT-train.py", "select_data.py", "train_teacher.py"
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -19,9 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("conventions")
-    make_pool(tmp / "pool", n=24)
-    make_cifar10(tmp / "cifar", n_train=10, n_test=20)
-    save_tiny_teacher(tmp / "teacher.pth")
+    fx.write_blob_pool(tmp / "pool", n=24)
+    fx.write_cifar(tmp / "cifar", n_train=2, n_test=20)
+    fx.write_teacher(tmp / "teacher.pth", fx.TEACHER, head_scale=40, acc1=91.0)
     return tmp
 
 
