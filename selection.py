@@ -28,10 +28,11 @@ from utils import InputError, provenance, rank_world, safe_torch_load
 # ---- the published rule ----------------------------------------------------------------------------
 
 def combined_value(scores, attnprobe, attnlier=published.ATTNLIER, outlier=published.OUTLIER, blocks=PROBE_BLOCKS):
-    """value = attnlier · Σ_b value_blk{b} + outlier · value_out with the probe, value_out alone without."""
+    """value = attnlier · Σ_b value_blk{b} + outlier · value_out with the probe, value_out alone without. The
+    blocks are added one by one, in the published order of additions (not attnlier · probe_sum)."""
     value = outlier * scores["value_out"].double() if attnprobe else scores["value_out"].double().clone()
     if attnprobe:
-        for b in blocks:   # block by block, in the published order of additions (not attnlier · probe_sum)
+        for b in blocks:
             value += attnlier * scores[probe_key(b)].double()
     return value
 
