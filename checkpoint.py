@@ -88,7 +88,8 @@ def load_resume(path, required=(), script="this script"):
 
 
 # flags that cannot change what any resumed run computes: where and how fast it runs, how it reports, where it
-# resumes from (each script's RESUME_IGNORES adds its own); config: where the values came from, not what they are; provenance: a resume after a commit continues
+# resumes from (each script's RESUME_IGNORES adds its own); config: where the values came from, not what they
+# are; provenance: the code's versions (a resume after a commit continues)
 RUN_ONLY = {"workers", "log_every", "device", "compile", "resume", "dist_timeout", "config", "provenance"}
 
 

@@ -141,7 +141,8 @@ def test_random_crop_flip_follows_the_generator():
 def _compiled_matches_eager(backend):
     import torch._dynamo
     torch._dynamo.reset()
-    model = fixtures.peaked_vit(depth=3, dim=32)    # 3 blocks keep tracing short; which blocks are probed does not matter
+    # 3 blocks keep tracing short; which blocks are probed does not matter
+    model = fixtures.peaked_vit(depth=3, dim=32)
     images = fixtures.uint8_images(4)
     eager = scoring.score_images(model, images, MEAN, STD, (1, 2), 0)
     compiled = torch.compile(scoring.score_images, backend=backend, fullgraph=True, dynamic=False)

@@ -40,7 +40,8 @@ def test_loss_config_picks_each_term_by_name():
     assert (LossConfig().patchattn, LossConfig().temperature) == (0.8, 4)
     flags = SimpleNamespace(pd_loss="cls_gram", patchattn=0.3, attnprobe_dist=False, robust=True)
     assert LossConfig.from_flags(flags) == LossConfig(patchattn=0.0)          # no PD without --attnprobe_dist
-    assert LossConfig.from_flags(SimpleNamespace(**{**vars(flags), "attnprobe_dist": True})) == LossConfig(patchattn=0.3)
+    with_pd = SimpleNamespace(**{**vars(flags), "attnprobe_dist": True})
+    assert LossConfig.from_flags(with_pd) == LossConfig(patchattn=0.3)
     with pytest.raises(KeyError):
         LossConfig(pd_loss="nope").pd(f, g)
     import distill
