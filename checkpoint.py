@@ -160,7 +160,8 @@ def commit_epoch(log_path, record, save):
             save()
             append_line(log_path, json.dumps(record))
     on_rank0(commit)
-    if rank_world()[0] == 0:
+    if rank_world()[0] == 0:   # the other ranks go on to the next epoch meanwhile
+        set_phase(f"drawing curves.png of epoch {record['epoch']}")
         plots.redraw_curves(log_path)
 
 

@@ -140,7 +140,9 @@ def reference(world):
 
 # (fault, what the survivor's line names, what the restarted group prints)
 KILLS = {
-    "distill": ("1:distill:distill_step:3:kill", "error: rank 0 lost rank 1 during distillation epoch 1 step 0 (",
+    # rank 0 may still be drawing epoch 0's curves (after the commit) when rank 1 dies in epoch 1
+    "distill": ("1:distill:distill_step:3:kill", ("error: rank 0 lost rank 1 during distillation epoch 1 step 0 (",
+                                                  "error: rank 0 lost rank 1 during drawing curves.png of epoch 0 ("),
                 "after epoch 0"),
     "scoring": ("1:scoring:score_images:2:kill", "error: rank 0 lost rank 1 during scoring chunk 2 of 4 (",
                 "resuming scoring: 1 of 4 chunks already done"),

@@ -262,8 +262,10 @@ def build_cases(inp):
                           what="Fashion-MNIST demo, --tiny preset",
                           # fnmatch: '*' also matches '/'
                           volatile=[("demo/*scores_meta.json", ("pool",)),
+                                    ("demo/*scores_meta.json", ("teacher_sha256",)),
                                     ("demo/*/cache/meta.json", ("fingerprint",)),
-                                    ("demo/*selection.pt", ("scores", "pool"))]),
+                                    ("demo/*selection.pt", ("scores", "pool")),
+                                    ("demo/*selection.pt", ("scores", "teacher_sha256"))]),
     }
     return cases
 
@@ -474,7 +476,8 @@ def cmp_values(a, b, where, rep, note_only=False, volatile=()):
         out(f"{where}: {fmt(a)} vs {fmt(b)}")
 
 
-VOLATILE_WHY = "pool fingerprint over file mtimes; the demo writes its own pool images"
+VOLATILE_WHY = ("pool fingerprint over file mtimes, teacher file hash over its recorded git sha; the demo writes "
+                "its own pool images and trains its own teacher")
 
 
 def np_diff_text(a, b):
