@@ -276,6 +276,23 @@ class _RunsCode:
         return (io.open, (self.marker, "w"))
 
 
+def write_run_inputs(folder, pool=24, n_train=2, n_test=20):
+    """What a small stage-1 + stage-2 run reads, under folder: pool/ (blobs), cifar/ (CIFAR-10 pickles, n_train
+    per training file) and teacher.pth (the tiny teacher, confident: head x40, acc1 91.0) -> folder."""
+    write_blob_pool(folder / "pool", n=pool)
+    write_cifar(folder / "cifar", n_train=n_train, n_test=n_test)
+    write_teacher(folder / "teacher.pth", TEACHER, head_scale=40, acc1=91.0)
+    return folder
+
+
+def small_distill_argv(world, out, *extra):
+    """DFND_DeiT-train.py on write_run_inputs' folder: 8 images selected, batch 4, CPU, probe selection and PD."""
+    return ["--dataset", "cifar10", "--data_cifar", world / "cifar", "--data_imagenet", world / "pool",
+            "--num_select", 8, "--teacher", TEACHER, "--teacher_dir", world / "teacher.pth",
+            "--selected_file", world / "sel", "--output_dir", out, "--batch_size", 4, "--workers", 0,
+            "--device", "cpu", "--attnprobe_sel", "--attnprobe_dist", *extra]
+
+
 def write_code_pickle(path, marker, legacy=False):
     """A checkpoint whose unpickling would create `marker` (any loader without weights_only runs it).
     legacy=True writes a bare pickle instead of torch's zip format."""

@@ -24,11 +24,7 @@ def train_cmd(tmp, *extra, launcher=(sys.executable,)):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distill")
-    fx.write_blob_pool(tmp / "pool", n=48)
-    fx.write_cifar(tmp / "cifar", n_train=10, n_test=40)
-    fx.write_teacher(tmp / "teacher.pth", fx.TEACHER, head_scale=40, acc1=91.0)
-    return tmp
+    return fx.write_run_inputs(tmp_path_factory.mktemp("distill"), pool=48, n_train=10, n_test=40)
 
 
 def read_log(path):

@@ -11,18 +11,11 @@ import fixtures as fx
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume_rules")
-    fx.write_blob_pool(tmp / "pool", n=24)
-    fx.write_cifar(tmp / "cifar", n_train=2, n_test=20)
-    fx.write_teacher(tmp / "teacher.pth", fx.TEACHER, head_scale=40, acc1=91.0)
-    return tmp
+    return fx.write_run_inputs(tmp_path_factory.mktemp("resume_rules"))
 
 
 def argv(world, out, *extra):
-    return ["--dataset", "cifar10", "--data_cifar", world / "cifar", "--data_imagenet", world / "pool",
-            "--num_select", 8, "--teacher", "deit_tiny_patch4_32_teacher", "--teacher_dir", world / "teacher.pth",
-            "--selected_file", world / "sel", "--output_dir", out, "--batch_size", 4, "--workers", 0,
-            "--device", "cpu", "--attnprobe_sel", "--attnprobe_dist", *extra]
+    return fx.small_distill_argv(world, out, *extra)
 
 
 def run(world, out, *extra):
