@@ -210,7 +210,7 @@ class Parser(argparse.ArgumentParser):
         refuse: one error line naming --config and the file."""
         where = f"--config {path}"
         if not os.path.isfile(path):
-            self.error(f"{where}: no such file")
+            self.error(f"{where}: " + ("a folder: name its args.json" if os.path.isdir(path) else "no such file"))
         try:
             with open(path) as f:
                 config = json.load(f)

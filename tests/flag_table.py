@@ -61,6 +61,7 @@ REFUSED = [
     refused(ALL, "--seed", "-1", says="an integer in [0, 2^32)"),
     refused(ALL, "--dist_timeout", "0", says=POS),
     refused(ALL, "--config", "{tmp}/none.json", says="no such file"),
+    refused(ALL, "--config", "{tmp}", says="a folder: name its args.json"),
     refused(ALL, "--config", "{afile}", says="not a readable JSON file"),
     refused(ALL, "--config", "{seed_json}", says="argument --seed: must be an integer in [0, 2^32)"),
     refused(ALL, "--config", "{alien_json}", says="'from_elsewhere' is not a flag of"),
