@@ -152,31 +152,49 @@ def run_tests(workdir, tests, timeout, python):
     return status, time.time() - t0, tail
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, like fail(): 'argument --jobs: 0: ...' -> '--jobs 0: ...'
+        fail(re.sub(r"^argument (\S+): ", r"\1 ", message))
+
+
+def _checked(convert, accepts, why):
+    """An argparse type= that refuses a value `accepts` rejects, saying `why`."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return value
+    return parse
+
+
+def _executable(text):
+    """--python: absolute (the tests run in a scratch copy). A bare name is looked up on PATH as a shell would;
+    abspath, not realpath: a venv's python is a symlink, and resolving it would leave the venv."""
+    found = shutil.which(text) if os.sep not in text else None
+    python = os.path.abspath(found or text)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: no such executable")
+    return python
+
+
 def parse_args(argv=None):
-    """The command line, checked: tests run in a scratch copy, so --python becomes absolute here."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    """The command line, checked where each flag is declared."""
+    p = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--mutations", default=os.path.join(ROOT, "tools", "mutations.txt"), help="the list")
     p.add_argument("--only", nargs="+", help="run these mutations (names)")
-    p.add_argument("--jobs", type=int, default=2, help="mutations run at once, each in its own copy (default 2)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per test run (default 600)")
-    p.add_argument("--python", default=sys.executable,
+    p.add_argument("--jobs", type=_checked(int, lambda v: v >= 1, "needs at least 1"), default=2,
+                   help="mutations run at once, each in its own copy (default 2)")
+    p.add_argument("--timeout", type=_checked(float, lambda v: v > 0, "needs more than 0 seconds"), default=600,
+                   help="seconds per test run (default 600)")
+    p.add_argument("--python", type=_executable, default=sys.executable,
                    help="interpreter with the test dependencies (a path, or a name on PATH)")
     p.add_argument("--no_baseline", action="store_true", help="skip the unmutated runs of each test command")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--list", action="store_true", help="print the mutation names and exit")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        fail(f"--jobs {args.jobs}: needs at least 1")
-    if not args.timeout > 0:
-        fail(f"--timeout {args.timeout:g}: needs more than 0 seconds")
-    # a bare name is looked up on PATH as a shell would; abspath, not realpath: a venv's python is a
-    # symlink, and resolving it would leave the venv
-    found = shutil.which(args.python) if os.sep not in args.python else None
-    python = os.path.abspath(found or args.python)
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        fail(f"--python {args.python}: no such executable")
-    args.python = python
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
