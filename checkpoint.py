@@ -14,7 +14,7 @@ import os
 import torch
 
 import plots
-from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, on_rank0, read_json_lines,
+from safety import (append_line, atomic_torch_save, atomic_write_text, interrupts_deferred, json_lines, on_rank0,
                     remove_temp_files, set_phase, tell_once)
 from selection import SELECTION_FILE
 from utils import InputError, provenance, rank_world, safe_torch_load
@@ -132,9 +132,9 @@ def trim_log(path, resumed_epoch, record=None):
         with open(path) as f:
             lines = f.readlines()
     keep, logged = [], set()
-    for rec in read_json_lines(path):   # each line as commit_epoch wrote it: json.dumps(record)
+    for line, rec in json_lines(lines):
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= resumed_epoch:
-            keep.append(json.dumps(rec) + "\n")
+            keep.append(line if line.endswith("\n") else line + "\n")
             logged.add(rec["epoch"])
     if record is not None and resumed_epoch not in logged and (resumed_epoch == 0 or resumed_epoch - 1 in logged):
         keep.append(json.dumps(record) + "\n")   # a kill after epoch 0's save may leave no log at all

@@ -213,17 +213,24 @@ def append_line(path, line):
             raise
 
 
+def json_lines(lines):
+    """[(line, its record)] of a JSON-lines log's lines (log.txt: one object per epoch); a line torn by a kill
+    is left out."""
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append((line, json.loads(line)))
+        except ValueError:
+            pass
+    return parsed
+
+
 def read_json_lines(path):
-    """The records of a JSON-lines log (log.txt: one object per epoch); a line torn by a kill is left out."""
-    records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    return records
+    """The records of a JSON-lines log file (none when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [record for _, record in json_lines(f)]
 
 
 # ---- interrupts ----------------------------------------------------------------------------------
