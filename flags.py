@@ -189,9 +189,13 @@ class Parser(argparse.ArgumentParser):
                            + (f": {why}" if why else ""))
 
     def shown(self, parsed, flag):
-        """`--flag value` as given, and where from when the config gave it."""
+        """`--flag value` as given (a switch: `--flag`), and where from when the config gave it."""
+        value = getattr(parsed, self.action(flag).dest)
+        if isinstance(value, (list, tuple)):
+            value = " ".join(map(str, value))
+        text = flag if isinstance(value, bool) else f"{flag} {value}"
         config = self.from_config.get(self.action(flag).dest)
-        return shown(self, parsed, flag) + (f" (from --config {config})" if config else "")
+        return text + (f" (from --config {config})" if config else "")
 
     def dests_in(self, argv):
         """The dests of the flags in argv (the command line's)."""
@@ -287,16 +291,6 @@ def long_option(action):
     if isinstance(action, argparse._HelpAction):
         return None
     return next((o for o in action.option_strings if o.startswith("--")), None)
-
-
-def shown(parser, args, flag):
-    """`--flag value` as given (a switch: `--flag`)."""
-    value = getattr(args, parser.action(flag).dest)
-    if isinstance(value, bool):
-        return flag
-    if isinstance(value, (list, tuple)):
-        value = " ".join(map(str, value))
-    return f"{flag} {value}"
 
 
 def system_parser():
