@@ -352,6 +352,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun_launcher(nproc=2):
+    """The words that start `nproc` processes under torchrun on this machine, meeting on a free port."""
+    return (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+
+
 def rank_env(rank, world, port):
     """The variables torchrun gives rank `rank` of a one-node group of `world` meeting on 127.0.0.1:port."""
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),

@@ -120,8 +120,7 @@ def test_torchrun_two_processes_select_the_same_images(world):
     single = world / "sel"   # scored by the 1-process runs above with the same teacher and pool
     if not (single / "value_out.pth").exists():
         pytest.skip("needs the 1-process run of test_end_to_end_losses_fall")
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(fx.free_port()))
+    launcher = fx.torchrun_launcher(2)
     out = world / "out_ddp"
     proc = subprocess.run(train_cmd(world, "--output_dir", str(out), "--epochs", "1", "--attnprobe_sel",
                                     "--attnprobe_dist", launcher=launcher), capture_output=True,

@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -231,8 +230,7 @@ def test_force_keeps_a_matching_image_cache(tmp_path, monkeypatch):
 # ---- 3, 4. torchrun ------------------------------------------------------------------------------
 
 def _torchrun(*argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(fx.free_port()), *map(str, argv)],
+    return subprocess.run([*fx.torchrun_launcher(2), *map(str, argv)],
                           capture_output=True, text=True, timeout=timeout, cwd=fx.ROOT,
                           env={**os.environ, **fx.CHILD_ENV})
 
